@@ -1,0 +1,189 @@
+"""Stage one: run the frozen backbone once per image and write its token grid into the feature store.
+
+Images are written by sample index and flagged `done` only after their features and mask have landed, so the
+order of work does not matter, a rerun skips finished images, and a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import zarr
+
+from cachedseg.backbone import BackboneConfig, build_backbone
+from cachedseg.classes import CLASS_NAMES
+from cachedseg.data import SegmentationDataset, read_dataset
+from cachedseg.errors import CachedsegError
+from cachedseg.store import (DTYPES, StoreSpec, check_spec, create_store, disk_bytes, is_store, open_store,
+                             remove_partials, remove_store)
+
+FLOAT16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What one `extract` call did.
+
+    Attributes:
+        store: The store path.
+        images: Images in the store.
+        extracted: Images computed by this call.
+        skipped: Images already done before this call.
+        seconds: Wall time of the extraction loop.
+        bytes_on_disk: Size of the whole store.
+    """
+
+    store: Path
+    images: int
+    extracted: int
+    skipped: int
+    seconds: float
+    bytes_on_disk: int
+
+    @property
+    def images_per_s(self) -> float:
+        """Extraction throughput of this call."""
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mb_per_image(self) -> float:
+        """Store size per image in MB (10^6 bytes)."""
+        return self.bytes_on_disk / 1e6 / max(self.images, 1)
+
+
+def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str) -> Path:
+    """cache/<dataset>-<backbone>-<size>-<dtype>.zarr, so different settings never share a store."""
+    size = backbone.image_size if backbone.image_size else "default"
+    return Path("cache") / f"{Path(data).resolve().name}-{backbone.name}-{size}-{dtype}.zarr"
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack good samples; pass on the ones a worker could not read, with the reason."""
+    good = [it for it in items if "error" not in it]
+    batch = {"errors": [(it["index"], it["error"]) for it in items if "error" in it],
+             "index": torch.tensor([it["index"] for it in good], dtype=torch.long)}
+    for key in ("image", "mask"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([it[key] for it in good])
+    return batch
+
+
+def extract(data: str | Path, store: str | Path | None = None, backbone: BackboneConfig = BackboneConfig(),
+            weights: str = "auto", dtype: str = "float16", batch_size: int = 4, device: str = "auto",
+            workers: int | None = None, overwrite: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+    """Extract backbone features for every image of an AeroScapes-layout dataset into a Zarr store.
+
+    Args:
+        data: The dataset folder (JPEGImages/, SegmentationClass/, ImageSets/).
+        store: Where to write the store; defaults to `cache/<dataset>-<backbone>-<size>-<dtype>.zarr`.
+        backbone: Backbone name, input size and precision.
+        weights: `auto`, a weights file, or `random` (see `build_backbone`).
+        dtype: Storage dtype of the features, `float16` (half the size) or `float32` (bit-exact).
+        batch_size: Images per backbone forward pass.
+        device: `auto`, `cpu` or `cuda`.
+        workers: DataLoader processes that decode and resize images; defaults to min(4, CPUs).
+        overwrite: Delete an existing store built with other settings instead of refusing it.
+        progress: Called as `progress(done, total)` at the start and after every batch of this call.
+
+    Returns:
+        What was done, with timing and size on disk.
+
+    Raises:
+        CachedsegError: For a bad dataset, settings that do not match an existing store, or bad features.
+    """
+    if dtype not in DTYPES:
+        raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
+    if batch_size < 1:
+        raise CachedsegError("--batch-size must be at least 1")
+    samples = read_dataset(data)
+    store = Path(store) if store is not None else default_store_path(data, backbone, dtype)
+    model = build_backbone(backbone, weights, device)
+    spec = StoreSpec(backbone=model.config.name, fingerprint=model.fingerprint,
+                     image_size=model.preprocess.image_size, mask_size=model.preprocess.mask_size,
+                     mean=model.preprocess.mean, std=model.preprocess.std,
+                     interpolation=model.preprocess.interpolation, precision=model.config.precision, dtype=dtype,
+                     channels=model.channels, grid=model.grid, class_names=CLASS_NAMES)
+    ids, splits = [s.id for s in samples], [s.split for s in samples]
+
+    if overwrite:
+        remove_store(store)
+    if store.exists() and not (store.is_dir() and not any(store.iterdir())):  # an empty folder is fine
+        if not is_store(store):
+            raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
+        group, stored = open_store(store, mode="r+")
+        check_spec(store, stored, spec)
+        if group["ids"][:].tolist() != ids or group["split"][:].tolist() != splits:
+            raise CachedsegError(f"the store {store} holds another list of images than {data}; pass --overwrite "
+                                 "to rebuild it, or --store to write a new one elsewhere")
+        remove_partials(store)  # a killed writer's temporary chunk files
+    else:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        group = create_store(store, spec, ids, splits, dataset=str(Path(data).resolve()))
+
+    done = group["done"][:].astype(bool)
+    pending = np.flatnonzero(~done).tolist()
+    dataset = SegmentationDataset(samples, model.preprocess)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, pending), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate,
+                                         pin_memory=_device(model).type == "cuda")
+    features, masks, flags = group["features"], group["masks"], group["done"]
+    writes: deque[Future] = deque()
+    progress = progress or (lambda done, total: None)
+    progress(0, len(pending))
+    start, count = time.perf_counter(), 0
+    # One writer thread overlaps the Zarr writes with the next forward pass; its order per image
+    # (features, mask, then done) is what makes a kill at any moment safe.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for batch in loader:
+            if batch["errors"]:
+                index, reason = batch["errors"][0]
+                raise CachedsegError(f"image {ids[index]!r}: {reason}")
+            feats = model(batch["image"].to(_device(model), non_blocking=True))  # [B, C, h, w] float32
+            _check_finite(feats, [ids[i] for i in batch["index"].tolist()], dtype)
+            feats = feats.to(getattr(torch, dtype)).cpu().numpy()
+            batch_masks = batch["mask"].numpy()
+            writes.append(writer.submit(_write, features, masks, flags, batch["index"].tolist(), feats, batch_masks))
+            while len(writes) > 2:  # bounded: never more than two batches in flight
+                writes.popleft().result()
+            count += len(feats)
+            progress(count, len(pending))
+        while writes:
+            writes.popleft().result()
+    seconds = time.perf_counter() - start
+    return ExtractResult(store=store, images=len(ids), extracted=len(pending), skipped=len(ids) - len(pending),
+                         seconds=seconds, bytes_on_disk=disk_bytes(store))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    """The device a module's parameters live on."""
+    return next(model.parameters()).device
+
+
+def _write(features: zarr.Array, masks: zarr.Array, flags: zarr.Array, indices: list[int],
+           feats: np.ndarray, batch_masks: np.ndarray) -> None:
+    """Write one batch, image by image, flagging each done only after its data."""
+    for i, f, m in zip(indices, feats, batch_masks):
+        features[i] = f
+        masks[i] = m
+        flags[i] = 1
+
+
+def _check_finite(feats: torch.Tensor, ids: list[str], dtype: str) -> None:
+    """Refuse NaN/inf features, and values float16 cannot hold."""
+    bad = ~torch.isfinite(feats).flatten(1).all(1)
+    if dtype == "float16":
+        bad |= feats.abs().flatten(1).amax(1) >= FLOAT16_MAX
+    if bad.any():
+        which = [i for i, b in zip(ids, bad.tolist()) if b]
+        raise CachedsegError(f"the backbone gave non-finite or out-of-range features for {which}; check the "
+                             "weights, or use --dtype float32 if the values exceed float16's range")
