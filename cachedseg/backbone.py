@@ -74,6 +74,11 @@ class Backbone(torch.nn.Module):
         self.channels = model.num_features
         self.grid = tuple(model.patch_embed.grid_size)
         self.fingerprint = _fingerprint(model, self.preprocess, config.precision)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Stay in eval mode: the backbone is frozen, also inside a module being trained."""
+        return super().train(False)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,37 @@
+"""Shared fixtures: generated data, a small random backbone, and a CLI runner. Nothing here touches the network."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
+
+import pytest
+from typer.testing import CliRunner
+
+from cachedseg.cli import app
+from cachedseg.synth import synthesize
+
+SMALL = ["--backbone", "vit_small_patch14_dinov2", "--image-size", "112", "--weights", "random"]
+
+
+def run_cli(*args: str, ok: bool = True):
+    """Run `cachedseg ARGS` in-process; check the exit code unless ok=None."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if ok is not None:
+        assert (result.exit_code == 0) == ok, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """Eight generated 160x120 frames in the AeroScapes layout (trn and val)."""
+    root = tmp_path_factory.mktemp("data") / "synth"
+    synthesize(root, count=8, width=160, height=120, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def store32(dataset, tmp_path_factory):
+    """A float32 store of `dataset`, built once through the CLI."""
+    path = tmp_path_factory.mktemp("stores") / "small32.zarr"
+    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--workers", "0")
+    return path

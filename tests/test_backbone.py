@@ -1,0 +1,96 @@
+"""The frozen backbone: output layout, determinism, and the three ways to get weights."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cachedseg.backbone import BackboneConfig, build_backbone
+from cachedseg.errors import CachedsegError
+from tests.conftest import SMALL, run_cli
+
+SMALL_CFG = BackboneConfig("vit_small_patch14_dinov2", 112)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_output_is_the_patch_token_grid(name):
+    model = build_backbone(BackboneConfig(name, 112), "random")
+    x = torch.randn(2, 3, 112, 112)
+    out = model(x)
+    assert out.shape == (2, model.channels, 8, 8) and model.channels == 384 and model.grid == (8, 8)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    # class and register tokens are dropped: the grid is exactly the patch tokens after the final norm
+    tokens = model.model.forward_features(x)[:, model.model.num_prefix_tokens:]
+    torch.testing.assert_close(out, tokens.transpose(1, 2).reshape(2, 384, 8, 8), rtol=0, atol=0)
+
+
+def test_random_weights_are_identical_in_every_process():
+    a, b = build_backbone(SMALL_CFG, "random"), build_backbone(SMALL_CFG, "random")
+    x = torch.randn(1, 3, 112, 112)
+    assert a.fingerprint == b.fingerprint
+    assert torch.equal(a(x), b(x))
+    code = ("from cachedseg.backbone import *; "
+            "print(build_backbone(BackboneConfig('vit_small_patch14_dinov2', 112), 'random').fingerprint)")
+    other = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(123); " + code],
+                           capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == a.fingerprint
+
+
+def test_features_of_an_image_do_not_depend_on_its_batch():
+    # The identity guarantee (cache == live) relies on this: extraction and prediction batch differently.
+    model = build_backbone(SMALL_CFG, "random")
+    x = torch.randn(3, 3, 112, 112)
+    assert torch.equal(model(x)[1:2], model(x[1:2]))
+
+
+def test_fingerprint_tracks_weights_and_preprocessing():
+    base = build_backbone(SMALL_CFG, "random").fingerprint
+    assert build_backbone(BackboneConfig("vit_small_patch14_dinov2", 126), "random").fingerprint != base
+    assert build_backbone(BackboneConfig("vit_small_patch14_reg4_dinov2", 112), "random").fingerprint != base
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_file_loads_the_same_model(tmp_path, suffix):
+    model = build_backbone(SMALL_CFG, "random")
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in model.model.state_dict().items()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    assert build_backbone(SMALL_CFG, str(path)).fingerprint == model.fingerprint
+
+
+def test_bad_backbone_settings_are_refused():
+    with pytest.raises(CachedsegError, match="multiple of the patch size"):
+        build_backbone(BackboneConfig("vit_small_patch14_dinov2", 100), "random")
+    with pytest.raises(CachedsegError, match="unknown backbone"):
+        build_backbone(BackboneConfig("resnet50", 112), "random")
+    with pytest.raises(CachedsegError, match="no such file"):
+        build_backbone(SMALL_CFG, "/nonexistent/weights.pth")
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://127.0.0.1:9"}])
+def test_auto_weights_fail_fast_and_say_what_to_do_offline(dataset, tmp_path, env):
+    # A fresh process, so huggingface_hub reads the environment anew; an empty HF cache so nothing is found.
+    environ = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cachedseg.cli", "extract", str(dataset), "--store",
+                           str(tmp_path / "s.zarr"), "--backbone", "vit_small_patch14_dinov2", "--image-size", "112"],
+                          capture_output=True, text=True, env=environ)
+    assert proc.returncode == 1
+    assert time.monotonic() - start < 30
+    assert "--weights FILE" in proc.stderr and "--weights random" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.slow
+def test_full_size_vit_b_at_518():
+    model = build_backbone(BackboneConfig(), "random")
+    assert model(torch.randn(1, 3, 518, 518)).shape == (1, 768, 37, 37)
+    assert model.preprocess.image_size == 518 and model.preprocess.mask_size == 512
