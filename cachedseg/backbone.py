@@ -140,6 +140,11 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
     return Backbone(model, config).to(resolve_device(device) if isinstance(device, str) else device)
 
 
+def weights_source(weights: str) -> str:
+    """How to find these weights again later: `auto`, `random`, or the absolute path of the file."""
+    return weights if weights in ("auto", "random") else str(Path(weights).resolve())
+
+
 def _create_pretrained(name: str, kwargs: dict) -> torch.nn.Module:
     """timm pretrained weights: the local HF cache first, then the hub, failing fast when neither answers."""
     hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id

@@ -132,6 +132,191 @@ def extract(
         table.add_row(key, value)
     console.print(table)
 
+    return result
+
+
+def _metrics_table(rows: list[dict], title: str) -> Table:
+    """The seed's results table: epoch, training loss, validation mIoU, pixel accuracy, time."""
+    table = Table(title=title)
+    for name in ("Epoch", "Training loss", "Validation mIoU", "Pixel accuracy", "Seconds"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_miou']:.4f}", f"{r['val_pixel_acc']:.4f}",
+                      f"{r['seconds']:.1f}")
+    return table
+
+
+@app.command()
+def train(
+    store: Optional[Path] = typer.Argument(None, help="Feature store from `cachedseg extract` (omit with --live)."),
+    run: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<store or data>-<decoder>]."),
+    epochs: int = typer.Option(11, help="Epochs."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate."),
+    batch_size: int = typer.Option(2, help="Images per step."),
+    decoder: str = typer.Option("seed", help="Decoder: seed (transposed convs, the seed design) or linear (BN + 1x1 conv)."),
+    seed: int = typer.Option(0, help="Seed for the decoder's initialisation and the shuffling."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [default: min(2, CPUs)]."),
+    in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM first (if it fits)."),
+    resume: bool = typer.Option(False, help="Continue the run from its last checkpoint."),
+    live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder instead of a store."),
+    backbone: str = typer.Option("vit_base_patch14_dinov2", help="With --live: " + BACKBONE_HELP),
+    image_size: Optional[int] = typer.Option(None, help="With --live: input side in px [default: the model's]."),
+    weights: str = typer.Option("auto", help="With --live: " + WEIGHTS_HELP),
+    dtype: str = typer.Option("float16", help="With --live: cast features to this dtype, as a cache would store them."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> list[dict]:
+    """Train the decoder from cached features (or, with --live, from the images), validating each epoch.
+
+    The run folder gets last.pt, best.pt (by val mIoU), metrics.csv, metrics.json and curves.png.
+    """
+    from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
+    from cachedseg.features import cached_source, live_source
+    from cachedseg.train import TrainConfig, train as run_train
+
+    with user_errors():
+        if (store is None) == (live is None):
+            raise CachedsegError("give either a STORE or --live DATA")
+        torch_device = resolve_device(device)
+        if live is not None:
+            model = build_backbone(BackboneConfig(backbone, image_size), weights, torch_device)
+            source = live_source(live, model, dtype, weights)
+        else:
+            source = cached_source(store, in_memory=in_memory)
+        name = Path(store).stem if store is not None else f"{Path(live).resolve().name}-live"
+        run = run or Path("runs") / f"{name}-{decoder}"
+        config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, decoder=decoder, seed=seed, workers=workers)
+        console.print(f"training [bold]{decoder}[/] decoder on {'live' if live else 'cached'} "
+                      f"{source.spec.backbone} features ({source.spec.dtype}) -> {run}")
+        console.print(f"{'Epoch':>5} {'Training loss':>14} {'Validation mIoU':>16} {'Pixel accuracy':>15} {'Seconds':>8}")
+        with progress_bar("batch") as bar:
+            def on_epoch(r: dict) -> None:
+                bar.console.print(f"{r['epoch']:>5} {r['train_loss']:>14.4f} {r['val_miou']:>16.4f} "
+                                  f"{r['val_pixel_acc']:>15.4f} {r['seconds']:>8.1f}")
+
+            task = bar.add_task("epoch", total=None)
+            rows = run_train(source, run, config, torch_device, resume=resume, on_epoch=on_epoch,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+            bar.remove_task(task)
+    best = max(rows, key=lambda r: r["val_miou"])
+    console.print(f"best val mIoU {best['val_miou']:.4f} (epoch {best['epoch']}); checkpoints, metrics and "
+                  f"curves.png in [bold]{run}[/]")
+    return rows
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder (uses best.pt) or a checkpoint file."),
+    store: Optional[Path] = typer.Option(None, help="Score from cached features in this store."),
+    data: Optional[Path] = typer.Option(None, help="Dataset folder: run the backbone live (or, with --store, where the labels are)."),
+    split: str = typer.Option("val", help="trn or val."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the confusion matrix and scores here."),
+    weights: Optional[str] = typer.Option(None, help="Live only: backbone weights [default: those the run was trained with]."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Score a run against the dataset's label PNGs at native resolution: confusion matrix, mIoU, pixel accuracy."""
+    import json
+
+    from cachedseg.evaluate import evaluate as run_evaluate
+
+    with user_errors(), progress_bar() as bar:
+        result = run_evaluate(run, store=store, data=data, split=split, weights=weights, device=device,
+                              progress=progress_callback(bar, "evaluate"))
+    table = Table(title=f"{split}: mIoU {result.miou:.4f}, pixel accuracy {result.pixel_acc:.4f} ({result.images} images)")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    table.add_column("pixels", justify="right")
+    for name, iou, pixels in zip(result.class_names, result.iou, result.confusion.sum(1)):
+        table.add_row(name, "-" if iou is None else f"{iou:.4f}", str(int(pixels)))
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_json(), indent=2))
+        console.print(f"wrote {json_out}")
+    return result
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
+    run: Path = typer.Option(..., help="Run folder (uses best.pt) or a checkpoint file."),
+    out: Path = typer.Option(Path("predictions"), help="Output folder."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights [default: those the run was trained with]; "
+                                          "they must give the run's backbone fingerprint."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Segment images live (backbone + decoder): writes <name>_label.png, _color.png and _overlay.png per image."""
+    from cachedseg.predict import predict as run_predict
+
+    with user_errors(), progress_bar() as bar:
+        written = run_predict(images, run, out, weights=weights, device=device,
+                              progress=progress_callback(bar, "predict"))
+    console.print(f"wrote {3 * len(written)} PNGs for {len(written)} images to [bold]{out}[/]")
+    return written
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), help="Folder for the demo's data, store, run and predictions."),
+    count: int = typer.Option(32, help="Generated images (a quarter go to val)."),
+    backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
+    image_size: int = typer.Option(224, help="Backbone input side in px (518 is the seed's; slower on a CPU)."),
+    decoder: str = typer.Option("seed", help="seed or linear."),
+    epochs: int = typer.Option(11, help="Training epochs."),
+    weights: str = typer.Option("auto", help=WEIGHTS_HELP + " 'auto' falls back to random when offline."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """The whole pipeline on generated data: synth -> extract -> train -> evaluate -> predict."""
+    import shutil
+
+    from cachedseg.backbone import BackboneConfig, build_backbone
+
+    data, store, run, preds = out / "data", out / "features.zarr", out / "run", out / "predictions"
+    with user_errors():
+        if weights == "auto":
+            try:
+                build_backbone(BackboneConfig(backbone, image_size), "auto")
+            except CachedsegError as exc:
+                errors.print(f"[bold yellow]warning:[/] {escape(str(exc).split(';')[0])}.\n[bold yellow]Using random "
+                             "backbone weights: the pipeline runs end to end, but its accuracy numbers mean little.[/]",
+                             soft_wrap=True)
+                weights = "random"
+    console.rule("1/5 synth")
+    if not (data / "ImageSets" / "val.txt").is_file():
+        synth(data, count=count, width=1280, height=720, seed=0)
+    else:
+        console.print(f"reusing {data}")
+    console.rule("2/5 extract")
+    extract(data, store=store, backbone=backbone, image_size=image_size, weights=weights, dtype="float16",
+            batch_size=4, device=device, workers=None, overwrite=True if store.exists() and _stale(store, weights) else False)
+    console.rule("3/5 train")
+    if run.exists():
+        shutil.rmtree(run)  # the demo's own previous run
+    rows = train(store, run=run, epochs=epochs, lr=1e-4, batch_size=2, decoder=decoder, seed=0, workers=None,
+                 in_memory=False, resume=False, live=None, backbone=backbone, image_size=image_size, weights=weights,
+                 dtype="float16", device=device)
+    console.rule("4/5 evaluate (native label resolution)")
+    result = evaluate(run, store=store, data=None, split="val", json_out=out / "evaluation.json", weights=None,
+                      device=device)
+    console.rule("5/5 predict")
+    val_images = [data / "JPEGImages" / f"{i}.jpg" for i in (data / "ImageSets" / "val.txt").read_text().split()[:4]]
+    written = predict(val_images, run=run, out=preds, weights=None, device=device)
+    console.rule("done")
+    console.print(_metrics_table(rows, f"{decoder} decoder, {backbone} at {image_size} px, weights: {weights}"))
+    console.print(f"val at native resolution: mIoU {result.miou:.4f}, pixel accuracy {result.pixel_acc:.4f}")
+    for p in written:
+        console.print(f"  {p.overlay}")
+    console.print(f"run folder (checkpoints, metrics, curves.png): [bold]{run}[/]")
+
+
+def _stale(store: Path, weights: str) -> bool:
+    """Whether the demo's store was built from other weights (then the demo rebuilds it)."""
+    import zarr
+
+    from cachedseg.backbone import weights_source
+    try:
+        return zarr.open_group(str(store), mode="r").attrs.get("weights") != weights_source(weights)
+    except Exception:  # noqa: BLE001 - anything unreadable is rebuilt
+        return True
+
 
 if __name__ == "__main__":
     app()

@@ -134,6 +134,17 @@ def check_labels(labels: np.ndarray, path: Path, num_classes: int = len(CLASS_NA
                              f"ignore label {IGNORE_INDEX}); fix the mask")
 
 
+def collate(items: list[dict]) -> dict:
+    """Stack the samples that loaded; pass on the ones a worker could not read, with the reason."""
+    good = [it for it in items if "error" not in it]
+    batch = {"errors": [(it["index"], it["error"]) for it in items if "error" in it],
+             "index": torch.tensor([it["index"] for it in good], dtype=torch.long)}
+    for key in ("image", "features", "mask"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([it[key] for it in good])
+    return batch
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses images and masks (in DataLoader workers), returning them by sample index."""
 

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 import zarr
 
-from cachedseg.backbone import BackboneConfig, build_backbone
-from cachedseg.classes import CLASS_NAMES
-from cachedseg.data import SegmentationDataset, read_dataset
+from cachedseg.backbone import BackboneConfig, build_backbone, weights_source
+from cachedseg.data import SegmentationDataset, collate, read_dataset
 from cachedseg.errors import CachedsegError
-from cachedseg.store import (DTYPES, StoreSpec, check_spec, create_store, disk_bytes, is_store, open_store,
-                             remove_partials, remove_store)
+from cachedseg.store import (DTYPES, check_spec, create_store, disk_bytes, is_store, open_store, remove_partials,
+                             remove_store, spec_for)
 
 FLOAT16_MAX = 65504.0
 
@@ -65,17 +64,6 @@ def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str) -
     return Path("cache") / f"{Path(data).resolve().name}-{backbone.name}-{size}-{dtype}.zarr"
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack good samples; pass on the ones a worker could not read, with the reason."""
-    good = [it for it in items if "error" not in it]
-    batch = {"errors": [(it["index"], it["error"]) for it in items if "error" in it],
-             "index": torch.tensor([it["index"] for it in good], dtype=torch.long)}
-    for key in ("image", "mask"):
-        if good and key in good[0]:
-            batch[key] = torch.stack([it[key] for it in good])
-    return batch
-
-
 def extract(data: str | Path, store: str | Path | None = None, backbone: BackboneConfig = BackboneConfig(),
             weights: str = "auto", dtype: str = "float16", batch_size: int = 4, device: str = "auto",
             workers: int | None = None, overwrite: bool = False,
@@ -107,11 +95,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     samples = read_dataset(data)
     store = Path(store) if store is not None else default_store_path(data, backbone, dtype)
     model = build_backbone(backbone, weights, device)
-    spec = StoreSpec(backbone=model.config.name, fingerprint=model.fingerprint,
-                     image_size=model.preprocess.image_size, mask_size=model.preprocess.mask_size,
-                     mean=model.preprocess.mean, std=model.preprocess.std,
-                     interpolation=model.preprocess.interpolation, precision=model.config.precision, dtype=dtype,
-                     channels=model.channels, grid=model.grid, class_names=CLASS_NAMES)
+    spec = spec_for(model, dtype)
     ids, splits = [s.id for s in samples], [s.split for s in samples]
 
     if overwrite:
@@ -127,7 +111,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         remove_partials(store)  # a killed writer's temporary chunk files
     else:
         store.parent.mkdir(parents=True, exist_ok=True)
-        group = create_store(store, spec, ids, splits, dataset=str(Path(data).resolve()))
+        group = create_store(store, spec, ids, splits, dataset=str(Path(data).resolve()), weights=weights_source(weights))
 
     done = group["done"][:].astype(bool)
     pending = np.flatnonzero(~done).tolist()

@@ -19,6 +19,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from cachedseg import __version__
+from cachedseg.classes import CLASS_NAMES
 from cachedseg.errors import CachedsegError
 
 FORMAT = "cachedseg-features"
@@ -48,6 +49,17 @@ class StoreSpec:
         """Rebuild the spec from Zarr attributes (JSON lists back to tuples)."""
         values = {f.name: attrs[f.name] for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def spec_for(backbone, dtype: str) -> StoreSpec:
+    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`) and stored as `dtype`."""
+    if dtype not in DTYPES:
+        raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
+    pp = backbone.preprocess
+    return StoreSpec(backbone=backbone.config.name, fingerprint=backbone.fingerprint, image_size=pp.image_size,
+                     mask_size=pp.mask_size, mean=pp.mean, std=pp.std, interpolation=pp.interpolation,
+                     precision=backbone.config.precision, dtype=dtype, channels=backbone.channels,
+                     grid=backbone.grid, class_names=CLASS_NAMES)
 
 
 def is_store(path: str | Path) -> bool:
@@ -83,11 +95,12 @@ def open_store(path: str | Path, mode: str = "r") -> tuple[zarr.Group, StoreSpec
     return group, StoreSpec.from_attrs(dict(group.attrs))
 
 
-def create_store(path: str | Path, spec: StoreSpec, ids: list[str], splits: list[str], dataset: str) -> zarr.Group:
-    """Create an empty store for `ids`, with every `done` flag at 0."""
+def create_store(path: str | Path, spec: StoreSpec, ids: list[str], splits: list[str], dataset: str,
+                 weights: str) -> zarr.Group:
+    """Create an empty store for `ids`, with every `done` flag at 0; `weights` records where the weights came from."""
     n, (h, w), m = len(ids), spec.grid, spec.mask_size
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec), "ignore_index": 255,
-             "num_images": n, "dataset": dataset, "package_version": __version__}
+             "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__}
     group = zarr.open_group(str(path), mode="w", attributes=attrs)
     # One image per chunk keeps shuffled training reads fast; float features barely compress, so only a
     # checksum: a corrupted chunk must fail loudly, never decode to wrong numbers.
