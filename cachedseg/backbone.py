@@ -88,7 +88,9 @@ class Backbone(torch.nn.Module):
             tokens = self.model.forward_features(x)  # [B, prefix + h*w, C], after the final norm
         tokens = tokens[:, self.model.num_prefix_tokens:].float()  # drop class and register tokens
         b, _, c = tokens.shape
-        return tokens.transpose(1, 2).reshape(b, c, *self.grid)  # [B, C, h, w]
+        # contiguous: a strided view would send the decoder's convs down another kernel path (other rounding)
+        # than cached features take, breaking the cache == live guarantee.
+        return tokens.transpose(1, 2).reshape(b, c, *self.grid).contiguous()  # [B, C, h, w]
 
 
 def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "auto",

@@ -21,6 +21,7 @@ def test_output_is_the_patch_token_grid(name):
     x = torch.randn(2, 3, 112, 112)
     out = model(x)
     assert out.shape == (2, model.channels, 8, 8) and model.channels == 384 and model.grid == (8, 8)
+    assert out.is_contiguous()  # same memory layout as cached features, so the decoder computes the same
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     # class and register tokens are dropped: the grid is exactly the patch tokens after the final norm
     tokens = model.model.forward_features(x)[:, model.model.num_prefix_tokens:]
