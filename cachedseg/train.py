@@ -70,10 +70,24 @@ def epoch_batches(indices: list[int], batch_size: int, generator: torch.Generato
     return [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
 
 
-def loader(source: FeatureSource, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over fixed batches of image indices."""
+class Batches:
+    """A batch sampler whose batches are replaced every epoch, so one DataLoader (and its workers) lasts the run."""
+
+    def __init__(self, batches: list[list[int]] | None = None):
+        self.batches = batches or []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def loader(source: FeatureSource, batches: Batches, workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over `batches`; its workers persist across epochs instead of starting anew each time."""
     return torch.utils.data.DataLoader(source.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                                       worker_init_fn=worker_init, persistent_workers=False)
+                                       worker_init_fn=worker_init, persistent_workers=workers > 0,
+                                       pin_memory=torch.cuda.is_available())
 
 
 def _raise_errors(batch: dict, source: FeatureSource) -> None:
@@ -84,13 +98,13 @@ def _raise_errors(batch: dict, source: FeatureSource) -> None:
 
 
 @torch.no_grad()
-def validate(decoder: torch.nn.Module, source: FeatureSource, indices: list[int], batch_size: int, workers: int,
+def validate(decoder: torch.nn.Module, source: FeatureSource, batches: torch.utils.data.DataLoader,
              device: torch.device) -> torch.Tensor:
-    """Dataset-level confusion matrix [K, K] over all pixels of `indices`, at the mask size."""
+    """Dataset-level confusion matrix [K, K] over all pixels the loader yields, at the mask size."""
     decoder.eval()
     k = len(source.spec.class_names)
     conf = torch.zeros(k, k, dtype=torch.long)
-    for batch in loader(source, [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)], workers):
+    for batch in batches:
         _raise_errors(batch, source)
         logits = decoder(source.features(batch, device))  # [B, K, M, M]
         conf += confusion(logits.argmax(1), batch["mask"].to(device), k)
@@ -147,15 +161,19 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
         torch.set_rng_state(state["rng"]["torch"])
         rows = state["metrics"]
     run.mkdir(parents=True, exist_ok=True)
+    trn_batches = Batches()
+    trn_loader = loader(source, trn_batches, workers)
+    val_loader = loader(source, Batches([val[i:i + config.batch_size] for i in range(0, len(val), config.batch_size)]),
+                        workers)
 
     for epoch in range(len(rows) + 1, config.epochs + 1):
         start = time.perf_counter()
         decoder.train()
-        batches = epoch_batches(trn, config.batch_size, generator)
+        trn_batches.batches = epoch_batches(trn, config.batch_size, generator)
         total_loss, total_pixels = 0.0, 0
         if progress:
-            progress(0, len(batches))
-        for step, batch in enumerate(loader(source, batches, workers), 1):
+            progress(0, len(trn_batches))
+        for step, batch in enumerate(trn_loader, 1):
             _raise_errors(batch, source)
             feats = source.features(batch, device)  # [B, C, h, w]
             target = batch["mask"].to(device).long()  # [B, M, M]
@@ -172,9 +190,9 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
             total_loss += loss.item() * valid
             total_pixels += valid
             if progress:
-                progress(step, len(batches))
+                progress(step, len(trn_batches))
         train_seconds = time.perf_counter() - start
-        metrics = scores(validate(decoder, source, val, config.batch_size, workers, device))
+        metrics = scores(validate(decoder, source, val_loader, device))
         row = {"epoch": epoch, "train_loss": total_loss / max(total_pixels, 1), "val_miou": metrics["miou"],
                "val_pixel_acc": metrics["pixel_acc"], "train_seconds": train_seconds,
                "seconds": time.perf_counter() - start}

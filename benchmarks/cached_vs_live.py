@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""Cached against live decoder training, side by side in one process, against the physical floors.
+
+    benchmarks/cached_vs_live.py [--device cpu|cuda] [--images N] [--backbone NAME] [--image-size PX]
+        [--decoder seed|linear] [--dtype float16|float32] [--epochs E] [--quick] [--json FILE]
+
+All figures come from the same generated images, decoder and settings:
+  backbone_floor_img_s   backbone forward on preprocessed tensors already in memory
+  extract_img_s          the real `extract`, from JPEGs to a finished store
+  decoder_floor_epoch_s  one training epoch of the decoder on feature tensors already in memory
+  cached_epoch_s         one epoch streaming from the Zarr store on disk
+  cached_inmem_epoch_s   one epoch with --in-memory
+  live_epoch_s           one epoch of `train --live`
+Epoch figures are the training part of the last of --epochs epochs (validation excluded), so worker start-up
+and first-call warm-up are not counted. Results: a table, --json, and a Markdown row appended to
+benchmarks/results/<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+import zarr
+from rich.console import Console
+from rich.table import Table
+
+from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
+from cachedseg.classes import IGNORE_INDEX
+from cachedseg.data import load_image, preprocess_image, read_dataset
+from cachedseg.decoders import DecoderConfig, build_decoder
+from cachedseg.extract import extract
+from cachedseg.features import cached_source, live_source
+from cachedseg.store import create_store, open_store
+from cachedseg.synth import synthesize
+from cachedseg.train import TrainConfig, epoch_batches, load_checkpoint, train
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse() -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--images", type=int, default=16, help="generated images (a quarter or so go to val)")
+    p.add_argument("--backbone", default="vit_base_patch14_dinov2")
+    p.add_argument("--image-size", type=int, default=None, help="backbone input side [default: the model's, 518]")
+    p.add_argument("--weights", default="random", help="random (default: the timing does not depend on them), auto or FILE")
+    p.add_argument("--decoder", default="seed", choices=["seed", "linear"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--epochs", type=int, default=2, help="epochs per training run; the last one is timed")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers [default: the tool's]")
+    p.add_argument("--scales", default="1,2,4", help="dataset-size multiples for the epoch-scaling figures")
+    p.add_argument("--image-width", type=int, default=1280)
+    p.add_argument("--image-height", type=int, default=720)
+    p.add_argument("--quick", action="store_true", help="small backbone, 112 px, 8 small images: about 2 minutes on 2 CPU cores")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--workdir", type=Path, default=None, help="keep data and stores here [default: a temp folder]")
+    args = p.parse_args()
+    if args.quick:
+        args.backbone, args.image_size, args.images = "vit_small_patch14_dinov2", 112, 8
+        args.image_width, args.image_height = 320, 180
+    return args
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def backbone_floor(backbone, data: Path, batch_size: int, device: torch.device) -> float:
+    """Images/s of the backbone alone on preprocessed tensors already on the device."""
+    samples = read_dataset(data)
+    x = torch.stack([preprocess_image(load_image(s.image), backbone.preprocess) for s in samples]).to(device)
+    backbone(x[:batch_size])  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        backbone(x[i:i + batch_size])
+    sync(device)
+    return len(x) / (time.perf_counter() - start)
+
+
+def decoder_floor(store: Path, config: TrainConfig, device: torch.device) -> float:
+    """Seconds of one training epoch of the decoder on features already in memory (no loader, no reads)."""
+    group, spec = open_store(store)
+    trn = [i for i, s in enumerate(group["split"][:]) if s == "trn"]
+    feats = torch.from_numpy(group["features"][:]).to(device)  # [N, C, h, w], cache dtype
+    masks = torch.from_numpy(group["masks"][:]).to(device)  # [N, M, M]
+    torch.manual_seed(config.seed)
+    decoder = build_decoder(DecoderConfig(config.decoder, spec.channels, len(spec.class_names), spec.mask_size)).to(device)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    seconds = 0.0
+    for _ in range(config.epochs):  # the last epoch is timed, like the real runs
+        sync(device)
+        start = time.perf_counter()
+        for batch in epoch_batches(trn, config.batch_size, generator):
+            x = feats[batch].float()
+            target = masks[batch].long()
+            loss = F.cross_entropy(decoder(x), target, ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(device)
+        seconds = time.perf_counter() - start
+    return seconds
+
+
+def replicate(store: Path, times: int, out: Path) -> Path:
+    """A store holding `times` copies of `store`'s images (same bytes, new ids), for the epoch-scaling figures."""
+    group, spec = open_store(store)
+    ids, splits = group["ids"][:].tolist(), group["split"][:].tolist()
+    new = create_store(out, spec, [f"{i}~{k}" for k in range(times) for i in ids], splits * times,
+                       dataset=group.attrs["dataset"], weights=group.attrs["weights"])
+    feats, masks = group["features"][:], group["masks"][:]
+    for k in range(times):
+        new["features"][k * len(ids):(k + 1) * len(ids)] = feats
+        new["masks"][k * len(ids):(k + 1) * len(ids)] = masks
+    new["done"][:] = 1
+    return out
+
+
+def timed_epoch(source, run: Path, config: TrainConfig, device: torch.device) -> tuple[float, Path]:
+    """Training seconds of the last epoch of a real `train` run."""
+    rows = train(source, run, config, device)
+    return rows[-1]["train_seconds"], run
+
+
+def agreement(cached_run: Path, live_run: Path, store: Path, device: torch.device) -> float:
+    """Fraction of val pixels (mask size) on which the cached-trained and live-trained decoders agree."""
+    source = cached_source(store)
+    a, b = load_checkpoint(cached_run, "last").decoder.to(device), load_checkpoint(live_run, "last").decoder.to(device)
+    same = total = 0
+    with torch.no_grad():
+        for i in source.indices("val"):
+            x = source.dataset[i]["features"][None].to(device).float()
+            pa, pb = a(x).argmax(1), b(x).argmax(1)
+            same += int((pa == pb).sum())
+            total += pa.numel()
+    return same / total
+
+
+def main() -> None:
+    args = parse()
+    console = Console()
+    device = resolve_device(args.device)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="cachedseg-bench-"))
+    if work.exists() and args.workdir is None:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    if not (data / "ImageSets" / "val.txt").is_file():
+        synthesize(data, count=args.images, width=args.image_width, height=args.image_height, seed=0)
+    workers = args.workers
+    config = TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=args.batch_size, decoder=args.decoder, seed=0,
+                         workers=workers)
+    bcfg = BackboneConfig(args.backbone, args.image_size)
+    console.print(f"[bold]cached vs live[/] on {device}: {args.backbone}, {args.images} images, decoder {args.decoder}, "
+                  f"{args.dtype} cache, work dir {work}")
+
+    backbone = build_backbone(bcfg, args.weights, device)
+    r = {}
+    r["backbone_floor_img_s"] = backbone_floor(backbone, data, 4, device)
+    console.print(f"backbone floor: {r['backbone_floor_img_s']:.2f} img/s")
+
+    store = work / "features.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    ex = extract(data, store, bcfg, weights=args.weights, dtype=args.dtype, batch_size=4, device=str(device))
+    r["extract_img_s"] = ex.images_per_s
+    r["cache_mb_per_image"] = ex.mb_per_image
+    console.print(f"extract: {r['extract_img_s']:.2f} img/s, {ex.mb_per_image:.2f} MB/img")
+
+    r["decoder_floor_epoch_s"] = decoder_floor(store, config, device)
+    console.print(f"decoder floor epoch: {r['decoder_floor_epoch_s']:.2f} s")
+    runs = work / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    r["cached_epoch_s"], cached_run = timed_epoch(cached_source(store), runs / "cached", config, device)
+    console.print(f"cached epoch: {r['cached_epoch_s']:.2f} s")
+    r["cached_inmem_epoch_s"], _ = timed_epoch(cached_source(store, in_memory=True), runs / "inmem", config, device)
+    console.print(f"cached in-memory epoch: {r['cached_inmem_epoch_s']:.2f} s")
+    r["live_epoch_s"], live_run = timed_epoch(live_source(data, backbone, args.dtype, args.weights), runs / "live",
+                                              config, device)
+    console.print(f"live epoch: {r['live_epoch_s']:.2f} s")
+
+    n_trn = len(cached_source(store).indices("trn"))
+    live_backbone_s = n_trn / r["backbone_floor_img_s"]  # the backbone's share of a live epoch, at its floor
+    r["speedup"] = r["live_epoch_s"] / r["cached_epoch_s"]
+    r["ideal_speedup"] = (live_backbone_s + r["decoder_floor_epoch_s"]) / r["decoder_floor_epoch_s"]
+    r["cache_overhead"] = r["cached_epoch_s"] / r["decoder_floor_epoch_s"]
+    r["extract_efficiency"] = r["extract_img_s"] / r["backbone_floor_img_s"]
+    extract_s = ex.images / r["extract_img_s"]
+    saved = r["live_epoch_s"] - r["cached_epoch_s"]
+    r["break_even_epochs"] = math.floor(extract_s / saved) + 1 if saved > 0 else None
+    r["agreement"] = agreement(cached_run, live_run, store, device)
+
+    scaling = {}
+    for k in [int(s) for s in args.scales.split(",")]:
+        path = store if k == 1 else replicate(store, k, work / f"features_x{k}.zarr")
+        seconds, _ = timed_epoch(cached_source(path), runs / f"scale{k}", TrainConfig(**{**config.__dict__, "epochs": 1}),
+                                 device)
+        scaling[str(k * n_trn)] = seconds
+    r["epoch_s_by_trn_images"] = scaling
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        r["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    result = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__, "timm": timm.__version__,
+              "zarr": zarr.__version__, "python": sys.version.split()[0],
+              "settings": {"backbone": args.backbone, "image_size": backbone.preprocess.image_size, "images": ex.images,
+                           "trn_images": n_trn, "decoder": args.decoder, "dtype": args.dtype, "epochs": args.epochs,
+                           "batch_size": args.batch_size, "weights": args.weights, "quick": args.quick,
+                           "image_wh": [args.image_width, args.image_height], "precision": backbone.config.precision},
+              **r}
+    report(result, console)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {args.json}")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(r: dict, console: Console) -> None:
+    """Print the Rich table and append a Markdown row to benchmarks/results/<device>.md."""
+    s = r["settings"]
+    table = Table(title=f"{s['backbone']} @ {s['image_size']}, {s['decoder']} decoder, {s['dtype']}, "
+                        f"{s['images']} images ({s['trn_images']} trn), {r['device']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key in ("backbone_floor_img_s", "extract_img_s", "decoder_floor_epoch_s", "cached_epoch_s",
+                "cached_inmem_epoch_s", "live_epoch_s", "speedup", "ideal_speedup", "cache_overhead",
+                "extract_efficiency", "break_even_epochs", "agreement", "cache_mb_per_image", "peak_rss_mb", "peak_gpu_mb"):
+        if key in r and r[key] is not None:
+            v = r[key]
+            table.add_row(key, f"{v:.4f}" if key == "agreement" else f"{v:.2f}" if isinstance(v, float) else str(v))
+    table.add_row("epoch_s_by_trn_images", ", ".join(f"{n}: {v:.2f}" for n, v in r["epoch_s_by_trn_images"].items()))
+    console.print(table)
+    RESULTS.mkdir(exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in r["device"].split(" (")[0].lower()).strip("-")
+    path = RESULTS / f"{slug}.md"
+    header = ("| date | backbone @ px | decoder | dtype | images (trn) | backbone floor img/s | extract img/s | "
+              "decoder floor s | cached s | in-mem s | live s | speedup | ideal | cache overhead | extract eff. | "
+              "break-even epochs | agreement | MB/img | peak RSS MB | epoch s by trn images |\n" + "|---" * 20 + "|\n")
+    if not path.exists():
+        path.write_text(f"# {r['device']}\n\nAppended by `benchmarks/cached_vs_live.py`; epoch figures are training seconds "
+                        "of the last timed epoch.\n\n" + header)
+    row = [r["date"], f"{s['backbone']} @ {s['image_size']}", s["decoder"], s["dtype"], f"{s['images']} ({s['trn_images']})",
+           f"{r['backbone_floor_img_s']:.2f}", f"{r['extract_img_s']:.2f}", f"{r['decoder_floor_epoch_s']:.2f}",
+           f"{r['cached_epoch_s']:.2f}", f"{r['cached_inmem_epoch_s']:.2f}", f"{r['live_epoch_s']:.2f}",
+           f"{r['speedup']:.2f}", f"{r['ideal_speedup']:.2f}", f"{r['cache_overhead']:.2f}",
+           f"{r['extract_efficiency']:.2f}", str(r["break_even_epochs"]), f"{r['agreement']:.4f}",
+           f"{r['cache_mb_per_image']:.2f}", f"{r['peak_rss_mb']:.0f}",
+           ", ".join(f"{n}: {v:.2f}" for n, v in r["epoch_s_by_trn_images"].items())]
+    with open(path, "a") as f:
+        f.write("| " + " | ".join(row) + " |\n")
+    console.print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
