@@ -56,8 +56,8 @@ def parse() -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--images", type=int, default=16, help="generated images (a quarter or so go to val)")
-    p.add_argument("--backbone", default="vit_base_patch14_dinov2")
+    p.add_argument("--images", type=int, default=None, help="generated images, a quarter or so val [default: 16]")
+    p.add_argument("--backbone", default=None, help="timm DINOv2 model [default: vit_base_patch14_dinov2]")
     p.add_argument("--image-size", type=int, default=None, help="backbone input side [default: the model's, 518]")
     p.add_argument("--weights", default="random", help="random (default: the timing does not depend on them), auto or FILE")
     p.add_argument("--decoder", default="seed", choices=["seed", "linear"])
@@ -66,15 +66,18 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers [default: the tool's]")
     p.add_argument("--scales", default="1,2,4", help="dataset-size multiples for the epoch-scaling figures")
-    p.add_argument("--image-width", type=int, default=1280)
-    p.add_argument("--image-height", type=int, default=720)
-    p.add_argument("--quick", action="store_true", help="small backbone, 112 px, 8 small images: about 2 minutes on 2 CPU cores")
+    p.add_argument("--image-width", type=int, default=None, help="generated frame width [default: 1280]")
+    p.add_argument("--image-height", type=int, default=None, help="generated frame height [default: 720]")
+    p.add_argument("--quick", action="store_true", help="small backbone at 224 px, 16 small images: under 2 minutes on 2 CPU cores")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data and stores here [default: a temp folder]")
     args = p.parse_args()
-    if args.quick:
-        args.backbone, args.image_size, args.images = "vit_small_patch14_dinov2", 112, 8
-        args.image_width, args.image_height = 320, 180
+    # --quick changes only the defaults: options given explicitly still win.
+    defaults = (dict(backbone="vit_small_patch14_dinov2", image_size=224, images=16, image_width=640, image_height=360)
+                if args.quick else dict(backbone="vit_base_patch14_dinov2", images=16, image_width=1280, image_height=720))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 

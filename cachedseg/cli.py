@@ -155,7 +155,7 @@ def train(
     batch_size: int = typer.Option(2, help="Images per step."),
     decoder: str = typer.Option("seed", help="Decoder: seed (transposed convs, the seed design) or linear (BN + 1x1 conv)."),
     seed: int = typer.Option(0, help="Seed for the decoder's initialisation and the shuffling."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [default: min(2, CPUs)]."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [default: 0 on a CPU, min(4, CPUs) on a GPU]."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM first (if it fits)."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint."),
     live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder instead of a store."),

@@ -35,6 +35,11 @@ class StoreDataset(torch.utils.data.Dataset):
             self._memory = {"features": torch.from_numpy(group["features"][:]),
                             "masks": torch.from_numpy(group["masks"][:])}
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the whole cache was loaded into RAM."""
+        return self._memory is not None
+
     def __len__(self) -> int:
         return zarr.open_group(self.path, mode="r")["done"].shape[0]
 

@@ -39,7 +39,8 @@ class TrainConfig:
         batch_size: Images per step.
         decoder: Decoder name (`seed` or `linear`).
         seed: Seeds the decoder's initialisation and the shuffling, identically for cached and live runs.
-        workers: DataLoader worker processes (None: min(2, CPUs)).
+        workers: DataLoader worker processes (None: 0 on a CPU, where reads are cheap next to the decoder and
+            workers only compete for cores; min(4, CPUs) on a GPU).
     """
 
     epochs: int = 11
@@ -141,7 +142,11 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
     if (run / "last.pt").exists() and not resume:
         raise CachedsegError(f"{run} already holds a trained run; pass --resume to continue it, or another --run")
     device = torch.device(device)
-    workers = min(2, os.cpu_count() or 1) if config.workers is None else config.workers
+    workers = config.workers
+    if workers is None:
+        workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+    if getattr(source.dataset, "in_memory", False):
+        workers = 0  # indexing a tensor in RAM: a worker would only add copies
     spec = source.spec
     dec_cfg = DecoderConfig(config.decoder, spec.channels, len(spec.class_names), spec.mask_size)
 
