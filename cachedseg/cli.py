@@ -65,7 +65,8 @@ class RateColumn(ProgressColumn):
 def progress_bar(unit: str = "img") -> Progress:
     """The progress bar every long command shows."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                    transient=True)  # gone when done: the summary that follows says what happened
 
 
 def progress_callback(bar: Progress, description: str):
@@ -113,7 +114,9 @@ def extract(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes [default: min(4, CPUs)]."),
     overwrite: bool = typer.Option(False, help="Rebuild a store made with other settings instead of refusing it."),
-) -> None:
+    skip_bad: bool = typer.Option(False, help="Record unreadable images in the store, with the reason, and carry on."),
+    redo: Optional[list[str]] = typer.Option(None, help="Recompute this image id (repeatable), e.g. after a checksum error."),
+):
     """Run the frozen backbone once per image and cache its token grids in a Zarr store.
 
     Rerunning the same command skips finished images, so an interrupted run resumes where it stopped.
@@ -124,14 +127,18 @@ def extract(
     with user_errors(), progress_bar() as bar:
         result = run_extract(data, store, BackboneConfig(backbone, image_size), weights=weights, dtype=dtype,
                              batch_size=batch_size, device=device, workers=workers, overwrite=overwrite,
-                             progress=progress_callback(bar, "extract"))
+                             skip_bad=skip_bad, redo=tuple(redo or ()), progress=progress_callback(bar, "extract"))
     table = Table(title=f"feature store {result.store}", show_header=False)
     for key, value in [("images", f"{result.images} ({result.extracted} extracted, {result.skipped} already done)"),
                        ("time", f"{result.seconds:.1f} s ({result.images_per_s:.2f} img/s)"),
                        ("size on disk", f"{result.bytes_on_disk / 1e6:.1f} MB ({result.mb_per_image:.2f} MB/img)")]:
         table.add_row(key, value)
     console.print(table)
-
+    if result.bad:
+        errors.print(f"[bold yellow]{len(result.bad)} unreadable images skipped[/] (recorded in the store's `bad` "
+                     "attribute; fix them and rerun to add them):", soft_wrap=True)
+        for id_, reason in result.bad.items():
+            errors.print(f"  {escape(id_)}: {escape(reason)}", soft_wrap=True)
     return result
 
 
@@ -286,7 +293,8 @@ def demo(
         console.print(f"reusing {data}")
     console.rule("2/5 extract")
     extract(data, store=store, backbone=backbone, image_size=image_size, weights=weights, dtype="float16",
-            batch_size=4, device=device, workers=None, overwrite=True if store.exists() and _stale(store, weights) else False)
+            batch_size=4, device=device, workers=None, overwrite=store.exists() and _stale(store, weights), skip_bad=False,
+            redo=None)
     console.rule("3/5 train")
     if run.exists():
         shutil.rmtree(run)  # the demo's own previous run

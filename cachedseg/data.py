@@ -47,18 +47,43 @@ def mask_size_for(image_size: int) -> int:
     return image_size // 16 * 16
 
 
+# Larger images would need gigabytes to decode at full resolution; refuse them with advice instead.
+MAX_PIXELS = 100_000_000
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    """Open and fully decode an image file, turning every decoder failure into one clear error."""
+    try:
+        img = Image.open(path)  # reads the header only
+        if img.width * img.height > MAX_PIXELS:
+            raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
+                                 "downscale it before use")
+        img.load()
+        return img
+    except CachedsegError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's "not a readable image"
+        raise CachedsegError(f"{path} is not a readable {what} ({exc}); replace or remove it") from None
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file to upright RGB (EXIF orientation applied)."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+    """Decode an image file to upright 8-bit RGB (EXIF orientation applied; 16-bit and float images rescaled)."""
+    img = ImageOps.exif_transpose(_open(path, "image"))
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # convert("RGB") would clip these at 255; scale the 16-bit range down to 8 bits instead.
+        a = np.asarray(img, dtype=np.float32)
+        a = a / 257.0 if a.max() > 255 else a
+        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 def load_mask(path: str | Path) -> Image.Image:
-    """Decode a label PNG of class indices."""
-    with Image.open(path) as img:
-        img.load()
-        return img
+    """Decode a label PNG of class indices, refusing colour masks."""
+    mask = _open(path, "mask")
+    if mask.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise CachedsegError(f"{path} is a {mask.mode} image, but a mask must be single-channel class indices "
+                             "(0-11, 255 = ignore); convert colour masks to indices first")
+    return mask
 
 
 def preprocess_image(img: Image.Image, pp: Preprocess) -> torch.Tensor:
@@ -159,18 +184,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return self._load(index)
         except CachedsegError as exc:  # reported by the main process, which knows what to do with it
             return {"index": index, "error": str(exc)}
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's ways of saying "not a readable image"
-            return {"index": index, "error": f"cannot read {self.samples[index].image.name} or its mask: {exc}"}
 
     def _load(self, index: int) -> dict:
-        """Decode and preprocess one sample."""
+        """Decode, check and preprocess one sample."""
         sample = self.samples[index]
-        item = {"index": index, "image": preprocess_image(load_image(sample.image), self.pp)}  # [3, S, S]
+        image = load_image(sample.image)
+        item = {"index": index, "image": preprocess_image(image, self.pp)}  # [3, S, S]
         if self.with_masks:
             mask = load_mask(sample.mask)
-            if mask.mode not in ("L", "P", "I;16", "I"):
-                raise CachedsegError(f"{sample.mask} is a {mask.mode} image; a mask must be single-channel "
-                                     "class indices")
+            if mask.size != image.size:
+                raise CachedsegError(f"{sample.mask} is {mask.width}x{mask.height} but its image is "
+                                     f"{image.width}x{image.height}; a mask must have its image's size")
             check_labels(np.asarray(mask), sample.mask)
             item["mask"] = preprocess_mask(mask, self.pp.mask_size)  # [M, M]
         return item

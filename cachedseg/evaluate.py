@@ -72,7 +72,8 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
     torch_device = resolve_device(device)
     if store is not None:
         source = cached_source(store, data=data)
-        check_spec(store, source.spec, ckpt.spec)
+        check_spec(store, source.spec, ckpt.spec, hint=f"the run {run} was trained on other features; evaluate it "
+                   "with the store it was trained from, or with --data to run its backbone live")
         indices = source.indices(split)
         ids, root = [source.ids[i] for i in indices], source.data_root
     else:
@@ -98,7 +99,12 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
                 logits = decoder(item["features"][None].to(torch_device).float())  # [1, K, M, M]
             pred = labels_from_logits(logits, size)
         else:
-            pred = segment(load_image(root / "JPEGImages" / f"{id_}.jpg"), backbone, ckpt, size)
+            image_path = root / "JPEGImages" / f"{id_}.jpg"
+            image = load_image(image_path)
+            if (image.height, image.width) != size:
+                raise CachedsegError(f"{mask_path} is {size[1]}x{size[0]} but {image_path} is "
+                                     f"{image.width}x{image.height}; a mask must have its image's size")
+            pred = segment(image, backbone, ckpt, size)
         conf += confusion(torch.from_numpy(pred), torch.from_numpy(labels.astype(np.int64)), k)
         if progress:
             progress(n, len(ids))

@@ -21,8 +21,8 @@ import zarr
 from cachedseg.backbone import BackboneConfig, build_backbone, weights_source
 from cachedseg.data import SegmentationDataset, collate, read_dataset
 from cachedseg.errors import CachedsegError
-from cachedseg.store import (DTYPES, check_spec, create_store, disk_bytes, is_store, open_store, remove_partials,
-                             remove_store, spec_for)
+from cachedseg.store import (BAD, DONE, DTYPES, PENDING, check_spec, create_store, disk_bytes, is_store, open_store,
+                             remove_partials, remove_store, spec_for, writer_lock)
 
 FLOAT16_MAX = 65504.0
 
@@ -38,6 +38,7 @@ class ExtractResult:
         skipped: Images already done before this call.
         seconds: Wall time of the extraction loop.
         bytes_on_disk: Size of the whole store.
+        bad: Images skipped as unreadable by this call (`skip_bad`), with the reason.
     """
 
     store: Path
@@ -46,6 +47,7 @@ class ExtractResult:
     skipped: int
     seconds: float
     bytes_on_disk: int
+    bad: dict[str, str]
 
     @property
     def images_per_s(self) -> float:
@@ -66,7 +68,7 @@ def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str) -
 
 def extract(data: str | Path, store: str | Path | None = None, backbone: BackboneConfig = BackboneConfig(),
             weights: str = "auto", dtype: str = "float16", batch_size: int = 4, device: str = "auto",
-            workers: int | None = None, overwrite: bool = False,
+            workers: int | None = None, overwrite: bool = False, skip_bad: bool = False, redo: tuple[str, ...] = (),
             progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract backbone features for every image of an AeroScapes-layout dataset into a Zarr store.
 
@@ -80,13 +82,17 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         device: `auto`, `cpu` or `cuda`.
         workers: DataLoader processes that decode and resize images; defaults to min(4, CPUs).
         overwrite: Delete an existing store built with other settings instead of refusing it.
+        skip_bad: Record unreadable images in the store (flag 2, reason in the `bad` attribute) and carry on,
+            instead of stopping at the first one.
+        redo: Image ids to compute again (e.g. after a checksum error in their cached chunk).
         progress: Called as `progress(done, total)` at the start and after every batch of this call.
 
     Returns:
         What was done, with timing and size on disk.
 
     Raises:
-        CachedsegError: For a bad dataset, settings that do not match an existing store, or bad features.
+        CachedsegError: For a bad dataset or image, settings that do not match an existing store, another process
+            writing the same store, or non-finite features.
     """
     if dtype not in DTYPES:
         raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
@@ -98,8 +104,57 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     spec = spec_for(model, dtype)
     ids, splits = [s.id for s in samples], [s.split for s in samples]
 
-    if overwrite:
-        remove_store(store)
+    with writer_lock(store):
+        if overwrite:
+            remove_store(store)
+        group = _open_or_create(store, spec, ids, splits, data, weights)
+        flags = group["done"]
+        for id_ in redo:
+            if id_ not in ids:
+                raise CachedsegError(f"--redo {id_}: no such image id in {data}")
+            flags[ids.index(id_)] = PENDING
+        pending = np.flatnonzero(flags[:] != DONE).tolist()  # bad images from earlier runs are retried too
+        dataset = SegmentationDataset(samples, model.preprocess)
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, pending), batch_size=batch_size,
+                                             num_workers=workers, collate_fn=collate,
+                                             pin_memory=_device(model).type == "cuda")
+        bad: dict[str, str] = {}
+        progress = progress or (lambda done, total: None)
+        progress(0, len(pending))
+        start, count = time.perf_counter(), 0
+        writes: deque[Future] = deque()
+        # One writer thread overlaps the Zarr writes with the next forward pass; its order per image
+        # (features, mask, then the done flag) is what makes a kill at any moment safe.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            for batch in loader:
+                for index, reason in batch["errors"]:
+                    if not skip_bad:
+                        raise CachedsegError(f"{reason} (image {ids[index]!r}); or pass --skip-bad to record it in "
+                                             "the store and carry on")
+                    bad[ids[index]] = reason
+                    writes.append(writer.submit(flags.__setitem__, index, BAD))
+                if len(batch["index"]):
+                    feats = model(batch["image"].to(_device(model), non_blocking=True))  # [B, C, h, w] float32
+                    _check_finite(feats, [ids[i] for i in batch["index"].tolist()], dtype)
+                    feats = feats.to(getattr(torch, dtype)).cpu().numpy()
+                    writes.append(writer.submit(_write, group["features"], group["masks"], flags,
+                                                batch["index"].tolist(), feats, batch["mask"].numpy()))
+                while len(writes) > 2:  # bounded: never more than two batches in flight
+                    writes.popleft().result()
+                count += len(batch["index"]) + len(batch["errors"])
+                progress(count, len(pending))
+            while writes:
+                writes.popleft().result()
+        if group.attrs.get("bad") != bad:  # a rerun with nothing to do leaves the store untouched
+            group.attrs["bad"] = bad
+        seconds = time.perf_counter() - start
+    return ExtractResult(store=store, images=len(ids), extracted=len(pending) - len(bad),
+                         skipped=len(ids) - len(pending), seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad)
+
+
+def _open_or_create(store: Path, spec, ids: list[str], splits: list[str], data: str | Path, weights: str) -> zarr.Group:
+    """Open a store to finish it (refusing other settings or other images), or create it."""
     if store.exists() and not (store.is_dir() and not any(store.iterdir())):  # an empty folder is fine
         if not is_store(store):
             raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
@@ -109,43 +164,9 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             raise CachedsegError(f"the store {store} holds another list of images than {data}; pass --overwrite "
                                  "to rebuild it, or --store to write a new one elsewhere")
         remove_partials(store)  # a killed writer's temporary chunk files
-    else:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        group = create_store(store, spec, ids, splits, dataset=str(Path(data).resolve()), weights=weights_source(weights))
-
-    done = group["done"][:].astype(bool)
-    pending = np.flatnonzero(~done).tolist()
-    dataset = SegmentationDataset(samples, model.preprocess)
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, pending), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate,
-                                         pin_memory=_device(model).type == "cuda")
-    features, masks, flags = group["features"], group["masks"], group["done"]
-    writes: deque[Future] = deque()
-    progress = progress or (lambda done, total: None)
-    progress(0, len(pending))
-    start, count = time.perf_counter(), 0
-    # One writer thread overlaps the Zarr writes with the next forward pass; its order per image
-    # (features, mask, then done) is what makes a kill at any moment safe.
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        for batch in loader:
-            if batch["errors"]:
-                index, reason = batch["errors"][0]
-                raise CachedsegError(f"image {ids[index]!r}: {reason}")
-            feats = model(batch["image"].to(_device(model), non_blocking=True))  # [B, C, h, w] float32
-            _check_finite(feats, [ids[i] for i in batch["index"].tolist()], dtype)
-            feats = feats.to(getattr(torch, dtype)).cpu().numpy()
-            batch_masks = batch["mask"].numpy()
-            writes.append(writer.submit(_write, features, masks, flags, batch["index"].tolist(), feats, batch_masks))
-            while len(writes) > 2:  # bounded: never more than two batches in flight
-                writes.popleft().result()
-            count += len(feats)
-            progress(count, len(pending))
-        while writes:
-            writes.popleft().result()
-    seconds = time.perf_counter() - start
-    return ExtractResult(store=store, images=len(ids), extracted=len(pending), skipped=len(ids) - len(pending),
-                         seconds=seconds, bytes_on_disk=disk_bytes(store))
+        return group
+    store.parent.mkdir(parents=True, exist_ok=True)
+    return create_store(store, spec, ids, splits, dataset=str(Path(data).resolve()), weights=weights_source(weights))
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -159,7 +180,7 @@ def _write(features: zarr.Array, masks: zarr.Array, flags: zarr.Array, indices: 
     for i, f, m in zip(indices, feats, batch_masks):
         features[i] = f
         masks[i] = m
-        flags[i] = 1
+        flags[i] = DONE
 
 
 def _check_finite(feats: torch.Tensor, ids: list[str], dtype: str) -> None:

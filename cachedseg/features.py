@@ -16,11 +16,14 @@ import zarr
 from cachedseg.backbone import Backbone, BackboneConfig, build_backbone, weights_source
 from cachedseg.data import SegmentationDataset, read_dataset
 from cachedseg.errors import CachedsegError
-from cachedseg.store import StoreSpec, open_store, spec_for
+from cachedseg.store import DONE, PENDING, StoreSpec, open_store, spec_for
 
 
 class StoreDataset(torch.utils.data.Dataset):
-    """Cached features and masks by image index; opens the store lazily, once per DataLoader worker."""
+    """Cached features and masks by image index; opens the store lazily, once per DataLoader worker.
+
+    A chunk that fails its checksum comes back as an error naming the image, never as wrong numbers.
+    """
 
     def __init__(self, path: str | Path, in_memory: bool = False):
         self.path = str(path)
@@ -32,8 +35,14 @@ class StoreDataset(torch.utils.data.Dataset):
             if need > 0.8 * _available_ram():
                 raise CachedsegError(f"--in-memory needs {need / 1e9:.1f} GB but only {_available_ram() / 1e9:.1f} GB "
                                      "of RAM is free; train without --in-memory to stream from disk")
-            self._memory = {"features": torch.from_numpy(group["features"][:]),
-                            "masks": torch.from_numpy(group["masks"][:])}
+            try:
+                self._memory = {"features": torch.from_numpy(group["features"][:]),
+                                "masks": torch.from_numpy(group["masks"][:])}
+            except (ValueError, OSError):  # find and name the corrupt image
+                for i in range(group["done"].shape[0]):
+                    if "error" in (item := self[i]):
+                        raise CachedsegError(item["error"]) from None
+                raise
 
     @property
     def in_memory(self) -> bool:
@@ -46,10 +55,16 @@ class StoreDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if self._memory is not None:
             return {"index": index, "features": self._memory["features"][index], "mask": self._memory["masks"][index]}
-        if self._group is None:
-            self._group = zarr.open_group(self.path, mode="r")
-        features = self._group["features"][index]  # [C, h, w], cache dtype
-        mask = self._group["masks"][index]  # [M, M] uint8
+        if self._group is None:  # array handles looked up once: a group lookup costs as much as a read
+            group = zarr.open_group(self.path, mode="r")
+            self._group = {name: group[name] for name in ("features", "masks", "ids")}
+        try:
+            features = self._group["features"][index]  # [C, h, w], cache dtype
+            mask = self._group["masks"][index]  # [M, M] uint8
+        except (ValueError, OSError) as exc:  # crc32c mismatch, truncated chunk, unreadable file
+            id_ = self._group["ids"][index]
+            return {"index": index, "error": f"the cached data of image {id_!r} in {self.path} is corrupt ({exc}); "
+                                             f"recompute it with `cachedseg extract DATA --store {self.path} --redo {id_}`"}
         return {"index": index, "features": torch.from_numpy(features), "mask": torch.from_numpy(mask)}
 
 
@@ -101,10 +116,12 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
     """A source reading a finished feature store; `data` overrides the dataset folder the store records."""
     group, spec = open_store(store)
     done = group["done"][:]
-    if not done.all():
-        raise CachedsegError(f"the store {store} is unfinished ({int(done.sum())} of {len(done)} images); "
+    if (done == PENDING).any():
+        raise CachedsegError(f"the store {store} is unfinished ({int((done != PENDING).sum())} of {len(done)} images); "
                              "rerun the same `cachedseg extract` command to finish it")
-    return FeatureSource(spec=spec, ids=group["ids"][:].tolist(), splits=group["split"][:].tolist(),
+    # images skipped as unreadable (`extract --skip-bad`) belong to no split
+    splits = [s if d == DONE else "skipped" for s, d in zip(group["split"][:].tolist(), done)]
+    return FeatureSource(spec=spec, ids=group["ids"][:].tolist(), splits=splits,
                          dataset=StoreDataset(store, in_memory), data_root=Path(data or group.attrs["dataset"]),
                          weights=group.attrs.get("weights", "auto"))
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,13 @@ def find_images(inputs: list[str | Path]) -> list[Path]:
     return found
 
 
+def _save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG through a temporary file, so a kill never leaves a half-written one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The files written for one input image."""
@@ -100,17 +108,14 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for n, path in enumerate(paths, 1):
-        try:
-            image = load_image(path)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise CachedsegError(f"cannot read {path} as an image ({exc})") from None
+        image = load_image(path)
         labels = segment(image, backbone, ckpt)  # [H, W]
         pred = Prediction(path, out / f"{path.stem}_label.png", out / f"{path.stem}_color.png",
                           out / f"{path.stem}_overlay.png")
         color = colorize(labels)
-        Image.fromarray(labels, mode="L").save(pred.label)
-        color.save(pred.color)
-        Image.blend(image, color, 0.5).save(pred.overlay)
+        _save_png(Image.fromarray(labels, mode="L"), pred.label)
+        _save_png(color, pred.color)
+        _save_png(Image.blend(image, color, 0.5), pred.overlay)
         written.append(pred)
         if progress:
             progress(n, len(paths))

@@ -5,14 +5,21 @@
         masks     [N, M, M]    uint8 class indices (255 = ignore), one image per chunk, zstd + crc32c
         ids       [N]          str, the dataset's image ids
         split     [N]          str, "trn" or "val"
-        done      [N]          uint8, 1 once that image's features and mask are written (one chunk per image)
+        done      [N]          uint8 per image: 0 pending, 1 features and mask written, 2 skipped as unreadable
+                               (`extract --skip-bad`; the reason is in the `bad` attribute); one chunk per image
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import zarr
@@ -25,6 +32,7 @@ from cachedseg.errors import CachedsegError
 FORMAT = "cachedseg-features"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
+PENDING, DONE, BAD = 0, 1, 2  # values of the `done` flags
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ def create_store(path: str | Path, spec: StoreSpec, ids: list[str], splits: list
     """Create an empty store for `ids`, with every `done` flag at 0; `weights` records where the weights came from."""
     n, (h, w), m = len(ids), spec.grid, spec.mask_size
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec), "ignore_index": 255,
-             "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__}
+             "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__, "bad": {}}
     group = zarr.open_group(str(path), mode="w", attributes=attrs)
     # One image per chunk keeps shuffled training reads fast; float features barely compress, so only a
     # checksum: a corrupted chunk must fail loudly, never decode to wrong numbers.
@@ -117,13 +125,13 @@ def create_store(path: str | Path, spec: StoreSpec, ids: list[str], splits: list
     return group
 
 
-def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec) -> None:
-    """Refuse a store whose spec differs from the one asked for, naming each difference."""
+def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec,
+               hint: str = "pass --overwrite to rebuild it, or --store to write a new one elsewhere") -> None:
+    """Refuse a store whose spec differs from the one asked for, naming each difference and what to do."""
     diffs = [f"{f.name}: store has {getattr(stored, f.name)!r}, asked for {getattr(wanted, f.name)!r}"
              for f in fields(StoreSpec) if getattr(stored, f.name) != getattr(wanted, f.name)]
     if diffs:
-        raise CachedsegError(f"the store {path} was built with other settings ({'; '.join(diffs)}); "
-                             "pass --overwrite to rebuild it, or --store to write a new one elsewhere")
+        raise CachedsegError(f"the store {path} was built with other settings ({'; '.join(diffs)}); {hint}")
 
 
 def remove_store(path: str | Path) -> None:
@@ -141,6 +149,34 @@ def remove_partials(path: str | Path) -> int:
     for orphan in orphans:
         orphan.unlink(missing_ok=True)
     return len(orphans)
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path) -> Iterator[None]:
+    """Hold `<store>.lock` while writing a store; a second writer is refused with the holder's pid and host.
+
+    An flock dies with its process, so a killed writer never leaves a stale lock behind.
+    """
+    lock_path = Path(f"{Path(path).resolve()}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CachedsegError(f"the store {path} is being written by {holder}; wait for it to finish (or stop "
+                                 "it), then rerun to continue") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def disk_bytes(path: str | Path) -> int:

@@ -11,6 +11,7 @@ from cachedseg.cli import app
 from cachedseg.synth import synthesize
 
 SMALL = ["--backbone", "vit_small_patch14_dinov2", "--image-size", "112", "--weights", "random"]
+TRAIN = ["--epochs", "2", "--workers", "0", "--device", "cpu"]
 
 
 def run_cli(*args: str, ok: bool = True):
@@ -34,4 +35,20 @@ def store32(dataset, tmp_path_factory):
     """A float32 store of `dataset`, built once through the CLI."""
     path = tmp_path_factory.mktemp("stores") / "small32.zarr"
     run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--workers", "0")
+    return path
+
+
+@pytest.fixture(scope="session")
+def run32(store32, tmp_path_factory):
+    """A seed decoder trained for 2 epochs on the float32 store."""
+    run = tmp_path_factory.mktemp("runs") / "seed32"
+    run_cli("train", store32, "--run", run, *TRAIN)
+    return run
+
+
+@pytest.fixture(scope="session")
+def store16(dataset, tmp_path_factory):
+    """A float16 store of `dataset`."""
+    path = tmp_path_factory.mktemp("stores") / "small16.zarr"
+    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float16", "--workers", "0")
     return path

@@ -10,29 +10,11 @@ from PIL import Image
 
 from cachedseg.data import load_image, load_mask
 from cachedseg.decoders import DecoderConfig, build_decoder
-from cachedseg.evaluate import evaluate
 from cachedseg.features import backbone_for
 from cachedseg.predict import PALETTE, labels_from_logits, segment
 from cachedseg.train import load_checkpoint
-from tests.conftest import SMALL, run_cli
+from tests.conftest import SMALL, TRAIN, run_cli
 
-TRAIN = ["--epochs", "2", "--workers", "0", "--device", "cpu"]
-
-
-@pytest.fixture(scope="session")
-def run32(store32, tmp_path_factory):
-    """A seed decoder trained for 2 epochs on the float32 store."""
-    run = tmp_path_factory.mktemp("runs") / "seed32"
-    run_cli("train", store32, "--run", run, *TRAIN)
-    return run
-
-
-@pytest.fixture(scope="session")
-def store16(dataset, tmp_path_factory):
-    """A float16 store of `dataset`."""
-    path = tmp_path_factory.mktemp("stores") / "small16.zarr"
-    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float16", "--workers", "0")
-    return path
 
 
 @pytest.mark.parametrize("name,grid,mask", [("seed", 8, 112), ("seed", 37, 512), ("linear", 37, 512)])
