@@ -17,8 +17,10 @@ from rich.text import Text
 
 from cachedseg.errors import CachedsegError
 
-app = typer.Typer(help=__doc__.split("\n")[0] + "\n\nStage one: `extract` caches DINOv2 token grids in a Zarr "
-                  "store. Stage two trains only the decoder from that cache.",
+app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache.\n\n"
+                  "Stage one, `extract`, runs the backbone once per image and caches its token grids in a Zarr store. "
+                  "Stage two, `train`, trains only the decoder from that cache; `evaluate` and `predict` run it. "
+                  "`demo` runs it all on generated data.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 errors = Console(stderr=True)
@@ -105,14 +107,14 @@ def synth(
 @app.command()
 def extract(
     data: Path = typer.Argument(..., help="Dataset folder: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt."),
-    store: Optional[Path] = typer.Option(None, help="Store to write [default: cache/<data>-<backbone>-<size>-<dtype>.zarr]."),
+    store: Optional[Path] = typer.Option(None, help="Store to write (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
-    image_size: Optional[int] = typer.Option(None, help="Square input side in px, a multiple of 14 [default: the model's, 518]."),
+    image_size: Optional[int] = typer.Option(None, help="Square input side in px, a multiple of 14 (default: the model's, 518)."),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
     dtype: str = typer.Option("float16", help="Feature storage dtype: float16 (half the size) or float32 (bit-exact)."),
     batch_size: int = typer.Option(4, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes [default: min(4, CPUs)]."),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes (default: min(4, CPUs))."),
     overwrite: bool = typer.Option(False, help="Rebuild a store made with other settings instead of refusing it."),
     skip_bad: bool = typer.Option(False, help="Record unreadable images in the store, with the reason, and carry on."),
     redo: Optional[list[str]] = typer.Option(None, help="Recompute this image id (repeatable), e.g. after a checksum error."),
@@ -156,18 +158,18 @@ def _metrics_table(rows: list[dict], title: str) -> Table:
 @app.command()
 def train(
     store: Optional[Path] = typer.Argument(None, help="Feature store from `cachedseg extract` (omit with --live)."),
-    run: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<store or data>-<decoder>]."),
+    run: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<store or data>-<decoder>)."),
     epochs: int = typer.Option(11, help="Epochs."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
     batch_size: int = typer.Option(2, help="Images per step."),
     decoder: str = typer.Option("seed", help="Decoder: seed (transposed convs, the seed design) or linear (BN + 1x1 conv)."),
     seed: int = typer.Option(0, help="Seed for the decoder's initialisation and the shuffling."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [default: 0 on a CPU, min(4, CPUs) on a GPU]."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM first (if it fits)."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint."),
     live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder instead of a store."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help="With --live: " + BACKBONE_HELP),
-    image_size: Optional[int] = typer.Option(None, help="With --live: input side in px [default: the model's]."),
+    image_size: Optional[int] = typer.Option(None, help="With --live: input side in px (default: the model's)."),
     weights: str = typer.Option("auto", help="With --live: " + WEIGHTS_HELP),
     dtype: str = typer.Option("float16", help="With --live: cast features to this dtype, as a cache would store them."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -217,7 +219,7 @@ def evaluate(
     data: Optional[Path] = typer.Option(None, help="Dataset folder: run the backbone live (or, with --store, where the labels are)."),
     split: str = typer.Option("val", help="trn or val."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the confusion matrix and scores here."),
-    weights: Optional[str] = typer.Option(None, help="Live only: backbone weights [default: those the run was trained with]."),
+    weights: Optional[str] = typer.Option(None, help="Live only: backbone weights (default: those the run was trained with)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Score a run against the dataset's label PNGs at native resolution: confusion matrix, mIoU, pixel accuracy."""
@@ -246,7 +248,7 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
     run: Path = typer.Option(..., help="Run folder (uses best.pt) or a checkpoint file."),
     out: Path = typer.Option(Path("predictions"), help="Output folder."),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights [default: those the run was trained with]; "
+    weights: Optional[str] = typer.Option(None, help="Backbone weights (default: those the run was trained with); "
                                           "they must give the run's backbone fingerprint."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
