@@ -71,6 +71,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small backbone at 224 px, 16 small images: under 2 minutes on 2 CPU cores")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data and stores here [default: a temp folder]")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the Markdown tables appended to")
     args = p.parse_args()
     # --quick changes only the defaults: options given explicitly still win.
     defaults = (dict(backbone="vit_small_patch14_dinov2", image_size=224, images=16, image_width=640, image_height=360)
@@ -231,7 +232,7 @@ def main() -> None:
                            "batch_size": args.batch_size, "weights": args.weights, "quick": args.quick,
                            "image_wh": [args.image_width, args.image_height], "precision": backbone.config.precision},
               **r}
-    report(result, console)
+    report(result, console, args.results)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {args.json}")
@@ -239,7 +240,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(r: dict, console: Console) -> None:
+def report(r: dict, console: Console, results: Path) -> None:
     """Print the Rich table and append a Markdown row to benchmarks/results/<device>.md."""
     s = r["settings"]
     table = Table(title=f"{s['backbone']} @ {s['image_size']}, {s['decoder']} decoder, {s['dtype']}, "
@@ -254,9 +255,9 @@ def report(r: dict, console: Console) -> None:
             table.add_row(key, f"{v:.4f}" if key == "agreement" else f"{v:.2f}" if isinstance(v, float) else str(v))
     table.add_row("epoch_s_by_trn_images", ", ".join(f"{n}: {v:.2f}" for n, v in r["epoch_s_by_trn_images"].items()))
     console.print(table)
-    RESULTS.mkdir(exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in r["device"].split(" (")[0].lower()).strip("-")
-    path = RESULTS / f"{slug}.md"
+    path = results / f"{slug}.md"
     header = ("| date | backbone @ px | decoder | dtype | images (trn) | backbone floor img/s | extract img/s | "
               "decoder floor s | cached s | in-mem s | live s | speedup | ideal | cache overhead | extract eff. | "
               "break-even epochs | agreement | MB/img | peak RSS MB | epoch s by trn images |\n" + "|---" * 20 + "|\n")

@@ -27,6 +27,8 @@ errors = Console(stderr=True)
 _state = {"verbose": False}
 
 BACKBONE_HELP = "timm DINOv2 model, e.g. vit_small_patch14_dinov2, vit_base_patch14_reg4_dinov2."
+PRECISION_HELP = ("Backbone compute precision: float32, or bfloat16/float16 autocast (faster on a GPU). It is "
+                  "recorded in the store, and evaluate/predict run the backbone at the same precision.")
 WEIGHTS_HELP = ("'auto': pretrained via timm / the Hugging Face hub or its local cache; a .safetensors/.pth file; "
                 "or 'random': a seeded random init for tests and offline demos.")
 
@@ -111,6 +113,7 @@ def extract(
     backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
     image_size: Optional[int] = typer.Option(None, help="Square input side in px, a multiple of 14 (default: the model's, 518)."),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
+    precision: str = typer.Option("float32", help=PRECISION_HELP),
     dtype: str = typer.Option("float16", help="Feature storage dtype: float16 (half the size) or float32 (bit-exact)."),
     batch_size: int = typer.Option(4, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -127,7 +130,7 @@ def extract(
     from cachedseg.extract import extract as run_extract
 
     with user_errors(), progress_bar() as bar:
-        result = run_extract(data, store, BackboneConfig(backbone, image_size), weights=weights, dtype=dtype,
+        result = run_extract(data, store, BackboneConfig(backbone, image_size, precision), weights=weights, dtype=dtype,
                              batch_size=batch_size, device=device, workers=workers, overwrite=overwrite,
                              skip_bad=skip_bad, redo=tuple(redo or ()), progress=progress_callback(bar, "extract"))
     table = Table(title=f"feature store {result.store}", show_header=False)
@@ -171,6 +174,7 @@ def train(
     backbone: str = typer.Option("vit_base_patch14_dinov2", help="With --live: " + BACKBONE_HELP),
     image_size: Optional[int] = typer.Option(None, help="With --live: input side in px (default: the model's)."),
     weights: str = typer.Option("auto", help="With --live: " + WEIGHTS_HELP),
+    precision: str = typer.Option("float32", help="With --live: " + PRECISION_HELP),
     dtype: str = typer.Option("float16", help="With --live: cast features to this dtype, as a cache would store them."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> list[dict]:
@@ -187,7 +191,7 @@ def train(
             raise CachedsegError("give either a STORE or --live DATA")
         torch_device = resolve_device(device)
         if live is not None:
-            model = build_backbone(BackboneConfig(backbone, image_size), weights, torch_device)
+            model = build_backbone(BackboneConfig(backbone, image_size, precision), weights, torch_device)
             source = live_source(live, model, dtype, weights)
         else:
             source = cached_source(store, in_memory=in_memory)
@@ -294,7 +298,8 @@ def demo(
     else:
         console.print(f"reusing {data}")
     console.rule("2/5 extract")
-    extract(data, store=store, backbone=backbone, image_size=image_size, weights=weights, dtype="float16",
+    extract(data, store=store, backbone=backbone, image_size=image_size, weights=weights, precision="float32",
+            dtype="float16",
             batch_size=4, device=device, workers=None, overwrite=store.exists() and _stale(store, weights), skip_bad=False,
             redo=None)
     console.rule("3/5 train")
@@ -302,7 +307,7 @@ def demo(
         shutil.rmtree(run)  # the demo's own previous run
     rows = train(store, run=run, epochs=epochs, lr=1e-4, batch_size=2, decoder=decoder, seed=0, workers=None,
                  in_memory=False, resume=False, live=None, backbone=backbone, image_size=image_size, weights=weights,
-                 dtype="float16", device=device)
+                 precision="float32", dtype="float16", device=device)
     console.rule("4/5 evaluate (native label resolution)")
     result = evaluate(run, store=store, data=None, split="val", json_out=out / "evaluation.json", weights=None,
                       device=device)

@@ -66,6 +66,8 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
     Raises:
         CachedsegError: For a store that does not fit the run, missing labels, or a mismatched backbone.
     """
+    if split not in ("trn", "val"):
+        raise CachedsegError(f"--split {split!r}: use trn or val")
     if store is None and data is None:
         raise CachedsegError("give --store STORE (cached features) or --data DATA (live backbone)")
     ckpt = load_checkpoint(run)

@@ -146,3 +146,24 @@ def test_stage_two_errors_are_clear(dataset, store32, tmp_path):
     assert "give either a STORE or --live DATA" in result.output
     result = run_cli("predict", tmp_path / "missing.jpg", "--run", tmp_path / "r", ok=False)
     assert "no such file" in result.output
+
+
+def test_backbone_precision_is_recorded_and_reused_live(dataset, tmp_path):
+    store = tmp_path / "bf16.zarr"
+    run_cli("extract", dataset, "--store", store, *SMALL, "--precision", "bfloat16", "--dtype", "float32")
+    g = zarr.open_group(str(store))
+    assert g.attrs["precision"] == "bfloat16"
+    model = backbone_for(load_checkpoint_spec(store), "random", "cpu")  # rebuilt at the recorded precision
+    assert model.config.precision == "bfloat16" and model.fingerprint == g.attrs["fingerprint"]
+    run = tmp_path / "run"
+    run_cli("train", store, "--run", run, *TRAIN)
+    run_cli("evaluate", run, "--store", store, "--json", tmp_path / "cached.json")
+    run_cli("evaluate", run, "--data", dataset, "--json", tmp_path / "live.json")
+    cached, live = (json.loads((tmp_path / f).read_text()) for f in ("cached.json", "live.json"))
+    assert cached["confusion"] == live["confusion"]
+
+
+def load_checkpoint_spec(store):
+    """The feature spec recorded in a store."""
+    from cachedseg.store import open_store
+    return open_store(store)[1]

@@ -1,0 +1,28 @@
+"""The benchmark script runs end to end and reports every figure it promises (a smoke test, not a timing)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+KEYS = ["backbone_floor_img_s", "extract_img_s", "decoder_floor_epoch_s", "cached_epoch_s", "cached_inmem_epoch_s",
+        "live_epoch_s", "speedup", "ideal_speedup", "cache_overhead", "extract_efficiency", "break_even_epochs",
+        "agreement", "cache_mb_per_image", "peak_rss_mb", "epoch_s_by_trn_images", "device", "torch", "timm", "zarr",
+        "settings"]
+
+
+def test_benchmark_quick_writes_every_figure(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "cached_vs_live.py"
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--images", "8", "--image-size", "56",
+                           "--image-width", "160", "--image-height", "120", "--scales", "1,2", "--decoder", "linear",
+                           "--json", str(out), "--results", str(tmp_path / "results")],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert set(KEYS) <= set(result)
+    assert result["agreement"] == 1.0 and len(result["epoch_s_by_trn_images"]) == 2
+    assert result["settings"]["decoder"] == "linear" and result["settings"]["image_size"] == 56
+    table = next((tmp_path / "results").glob("*.md")).read_text()
+    assert "| linear | float16 |" in table
