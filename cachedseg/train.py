@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -175,7 +176,9 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
         start = time.perf_counter()
         decoder.train()
         trn_batches.batches = epoch_batches(trn, config.batch_size, generator)
-        total_loss, total_pixels = 0.0, 0
+        # Sums stay on the device: no host sync per step, one check per epoch (before anything is saved).
+        total_loss = torch.zeros((), device=device)
+        total_pixels = torch.zeros((), device=device, dtype=torch.long)
         if progress:
             progress(0, len(trn_batches))
         for step, batch in enumerate(trn_loader, 1):
@@ -183,22 +186,23 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
             feats = source.features(batch, device)  # [B, C, h, w]
             target = batch["mask"].to(device).long()  # [B, M, M]
             logits = decoder(feats)  # [B, K, M, M]
-            valid = int((target != IGNORE_INDEX).sum())
+            valid = (target != IGNORE_INDEX).sum()
             # Summed then divided: an all-ignore batch contributes nothing instead of NaN.
-            loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / max(valid, 1)
-            if not torch.isfinite(loss):
-                raise CachedsegError(f"the loss became {loss.item()} in epoch {epoch}, step {step}; the last good "
-                                     f"checkpoint is kept in {run}; try a lower --lr")
+            loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / valid.clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * valid
+            total_loss += loss.detach() * valid
             total_pixels += valid
             if progress:
                 progress(step, len(trn_batches))
+        train_loss = float(total_loss / total_pixels.clamp(min=1))
         train_seconds = time.perf_counter() - start
+        if not math.isfinite(train_loss):
+            raise CachedsegError(f"the loss became {train_loss} in epoch {epoch}; the last good checkpoint is kept "
+                                 f"in {run}; check the features, or try a lower --lr")
         metrics = scores(validate(decoder, source, val_loader, device))
-        row = {"epoch": epoch, "train_loss": total_loss / max(total_pixels, 1), "val_miou": metrics["miou"],
+        row = {"epoch": epoch, "train_loss": train_loss, "val_miou": metrics["miou"],
                "val_pixel_acc": metrics["pixel_acc"], "train_seconds": train_seconds,
                "seconds": time.perf_counter() - start}
         rows.append(row)
