@@ -239,3 +239,24 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(store32, tmp
 def test_verbose_shows_the_traceback(tmp_path):
     result = run_cli("--verbose", "extract", tmp_path / "nowhere", *SMALL, ok=False)
     assert result.exception is not None and "does not exist" in str(result.exception)
+
+
+@pytest.mark.parametrize("delay_ms", [0, 7, 23])
+def test_external_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_store(dataset, store32, tmp_path,
+                                                                                     delay_ms):
+    import time
+    path = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "cachedseg.cli", "extract", str(dataset), "--store", str(path), *SMALL,
+           "--dtype", "float32", "--batch-size", "1", "--workers", "0"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = path / "done" / "c"
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and not (flags.is_dir() and any(flags.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(delay_ms / 1000)
+    proc.kill()
+    proc.wait()
+    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32")
+    a, b = zarr.open_group(str(path)), zarr.open_group(str(store32))
+    for name in ("features", "masks", "done", "ids", "split"):
+        assert np.array_equal(a[name][:], b[name][:]), name
