@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cachedseg.backbone import resolve_device
-from cachedseg.data import check_labels, load_image, load_mask
+from cachedseg.data import check_labels, load_image, load_mask, read_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.features import backbone_for, cached_source
 from cachedseg.metrics import confusion, scores
@@ -79,7 +79,6 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         indices = source.indices(split)
         ids, root = [source.ids[i] for i in indices], source.data_root
     else:
-        from cachedseg.data import read_dataset
         samples = [s for s in read_dataset(data) if s.split == split]
         ids, root = [s.id for s in samples], Path(data)
         backbone = backbone_for(ckpt.spec, weights or ckpt.weights, torch_device)

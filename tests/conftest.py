@@ -30,12 +30,23 @@ def dataset(tmp_path_factory):
     return root
 
 
+def _store(dataset, tmp_path_factory, dtype: str):
+    """A store of `dataset` in `dtype`, built through the CLI."""
+    path = tmp_path_factory.mktemp("stores") / f"small-{dtype}.zarr"
+    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", dtype, "--workers", "0")
+    return path
+
+
 @pytest.fixture(scope="session")
 def store32(dataset, tmp_path_factory):
-    """A float32 store of `dataset`, built once through the CLI."""
-    path = tmp_path_factory.mktemp("stores") / "small32.zarr"
-    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--workers", "0")
-    return path
+    """A float32 store of `dataset`: its features are bit-identical to the live backbone's."""
+    return _store(dataset, tmp_path_factory, "float32")
+
+
+@pytest.fixture(scope="session")
+def store16(dataset, tmp_path_factory):
+    """A float16 store of `dataset`."""
+    return _store(dataset, tmp_path_factory, "float16")
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +55,3 @@ def run32(store32, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "seed32"
     run_cli("train", store32, "--run", run, *TRAIN)
     return run
-
-
-@pytest.fixture(scope="session")
-def store16(dataset, tmp_path_factory):
-    """A float16 store of `dataset`."""
-    path = tmp_path_factory.mktemp("stores") / "small16.zarr"
-    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float16", "--workers", "0")
-    return path
