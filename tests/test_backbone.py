@@ -10,7 +10,6 @@ import torch
 
 from cachedseg.backbone import BackboneConfig, build_backbone
 from cachedseg.errors import CachedsegError
-from tests.conftest import SMALL, run_cli
 
 SMALL_CFG = BackboneConfig("vit_small_patch14_dinov2", 112)
 

@@ -8,7 +8,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from cachedseg.backbone import BackboneConfig, build_backbone
