@@ -267,6 +267,41 @@ def predict(
 
 
 @app.command()
+def info(path: Path = typer.Argument(..., help="A feature store or a run folder / checkpoint.")) -> None:
+    """Show what a feature store holds (settings, images done/pending/bad, size) or what a run was trained on."""
+    from cachedseg.store import describe, is_store
+    from cachedseg.train import load_checkpoint
+
+    with user_errors():
+        table = Table(title=str(path), show_header=False)
+        if is_store(path):
+            d = describe(path)
+            rows = [("backbone", f"{d['backbone']} @ {d['image_size']} px, precision {d['precision']}"),
+                    ("features", f"[N, {d['channels']}, {d['grid'][0]}, {d['grid'][1]}] {d['dtype']}"),
+                    ("masks", f"{d['mask_size']}x{d['mask_size']} uint8"),
+                    ("images", f"{d['images']} ({d['trn']} trn, {d['val']} val): {d['done']} done, "
+                               f"{d['pending']} pending, {d['skipped_bad']} skipped as bad"),
+                    ("size on disk", f"{d['bytes_on_disk'] / 1e6:.1f} MB ({d['bytes_on_disk'] / 1e6 / max(d['images'], 1):.2f} MB/img)"),
+                    ("fingerprint", d["fingerprint"]), ("weights", d["weights"]), ("dataset", d["dataset"]),
+                    ("format", f"{d['format']} v{d['format_version']}, cachedseg {d['package_version']}")]
+            rows += [(f"bad: {k}", v) for k, v in d.get("bad", {}).items()]
+        else:
+            ckpt = load_checkpoint(path, which="last")  # the whole history; best.pt stops at its epoch
+            best = max(ckpt.metrics, key=lambda r: r["val_miou"])
+            rows = [("decoder", f"{ckpt.decoder_config.name} ({sum(p.numel() for p in ckpt.decoder.parameters()):,} parameters)"),
+                    ("features", f"{ckpt.spec.backbone} @ {ckpt.spec.image_size} px, {ckpt.spec.dtype}, "
+                                 f"fingerprint {ckpt.spec.fingerprint}"),
+                    ("recipe", ", ".join(f"{k} {v}" for k, v in ckpt.train_config.__dict__.items())),
+                    ("epochs trained", str(ckpt.epoch)),
+                    ("best val", f"mIoU {best['val_miou']:.4f}, pixel accuracy {best['val_pixel_acc']:.4f} "
+                                 f"(epoch {best['epoch']})"),
+                    ("weights", ckpt.weights)]
+        for key, value in rows:
+            table.add_row(key, escape(str(value)))
+    console.print(table)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the demo's data, store, run and predictions."),
     count: int = typer.Option(32, help="Generated images (a quarter go to val)."),

@@ -179,6 +179,26 @@ def writer_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def describe(path: str | Path) -> dict:
+    """A summary of a store: its attributes plus image counts by split and state, and its size on disk.
+
+    Args:
+        path: The store folder.
+
+    Returns:
+        The store's attributes, with `images`, `trn`, `val`, `done`, `pending`, `bad` counts and `bytes_on_disk`.
+
+    Raises:
+        CachedsegError: If there is no readable store at `path`.
+    """
+    group, _ = open_store(path)
+    done, split = group["done"][:], group["split"][:]
+    return {**dict(group.attrs), "images": len(done), "trn": int((split == "trn").sum()),
+            "val": int((split == "val").sum()), "done": int((done == DONE).sum()),
+            "pending": int((done == PENDING).sum()), "skipped_bad": int((done == BAD).sum()),
+            "bytes_on_disk": disk_bytes(path)}
+
+
 def disk_bytes(path: str | Path) -> int:
     """Bytes used by the files under `path`."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -123,3 +123,12 @@ def test_dataset_errors_are_one_line_messages(dataset, tmp_path):
     result = run_cli("extract", copy, "--store", tmp_path / "s.zarr", *SMALL, ok=False)
     assert result.exit_code == 1 and f"{victim}.png is missing" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "s.zarr").exists()
+
+
+def test_info_describes_a_store_and_a_run(store32, run32, tmp_path):
+    out = run_cli("info", store32).output
+    assert "vit_small_patch14_dinov2 @ 112 px" in out and "8 done, 0 pending, 0 skipped as bad" in out
+    assert "[N, 384, 8, 8] float32" in out
+    out = run_cli("info", run32).output
+    assert "seed" in out and "epochs trained" in out and "mIoU" in out
+    assert "no checkpoint" in run_cli("info", tmp_path / "nothing", ok=False).output
