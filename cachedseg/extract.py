@@ -21,7 +21,7 @@ import zarr
 from cachedseg.backbone import BackboneConfig, build_backbone, weights_source
 from cachedseg.data import SegmentationDataset, collate, read_dataset
 from cachedseg.errors import CachedsegError
-from cachedseg.store import (BAD, DONE, DTYPES, PENDING, check_spec, create_store, disk_bytes, is_store, open_store,
+from cachedseg.store import (BAD, DONE, PENDING, check_dtype, check_spec, create_store, disk_bytes, is_store, open_store,
                              remove_partials, remove_store, spec_for, writer_lock)
 
 FLOAT16_MAX = 65504.0
@@ -94,8 +94,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         CachedsegError: For a bad dataset or image, settings that do not match an existing store, another process
             writing the same store, or non-finite features.
     """
-    if dtype not in DTYPES:
-        raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
+    check_dtype(dtype)  # before the backbone is built: fail in milliseconds, not seconds
     if batch_size < 1:
         raise CachedsegError("--batch-size must be at least 1")
     samples = read_dataset(data)

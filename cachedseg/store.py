@@ -59,10 +59,15 @@ class StoreSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def spec_for(backbone, dtype: str) -> StoreSpec:
-    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`) and stored as `dtype`."""
+def check_dtype(dtype: str) -> None:
+    """Refuse a storage dtype the store format does not have."""
     if dtype not in DTYPES:
         raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
+
+
+def spec_for(backbone, dtype: str) -> StoreSpec:
+    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`) and stored as `dtype`."""
+    check_dtype(dtype)
     pp = backbone.preprocess
     return StoreSpec(backbone=backbone.config.name, fingerprint=backbone.fingerprint, image_size=pp.image_size,
                      mask_size=pp.mask_size, mean=pp.mean, std=pp.std, interpolation=pp.interpolation,

@@ -85,11 +85,11 @@ class Batches:
         return len(self.batches)
 
 
-def loader(source: FeatureSource, batches: Batches, workers: int) -> torch.utils.data.DataLoader:
+def loader(source: FeatureSource, batches: Batches, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
     """A DataLoader over `batches`; its workers persist across epochs instead of starting anew each time."""
     return torch.utils.data.DataLoader(source.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                        worker_init_fn=worker_init, persistent_workers=workers > 0,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=device.type == "cuda")
 
 
 def _raise_errors(batch: dict, source: FeatureSource) -> None:
@@ -168,9 +168,9 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
         rows = state["metrics"]
     run.mkdir(parents=True, exist_ok=True)
     trn_batches = Batches()
-    trn_loader = loader(source, trn_batches, workers)
+    trn_loader = loader(source, trn_batches, workers, device)
     val_loader = loader(source, Batches([val[i:i + config.batch_size] for i in range(0, len(val), config.batch_size)]),
-                        workers)
+                        workers, device)
 
     for epoch in range(len(rows) + 1, config.epochs + 1):
         start = time.perf_counter()
