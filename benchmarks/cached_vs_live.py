@@ -11,9 +11,11 @@ All figures come from the same generated images, decoder and settings:
   cached_epoch_s         one epoch streaming from the Zarr store on disk
   cached_inmem_epoch_s   one epoch with --in-memory
   live_epoch_s           one epoch of `train --live`
+  agreement_differ       val pixels where the cached-trained and live-trained decoders predict differently
+                         (of agreement_pixels)
 Epoch figures are the training part of the last of --epochs epochs (validation excluded), so worker start-up
-and first-call warm-up are not counted. Results: a table, --json, and a Markdown row appended to
-benchmarks/results/<device>.md.
+and first-call warm-up are not counted. Results: a table, --json, and with --results a Markdown row appended
+to benchmarks/results/<device>.md.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ from cachedseg.data import load_image, preprocess_image, read_dataset
 from cachedseg.decoders import DecoderConfig, build_decoder
 from cachedseg.extract import extract
 from cachedseg.features import cached_source, live_source
-from cachedseg.store import create_store, open_store
+from cachedseg import checkpoint
+from cachedseg.checkpoint import TrainConfig
+from cachedseg.store import DONE, FeatureStore
 from cachedseg.synth import synthesize
-from cachedseg.train import TrainConfig, epoch_batches, load_checkpoint, train
+from cachedseg.train import epoch_batches, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -70,7 +74,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small backbone at 224 px, 16 small images: under 2 minutes on 2 CPU cores")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data and stores here [default: a temp folder]")
-    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the Markdown tables appended to")
+    p.add_argument("--results", type=Path, nargs="?", const=RESULTS, default=None,
+                   help=f"append a Markdown row to <device>.md in this folder [bare --results: {RESULTS}]; "
+                        "nothing is appended without it")
     args = p.parse_args()
     # --quick changes only the defaults: options given explicitly still win.
     defaults = (dict(backbone="vit_small_patch14_dinov2", image_size=224, images=16, image_width=640, image_height=360)
@@ -102,10 +108,12 @@ def backbone_floor(backbone, data: Path, batch_size: int, device: torch.device) 
 
 def decoder_floor(store: Path, config: TrainConfig, device: torch.device) -> float:
     """Seconds of one training epoch of the decoder on features already in memory (no loader, no reads)."""
-    group, spec = open_store(store)
-    trn = [i for i, s in enumerate(group["split"][:]) if s == "trn"]
-    feats = torch.from_numpy(group["features"][:]).to(device)  # [N, C, h, w], cache dtype
-    masks = torch.from_numpy(group["masks"][:]).to(device)  # [N, M, M]
+    fs = FeatureStore.open(store)
+    spec = fs.spec
+    trn = [i for i, s in enumerate(fs.splits) if s == "trn"]
+    feats, masks = fs.read_all()
+    feats = torch.from_numpy(feats).to(device)  # [N, C, h, w], cache dtype
+    masks = torch.from_numpy(masks).to(device)  # [N, M, M]
     torch.manual_seed(config.seed)
     decoder = build_decoder(DecoderConfig(config.decoder, spec.channels, len(spec.class_names), spec.mask_size)).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
@@ -128,15 +136,13 @@ def decoder_floor(store: Path, config: TrainConfig, device: torch.device) -> flo
 
 def replicate(store: Path, times: int, out: Path) -> Path:
     """A store holding `times` copies of `store`'s images (same bytes, new ids), for the epoch-scaling figures."""
-    group, spec = open_store(store)
-    ids, splits = group["ids"][:].tolist(), group["split"][:].tolist()
-    new = create_store(out, spec, [f"{i}~{k}" for k in range(times) for i in ids], splits * times,
-                       dataset=group.attrs["dataset"], weights=group.attrs["weights"])
-    feats, masks = group["features"][:], group["masks"][:]
+    fs = FeatureStore.open(store)
+    new = FeatureStore.create(out, fs.spec, [f"{i}~{k}" for k in range(times) for i in fs.ids], fs.splits * times,
+                              dataset=fs.dataset, weights=fs.weights)
+    feats, masks = fs.read_all()
     for k in range(times):
-        new["features"][k * len(ids):(k + 1) * len(ids)] = feats
-        new["masks"][k * len(ids):(k + 1) * len(ids)] = masks
-    new["done"][:] = 1
+        for i in range(len(fs)):
+            new.write(k * len(fs) + i, feats[i], masks[i])
     return out
 
 
@@ -146,18 +152,19 @@ def timed_epoch(source, run: Path, config: TrainConfig, device: torch.device) ->
     return rows[-1]["train_seconds"], run
 
 
-def agreement(cached_run: Path, live_run: Path, store: Path, device: torch.device) -> float:
-    """Fraction of val pixels (mask size) on which the cached-trained and live-trained decoders agree."""
+def agreement(cached_run: Path, live_run: Path, store: Path, device: torch.device) -> tuple[int, int]:
+    """(pixels that differ, pixels): val predictions (mask size) of the cached-trained and live-trained decoders."""
     source = cached_source(store)
-    a, b = load_checkpoint(cached_run, "last").decoder.to(device), load_checkpoint(live_run, "last").decoder.to(device)
-    same = total = 0
+    a = checkpoint.load_run(cached_run, "last").decoder().to(device)
+    b = checkpoint.load_run(live_run, "last").decoder().to(device)
+    differ = total = 0
     with torch.no_grad():
         for i in source.indices("val"):
-            x = source.dataset[i]["features"][None].to(device).float()
+            x = source.item(i)["features"][None].to(device).float()
             pa, pb = a(x).argmax(1), b(x).argmax(1)
-            same += int((pa == pb).sum())
+            differ += int((pa != pb).sum())
             total += pa.numel()
-    return same / total
+    return differ, total
 
 
 def main() -> None:
@@ -211,7 +218,8 @@ def main() -> None:
     extract_s = ex.images / r["extract_img_s"]
     saved = r["live_epoch_s"] - r["cached_epoch_s"]
     r["break_even_epochs"] = math.floor(extract_s / saved) + 1 if saved > 0 else None
-    r["agreement"] = agreement(cached_run, live_run, store, device)
+    r["agreement_differ"], r["agreement_pixels"] = agreement(cached_run, live_run, store, device)
+    r["agreement"] = 1 - r["agreement_differ"] / r["agreement_pixels"]
 
     scaling = {}
     for k in [int(s) for s in args.scales.split(",")]:
@@ -239,8 +247,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(r: dict, console: Console, results: Path) -> None:
-    """Print the Rich table and append a Markdown row to benchmarks/results/<device>.md."""
+def report(r: dict, console: Console, results: Path | None) -> None:
+    """Print the Rich table and, with `results`, append a Markdown row to <results>/<device>.md."""
     s = r["settings"]
     table = Table(title=f"{s['backbone']} @ {s['image_size']}, {s['decoder']} decoder, {s['dtype']}, "
                         f"{s['images']} images ({s['trn_images']} trn), {r['device']}")
@@ -251,9 +259,12 @@ def report(r: dict, console: Console, results: Path) -> None:
                 "extract_efficiency", "break_even_epochs", "agreement", "cache_mb_per_image", "peak_rss_mb", "peak_gpu_mb"):
         if key in r and r[key] is not None:
             v = r[key]
-            table.add_row(key, f"{v:.4f}" if key == "agreement" else f"{v:.2f}" if isinstance(v, float) else str(v))
+            table.add_row(key, f"{r['agreement_differ']} of {r['agreement_pixels']} pixels differ ({v:.6f})"
+                          if key == "agreement" else f"{v:.2f}" if isinstance(v, float) else str(v))
     table.add_row("epoch_s_by_trn_images", ", ".join(f"{n}: {v:.2f}" for n, v in r["epoch_s_by_trn_images"].items()))
     console.print(table)
+    if results is None:
+        return
     results.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in r["device"].split(" (")[0].lower()).strip("-")
     path = results / f"{slug}.md"
@@ -267,7 +278,7 @@ def report(r: dict, console: Console, results: Path) -> None:
            f"{r['backbone_floor_img_s']:.2f}", f"{r['extract_img_s']:.2f}", f"{r['decoder_floor_epoch_s']:.2f}",
            f"{r['cached_epoch_s']:.2f}", f"{r['cached_inmem_epoch_s']:.2f}", f"{r['live_epoch_s']:.2f}",
            f"{r['speedup']:.2f}", f"{r['ideal_speedup']:.2f}", f"{r['cache_overhead']:.2f}",
-           f"{r['extract_efficiency']:.2f}", str(r["break_even_epochs"]), f"{r['agreement']:.4f}",
+           f"{r['extract_efficiency']:.2f}", str(r["break_even_epochs"]), f"{r['agreement_differ']}/{r['agreement_pixels']} px differ",
            f"{r['cache_mb_per_image']:.2f}", f"{r['peak_rss_mb']:.0f}",
            ", ".join(f"{n}: {v:.2f}" for n, v in r["epoch_s_by_trn_images"].items())]
     with open(path, "a") as f:

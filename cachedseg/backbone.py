@@ -80,7 +80,7 @@ class Backbone(torch.nn.Module):
         """Stay in eval mode: the backbone is frozen, also inside a module being trained."""
         return super().train(False)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: live training feeds these tensors to a decoder that autograd tracks
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, S, S] (preprocessed) -> patch tokens [B, C, h, w] in float32."""
         dtype = PRECISIONS[self.config.precision]
@@ -140,6 +140,16 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
             raise CachedsegError(f"--weights {path} does not fit {config.name}: {str(exc).splitlines()[0]}") from None
     return Backbone(model, config).to(resolve_device(device) if isinstance(device, str) else device)
+
+
+def backbone_for(spec, weights: str, device: str | torch.device = "cpu") -> Backbone:
+    """Rebuild the backbone that made `spec`'s features (a `StoreSpec`), refusing one with another fingerprint."""
+    model = build_backbone(BackboneConfig(spec.backbone, spec.image_size, spec.precision), weights, device)
+    if model.fingerprint != spec.fingerprint:
+        raise CachedsegError(f"the {spec.backbone} built with --weights {weights} has fingerprint {model.fingerprint}, "
+                             f"but the decoder was trained on features with fingerprint {spec.fingerprint}; "
+                             "pass the --weights the features were extracted with")
+    return model
 
 
 def weights_source(weights: str) -> str:

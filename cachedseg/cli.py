@@ -1,11 +1,13 @@
-"""The `cachedseg` command: a thin Typer layer. Each command parses options and calls one library function;
-Rich (progress bars, tables) lives here only."""
+"""The `cachedseg` command: a thin Typer layer. Each command checks the paths it was given (fast, before torch
+loads), then calls one library function; Rich (progress, tables) lives here only."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -15,15 +17,23 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
+from cachedseg import paths
 from cachedseg.errors import CachedsegError
 
 app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache.\n\n"
                   "Stage one, `extract`, runs the backbone once per image and caches its token grids in a Zarr store. "
                   "Stage two, `train`, trains only the decoder from that cache; `evaluate` and `predict` run it. "
-                  "`demo` runs it all on generated data.",
+                  "`demo` runs it all on generated data. Add --verbose anywhere for tracebacks.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
-errors = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that, when piped into a log, does not wrap long paths at 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 240)
+
+
+console, errors = _console(), _console(stderr=True)
 _state = {"verbose": False}
 
 BACKBONE_HELP = "timm DINOv2 model, e.g. vit_small_patch14_dinov2, vit_base_patch14_reg4_dinov2."
@@ -31,10 +41,18 @@ PRECISION_HELP = ("Backbone compute precision: float32, or bfloat16/float16 auto
                   "recorded in the store, and evaluate/predict run the backbone at the same precision.")
 WEIGHTS_HELP = ("'auto': pretrained via timm / the Hugging Face hub or its local cache; a .safetensors/.pth file; "
                 "or 'random': a seeded random init for tests and offline demos.")
+VERBOSE = ("--verbose", "-v")
+
+
+def main() -> None:
+    """Entry point: accepts --verbose anywhere on the line, not only before the command."""
+    args = sys.argv[1:]
+    flags = [a for a in args if a in VERBOSE]
+    app(args=flags + [a for a in args if a not in VERBOSE], prog_name="cachedseg")
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors.")) -> None:
+def _root(verbose: bool = typer.Option(False, *VERBOSE, help="Show tracebacks for errors.")) -> None:
     """Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache."""
     _state["verbose"] = verbose
 
@@ -66,23 +84,59 @@ class RateColumn(ProgressColumn):
         return Text("" if speed is None else f"{speed:.2f} {self.unit}/s", style="cyan")
 
 
-def progress_bar(unit: str = "img") -> Progress:
-    """The progress bar every long command shows."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                    transient=True)  # gone when done: the summary that follows says what happened
+class Reporter:
+    """Progress of a long command: a Rich bar on a terminal; in a pipe or a batch log, plain lines about every
+    10% or 10 s (a bar redrawn in place would show nothing there)."""
+
+    def __init__(self, unit: str = "img"):
+        self.unit = unit
+        self.bar = (Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+                             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                             transient=True)  # gone when done: the summary that follows says what happened
+                    if console.is_terminal else None)
+
+    def __enter__(self) -> Reporter:
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        """A line above the bar."""
+        (self.bar.console if self.bar else console).print(text, soft_wrap=True)
+
+    def callback(self, description: str) -> Callable[[int, int], None]:
+        """A `progress(done, total)` callback; it shows nothing until first called, so failures leave no empty bar."""
+        if self.bar:
+            tasks: list = []
+
+            def update(done: int, total: int) -> None:
+                if not tasks:
+                    tasks.append(self.bar.add_task(description, total=total))
+                self.bar.update(tasks[0], completed=done, total=total)
+            return update
+        start, last = time.monotonic(), {"time": time.monotonic(), "tenth": 0}
+
+        def line(done: int, total: int) -> None:
+            now, tenth = time.monotonic(), (10 * done // total if total else 10)
+            if done == 0 or not (tenth > last["tenth"] or now - last["time"] >= 10 or done == total):
+                return
+            last.update(time=now, tenth=tenth)
+            rate = done / max(now - start, 1e-9)
+            eta = f", eta {(total - done) / rate:.0f} s" if done < total else ""
+            console.print(f"{description}: {done}/{total} {self.unit} ({100 * done // max(total, 1)}%), "
+                          f"{rate:.2f} {self.unit}/s{eta}", soft_wrap=True, highlight=False)
+        return line
 
 
-def progress_callback(bar: Progress, description: str):
-    """A `progress(done, total)` callback that adds its task on first call, so failures show no empty bar."""
-    tasks: list = []
-
-    def update(done: int, total: int) -> None:
-        if not tasks:
-            tasks.append(bar.add_task(description, total=total))
-        bar.update(tasks[0], completed=done, total=total)
-
-    return update
+def _light_checks(*checks: Callable[[], object]) -> None:
+    """Run path checks before the heavy imports, so a typo costs milliseconds, not seconds of loading torch."""
+    with user_errors():
+        for check in checks:
+            check()
 
 
 @app.command()
@@ -94,27 +148,36 @@ def synth(
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
 ) -> None:
     """Write a generated drone-imagery dataset in the AeroScapes layout (the built-in default data)."""
+    with user_errors():
+        _synth(out, count, width, height, seed)
+
+
+def _synth(out: Path, count: int, width: int, height: int, seed: int) -> None:
+    """Generate the dataset with progress, and say where it went."""
     from cachedseg.synth import synthesize
 
-    with user_errors(), progress_bar() as bar:
-        task = bar.add_task("synth", total=count)
+    with Reporter() as reporter:
+        progress, done = reporter.callback("synth"), [0]
+
+        def step(n: int) -> None:
+            done[0] += n
+            progress(done[0], count)
         try:
-            ids = synthesize(out, count=count, width=width, height=height, seed=seed,
-                             progress=lambda n: bar.advance(task, n))
+            ids = synthesize(out, count=count, width=width, height=height, seed=seed, progress=step)
         except ValueError as exc:
             raise CachedsegError(str(exc)) from None
-    console.print(f"wrote {len(ids)} images ({width}x{height}) to [bold]{out}[/]")
+    console.print(f"wrote {len(ids)} images ({width}x{height}) to [bold]{escape(str(out))}[/]", soft_wrap=True)
 
 
 @app.command()
 def extract(
     data: Path = typer.Argument(..., help="Dataset folder: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt."),
-    store: Optional[Path] = typer.Option(None, help="Store to write (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
+    store: Optional[str] = typer.Option(None, help="Store folder to write (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
     image_size: Optional[int] = typer.Option(None, help="Square input side in px, a multiple of 14 (default: the model's, 518)."),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
     precision: str = typer.Option("float32", help=PRECISION_HELP),
-    dtype: str = typer.Option("float16", help="Feature storage dtype: float16 (half the size) or float32 (bit-exact)."),
+    dtype: str = typer.Option("float16", help="Feature storage dtype: float16 (half the size) or float32."),
     batch_size: int = typer.Option(4, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes (default: min(4, CPUs))."),
@@ -126,13 +189,21 @@ def extract(
 
     Rerunning the same command skips finished images, so an interrupted run resumes where it stopped.
     """
+    _light_checks(lambda: paths.check_dataset(data), lambda: store and paths.check_local(store))
     from cachedseg.backbone import BackboneConfig
+
+    with user_errors():
+        return _extract(data, store, BackboneConfig(backbone, image_size, precision), weights=weights, dtype=dtype,
+                        batch_size=batch_size, device=device, workers=workers, overwrite=overwrite,
+                        skip_bad=skip_bad, redo=tuple(redo or ()))
+
+
+def _extract(data, store, backbone, **options):
+    """Run `cachedseg.extract.extract` with progress, then print its summary."""
     from cachedseg.extract import extract as run_extract
 
-    with user_errors(), progress_bar() as bar:
-        result = run_extract(data, store, BackboneConfig(backbone, image_size, precision), weights=weights, dtype=dtype,
-                             batch_size=batch_size, device=device, workers=workers, overwrite=overwrite,
-                             skip_bad=skip_bad, redo=tuple(redo or ()), progress=progress_callback(bar, "extract"))
+    with Reporter() as reporter:
+        result = run_extract(data, store, backbone, progress=reporter.callback("extract"), **options)
     table = Table(title=f"feature store {result.store}", show_header=False)
     for key, value in [("images", f"{result.images} ({result.extracted} extracted, {result.skipped} already done)"),
                        ("time", f"{result.seconds:.1f} s ({result.images_per_s:.2f} img/s)"),
@@ -160,7 +231,7 @@ def _metrics_table(rows: list[dict], title: str) -> Table:
 
 @app.command()
 def train(
-    store: Optional[Path] = typer.Argument(None, help="Feature store from `cachedseg extract` (omit with --live)."),
+    store: Optional[str] = typer.Argument(None, help="Feature store from `cachedseg extract` (omit with --live)."),
     run: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<store or data>-<decoder>)."),
     epochs: int = typer.Option(11, help="Epochs."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
@@ -169,7 +240,7 @@ def train(
     seed: int = typer.Option(0, help="Seed for the decoder's initialisation and the shuffling."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM first (if it fits)."),
-    resume: bool = typer.Option(False, help="Continue the run from its last checkpoint."),
+    resume: bool = typer.Option(False, help="Continue the run from its last checkpoint (from scratch if it has none yet)."),
     live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder instead of a store."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help="With --live: " + BACKBONE_HELP),
     image_size: Optional[int] = typer.Option(None, help="With --live: input side in px (default: the model's)."),
@@ -182,68 +253,103 @@ def train(
 
     The run folder gets last.pt, best.pt (by val mIoU), metrics.csv, metrics.json and curves.png.
     """
-    from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
-    from cachedseg.features import cached_source, live_source
-    from cachedseg.train import TrainConfig, train as run_train
-
-    with user_errors():
+    def inputs() -> None:
         if (store is None) == (live is None):
             raise CachedsegError("give either a STORE or --live DATA")
+        paths.check_store(store) if store is not None else paths.check_dataset(live)
+    _light_checks(inputs)
+    from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
+    from cachedseg.checkpoint import TrainConfig
+    from cachedseg.features import cached_source, live_source
+
+    with user_errors():
         torch_device = resolve_device(device)
         if live is not None:
             model = build_backbone(BackboneConfig(backbone, image_size, precision), weights, torch_device)
             source = live_source(live, model, dtype, weights)
         else:
             source = cached_source(store, in_memory=in_memory)
-        name = Path(store).stem if store is not None else f"{Path(live).resolve().name}-live"
+        name = Path(store).name.removesuffix(".zarr") if store is not None else f"{Path(live).resolve().name}-live"
         run = run or Path("runs") / f"{name}-{decoder}"
         config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, decoder=decoder, seed=seed, workers=workers)
-        console.print(f"training [bold]{decoder}[/] decoder on {'live' if live else 'cached'} "
-                      f"{source.spec.backbone} features ({source.spec.dtype}) -> {run}")
-        console.print(f"{'Epoch':>5} {'Training loss':>14} {'Validation mIoU':>16} {'Pixel accuracy':>15} {'Seconds':>8}")
-        with progress_bar("batch") as bar:
-            def on_epoch(r: dict) -> None:
-                bar.console.print(f"{r['epoch']:>5} {r['train_loss']:>14.4f} {r['val_miou']:>16.4f} "
-                                  f"{r['val_pixel_acc']:>15.4f} {r['seconds']:>8.1f}")
+        return _train(source, run, config, torch_device, resume, "live" if live else "cached")
 
-            task = bar.add_task("epoch", total=None)
-            rows = run_train(source, run, config, torch_device, resume=resume, on_epoch=on_epoch,
-                             progress=lambda done, total: bar.update(task, completed=done, total=total))
-            bar.remove_task(task)
+
+def _train(source, run: Path, config, device, resume: bool, kind: str) -> list[dict]:
+    """Run `cachedseg.train.train` with progress and the seed's per-epoch table."""
+    from cachedseg.train import train as run_train
+
+    with Reporter("batch") as reporter:
+        bar, started = reporter.callback("epoch") if reporter.bar else None, []
+
+        def start() -> None:  # once training really starts: a refused run prints only its error
+            if not started:
+                started.append(True)
+                reporter.print(f"training [bold]{config.decoder}[/] decoder on {kind} {source.spec.backbone} "
+                               f"features ({source.spec.dtype}) -> {escape(str(run))}")
+                reporter.print(f"{'Epoch':>5} {'Training loss':>14} {'Validation mIoU':>16} {'Pixel accuracy':>15} "
+                               f"{'Seconds':>8}")
+
+        def progress(done: int, total: int) -> None:
+            start()
+            if bar:
+                bar(done, total)
+
+        def on_epoch(r: dict) -> None:
+            reporter.print(f"{r['epoch']:>5} {r['train_loss']:>14.4f} {r['val_miou']:>16.4f} "
+                           f"{r['val_pixel_acc']:>15.4f} {r['seconds']:>8.1f}")
+
+        rows = run_train(source, run, config, device, resume=resume, on_epoch=on_epoch, progress=progress,
+                         log=lambda message: reporter.print(f"[yellow]note:[/] {escape(message)}"))
     best = max(rows, key=lambda r: r["val_miou"])
     console.print(f"best val mIoU {best['val_miou']:.4f} (epoch {best['epoch']}); checkpoints, metrics and "
-                  f"curves.png in [bold]{run}[/]")
+                  f"curves.png in [bold]{escape(str(run))}[/]", soft_wrap=True)
     return rows
 
 
 @app.command()
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder (uses best.pt) or a checkpoint file."),
-    store: Optional[Path] = typer.Option(None, help="Score from cached features in this store."),
+    store: Optional[str] = typer.Option(None, help="Score from cached features in this store."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder: run the backbone live (or, with --store, where the labels are)."),
     split: str = typer.Option("val", help="trn or val."),
+    compare_live: bool = typer.Option(False, "--compare-live", help="With --store: also run the backbone live and "
+                                      "count the pixels whose predicted label differs from the cached prediction."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the confusion matrix and scores here."),
     weights: Optional[str] = typer.Option(None, help="Live only: backbone weights (default: those the run was trained with)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Score a run against the dataset's label PNGs at native resolution: confusion matrix, mIoU, pixel accuracy."""
+    _light_checks(lambda: paths.checkpoint_path(run), lambda: store is not None and paths.check_store(store),
+                  lambda: data is not None and paths.check_dataset(data))
+    with user_errors():
+        return _evaluate(run, store=store, data=data, split=split, compare_live=compare_live, json_out=json_out,
+                         weights=weights, device=device)
+
+
+def _evaluate(run, json_out: Path | None = None, **options):
+    """Run `cachedseg.evaluate.evaluate` with progress; print the per-class table and write the JSON."""
     import json
 
     from cachedseg.evaluate import evaluate as run_evaluate
 
-    with user_errors(), progress_bar() as bar:
-        result = run_evaluate(run, store=store, data=data, split=split, weights=weights, device=device,
-                              progress=progress_callback(bar, "evaluate"))
-    table = Table(title=f"{split}: mIoU {result.miou:.4f}, pixel accuracy {result.pixel_acc:.4f} ({result.images} images)")
+    with Reporter() as reporter:
+        result = run_evaluate(run, progress=reporter.callback("evaluate"), **options)
+    console.print(f"{options.get('split', 'val')}: mIoU {result.miou:.4f}, pixel accuracy {result.pixel_acc:.4f} "
+                  f"({result.images} images)")
+    table = Table()
     table.add_column("class")
     table.add_column("IoU", justify="right")
     table.add_column("pixels", justify="right")
     for name, iou, pixels in zip(result.class_names, result.iou, result.confusion.sum(1)):
         table.add_row(name, "-" if iou is None else f"{iou:.4f}", str(int(pixels)))
     console.print(table)
+    if result.pixels is not None:
+        console.print(f"cached vs live: {result.differ} of {result.pixels} pixels differ "
+                      f"({1 - result.differ / max(result.pixels, 1):.6f} agree)")
     if json_out:
         json_out.write_text(json.dumps(result.to_json(), indent=2))
-        console.print(f"wrote {json_out}")
+        console.print(f"wrote {escape(str(json_out))}", soft_wrap=True)
     return result
 
 
@@ -256,26 +362,41 @@ def predict(
                                           "they must give the run's backbone fingerprint."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
-    """Segment images live (backbone + decoder): writes <name>_label.png, _color.png and _overlay.png per image."""
+    """Segment images live (backbone + decoder): writes <name>_label.png, and _color.png and _overlay.png with a
+    legend of the classes shown, per image."""
+    _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run))
+    with user_errors():
+        return _predict(images, run, out, weights=weights, device=device)
+
+
+def _predict(images, run, out: Path, **options):
+    """Run `cachedseg.predict.predict` with progress and say what was written (and what was replaced)."""
     from cachedseg.predict import predict as run_predict
 
-    with user_errors(), progress_bar() as bar:
-        written = run_predict(images, run, out, weights=weights, device=device,
-                              progress=progress_callback(bar, "predict"))
-    console.print(f"wrote {3 * len(written)} PNGs for {len(written)} images to [bold]{out}[/]")
+    with Reporter() as reporter:
+        written = run_predict(images, run, out, progress=reporter.callback("predict"), **options)
+    replaced = sum(p.replaced for p in written)
+    console.print(f"wrote {3 * len(written)} PNGs for {len(written)} images to [bold]{escape(str(out))}[/]"
+                  + (f", replacing the earlier files of {replaced} of them" if replaced else ""), soft_wrap=True)
     return written
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="A feature store or a run folder / checkpoint.")) -> None:
+def info(path: str = typer.Argument(..., help="A feature store, or a run folder / checkpoint file.")) -> None:
     """Show what a feature store holds (settings, images done/pending/bad, size) or what a run was trained on."""
-    from cachedseg.store import describe, is_store
-    from cachedseg.train import load_checkpoint
+    def exists() -> None:
+        paths.check_local(path)
+        if not Path(path).exists():
+            raise CachedsegError(f"nothing at {path} (expected a feature store or a run folder)"
+                                 f"{paths.did_you_mean(Path(path))}")
+    _light_checks(exists)
+    from cachedseg import checkpoint
+    from cachedseg.store import FeatureStore, is_store
 
     with user_errors():
-        table = Table(title=str(path), show_header=False)
+        table = Table(title=escape(path), show_header=False)
         if is_store(path):
-            d = describe(path)
+            d = FeatureStore.open(path).describe()
             rows = [("backbone", f"{d['backbone']} @ {d['image_size']} px, precision {d['precision']}"),
                     ("features", f"[N, {d['channels']}, {d['grid'][0]}, {d['grid'][1]}] {d['dtype']}"),
                     ("masks", f"{d['mask_size']}x{d['mask_size']} uint8"),
@@ -286,9 +407,14 @@ def info(path: Path = typer.Argument(..., help="A feature store or a run folder 
                     ("format", f"{d['format']} v{d['format_version']}, cachedseg {d['package_version']}")]
             rows += [(f"bad: {k}", v) for k, v in d.get("bad", {}).items()]
         else:
-            ckpt = load_checkpoint(path, which="last")  # the whole history; best.pt stops at its epoch
+            p = Path(path)
+            if p.is_file() and p.suffix != ".pt" or p.is_dir() and not any((p / n).is_file() for n in paths.CHECKPOINTS):
+                raise CachedsegError(f"{path} is neither a feature store (a Zarr folder from `cachedseg extract`) nor "
+                                     "a run (a folder with best.pt/last.pt from `cachedseg train`, or a .pt file)")
+            ckpt = checkpoint.load_run(path, which="last")  # the whole history; best.pt stops at its epoch
             best = max(ckpt.metrics, key=lambda r: r["val_miou"])
-            rows = [("decoder", f"{ckpt.decoder_config.name} ({sum(p.numel() for p in ckpt.decoder.parameters()):,} parameters)"),
+            params = sum(p.numel() for p in ckpt.decoder().parameters())
+            rows = [("decoder", f"{ckpt.decoder_config.name} ({params:,} parameters)"),
                     ("features", f"{ckpt.spec.backbone} @ {ckpt.spec.image_size} px, {ckpt.spec.dtype}, "
                                  f"fingerprint {ckpt.spec.fingerprint}"),
                     ("recipe", ", ".join(f"{k} {v}" for k, v in ckpt.train_config.__dict__.items())),
@@ -299,6 +425,24 @@ def info(path: Path = typer.Argument(..., help="A feature store or a run folder 
         for key, value in rows:
             table.add_row(key, escape(str(value)))
     console.print(table)
+
+
+@app.command()
+def upgrade(store: str = typer.Argument(..., help="A feature store written by an earlier cachedseg.")) -> None:
+    """Convert an older feature store to the current format in place, keeping every computed feature."""
+    _light_checks(lambda: paths.check_store(store))
+    from cachedseg.store import upgrade as run_upgrade
+
+    with user_errors():
+        result = run_upgrade(store)
+    if not result["upgraded"]:
+        console.print(f"{escape(store)} already has the current format; nothing to do", soft_wrap=True)
+        return
+    console.print(f"upgraded {escape(store)}: {result['images']} images, {result['done']} done, no features "
+                  "recomputed", soft_wrap=True)
+    if result["reset"]:
+        errors.print(f"[bold yellow]{result['reset']} images[/] were flagged done but lacked a chunk; they are "
+                     "pending now: rerun the `cachedseg extract` command that built the store", soft_wrap=True)
 
 
 @app.command()
@@ -315,58 +459,60 @@ def demo(
     """The whole pipeline on generated data: synth -> extract -> train -> evaluate -> predict."""
     import shutil
 
-    from cachedseg.backbone import BackboneConfig, build_backbone
+    from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
+    from cachedseg.checkpoint import TrainConfig
+    from cachedseg.features import cached_source
+    from cachedseg.store import is_store
 
     data, store, run, preds = out / "data", out / "features.zarr", out / "run", out / "predictions"
+    bcfg = BackboneConfig(backbone, image_size)
     with user_errors():
+        torch_device = resolve_device(device)
         if weights == "auto":
             try:
-                build_backbone(BackboneConfig(backbone, image_size), "auto")
+                build_backbone(bcfg, "auto")
             except CachedsegError as exc:
                 errors.print(f"[bold yellow]warning:[/] {escape(str(exc).split(';')[0])}.\n[bold yellow]Using random "
                              "backbone weights: the pipeline runs end to end, but its accuracy numbers mean little.[/]",
                              soft_wrap=True)
                 weights = "random"
-    console.rule("1/5 synth")
-    if not (data / "ImageSets" / "val.txt").is_file():
-        synth(data, count=count, width=1280, height=720, seed=0)
-    else:
-        console.print(f"reusing {data}")
-    console.rule("2/5 extract")
-    extract(data, store=store, backbone=backbone, image_size=image_size, weights=weights, precision="float32",
-            dtype="float16",
-            batch_size=4, device=device, workers=None, overwrite=store.exists() and _stale(store, weights), skip_bad=False,
-            redo=None)
-    console.rule("3/5 train")
-    if run.exists():
-        shutil.rmtree(run)  # the demo's own previous run
-    rows = train(store, run=run, epochs=epochs, lr=1e-4, batch_size=2, decoder=decoder, seed=0, workers=None,
-                 in_memory=False, resume=False, live=None, backbone=backbone, image_size=image_size, weights=weights,
-                 precision="float32", dtype="float16", device=device)
-    console.rule("4/5 evaluate (native label resolution)")
-    result = evaluate(run, store=store, data=None, split="val", json_out=out / "evaluation.json", weights=None,
-                      device=device)
-    console.rule("5/5 predict")
-    val_images = [data / "JPEGImages" / f"{i}.jpg" for i in (data / "ImageSets" / "val.txt").read_text().split()[:4]]
-    written = predict(val_images, run=run, out=preds, weights=None, device=device)
+        console.rule("1/5 synth")
+        if not (data / "ImageSets" / "val.txt").is_file():
+            _synth(data, count, 1280, 720, 0)
+        else:
+            console.print(f"reusing {escape(str(data))}", soft_wrap=True)
+        console.rule("2/5 extract")
+        # the demo's own store is rebuilt when it was made from other weights or by an older cachedseg
+        stale = is_store(store) and not _store_matches(store, weights)
+        _extract(data, store, bcfg, weights=weights, dtype="float16", batch_size=4, device=device, overwrite=stale)
+        console.rule("3/5 train")
+        if run.exists():
+            shutil.rmtree(run)  # the demo's own previous run
+        rows = _train(cached_source(store), run, TrainConfig(epochs=epochs, decoder=decoder), torch_device, False,
+                      "cached")
+        console.rule("4/5 evaluate (native label resolution)")
+        result = _evaluate(run, store=store, split="val", json_out=out / "evaluation.json", device=device)
+        console.rule("5/5 predict")
+        val_images = [data / "JPEGImages" / f"{i}.jpg" for i in (data / "ImageSets" / "val.txt").read_text().split()[:4]]
+        written = _predict(val_images, run, preds, device=device)
     console.rule("done")
     console.print(_metrics_table(rows, f"{decoder} decoder, {backbone} at {image_size} px, weights: {weights}"))
     console.print(f"val at native resolution: mIoU {result.miou:.4f}, pixel accuracy {result.pixel_acc:.4f}")
     for p in written:
-        console.print(f"  {p.overlay}")
-    console.print(f"run folder (checkpoints, metrics, curves.png): [bold]{run}[/]")
+        console.print(f"  {escape(str(p.overlay))}", soft_wrap=True)
+    console.print(f"run folder (checkpoints, metrics, curves.png): [bold]{escape(str(run))}[/]", soft_wrap=True)
 
 
-def _stale(store: Path, weights: str) -> bool:
-    """Whether the demo's store was built from other weights (then the demo rebuilds it)."""
-    import zarr
-
+def _store_matches(store: Path, weights: str) -> bool:
+    """Whether the demo's store opens with this cachedseg and was built from these weights."""
     from cachedseg.backbone import weights_source
+    from cachedseg.store import FeatureStore
+
     try:
-        return zarr.open_group(str(store), mode="r").attrs.get("weights") != weights_source(weights)
-    except Exception:  # noqa: BLE001 - anything unreadable is rebuilt
-        return True
+        return FeatureStore.open(store).weights == weights_source(weights)
+    except CachedsegError:
+        return False
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX
+from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
 from cachedseg.errors import CachedsegError
-
-SPLITS = ("trn", "val")
+from cachedseg.paths import check_dataset
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
@@ -124,9 +123,7 @@ def read_dataset(root: str | Path, splits: tuple[str, ...] = SPLITS) -> list[Sam
     Raises:
         CachedsegError: If the layout is wrong, a split is empty, an id repeats, or a file is missing.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise CachedsegError(f"dataset folder {root} does not exist; make one with `cachedseg synth {root}`")
+    root = check_dataset(root)
     samples: list[Sample] = []
     seen: set[str] = set()
     for split in splits:

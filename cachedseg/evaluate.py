@@ -9,14 +9,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cachedseg.backbone import resolve_device
+from cachedseg import checkpoint
+from cachedseg.backbone import backbone_for, resolve_device
+from cachedseg.classes import SPLITS
 from cachedseg.data import check_labels, load_image, load_mask, read_dataset
 from cachedseg.errors import CachedsegError
-from cachedseg.features import backbone_for, cached_source
+from cachedseg.features import cached_source
 from cachedseg.metrics import confusion, scores
 from cachedseg.predict import labels_from_logits, segment
 from cachedseg.store import check_spec
-from cachedseg.train import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class EvalResult:
         iou: Per-class IoU (None where the class is absent from both labels and predictions).
         class_names: Names of the K classes.
         images: Number of images scored.
+        differ: With `compare_live`: pixels whose cached and live predicted labels differ.
+        pixels: With `compare_live`: pixels compared (every pixel of every label map).
     """
 
     confusion: np.ndarray
@@ -38,16 +41,22 @@ class EvalResult:
     iou: list[float | None]
     class_names: tuple[str, ...]
     images: int
+    differ: int | None = None
+    pixels: int | None = None
 
     def to_json(self) -> dict:
         """Everything, as plain JSON types."""
-        return {"miou": self.miou, "pixel_acc": self.pixel_acc, "images": self.images,
-                "iou": dict(zip(self.class_names, self.iou)), "class_names": list(self.class_names),
-                "confusion": self.confusion.tolist()}
+        out = {"miou": self.miou, "pixel_acc": self.pixel_acc, "images": self.images,
+               "iou": dict(zip(self.class_names, self.iou)), "class_names": list(self.class_names),
+               "confusion": self.confusion.tolist()}
+        if self.pixels is not None:
+            out["agreement"] = {"differ": self.differ, "pixels": self.pixels,
+                                "ratio": 1 - self.differ / self.pixels if self.pixels else 1.0}
+        return out
 
 
 def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path | None = None, split: str = "val",
-             weights: str | None = None, device: str = "auto",
+             weights: str | None = None, device: str = "auto", compare_live: bool = False,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Evaluate a run on cached features (`store`) or live from the images (`data`), at native label resolution.
 
@@ -58,20 +67,27 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         split: `trn` or `val`.
         weights: Backbone weights for live evaluation; by default those the run was trained with.
         device: `auto`, `cpu` or `cuda`.
+        compare_live: With `store`: also run the backbone live on the same images and count the pixels whose
+            predicted label differs between cached and live features (the identity check).
         progress: Called as `progress(done, total)`.
 
     Returns:
-        The confusion matrix and the scores derived from it.
+        The confusion matrix and the scores derived from it (and the agreement count with `compare_live`).
 
     Raises:
-        CachedsegError: For a store that does not fit the run, missing labels, or a mismatched backbone.
+        CachedsegError: For a store that does not fit the run, a corrupt cached image, missing labels, or a
+            mismatched backbone.
     """
-    if split not in ("trn", "val"):
-        raise CachedsegError(f"--split {split!r}: use trn or val")
+    if split not in SPLITS:
+        raise CachedsegError(f"--split {split!r}: use {' or '.join(SPLITS)}")
     if store is None and data is None:
         raise CachedsegError("give --store STORE (cached features) or --data DATA (live backbone)")
-    ckpt = load_checkpoint(run)
+    if compare_live and store is None:
+        raise CachedsegError("--compare-live compares cached with live predictions; give --store STORE too")
+    ckpt = checkpoint.load_run(run)
     torch_device = resolve_device(device)
+    decoder = ckpt.decoder().to(torch_device)
+    k = len(ckpt.spec.class_names)
     if store is not None:
         source = cached_source(store, data=data)
         check_spec(store, source.spec, ckpt.spec, hint=f"the run {run} was trained on other features; evaluate it "
@@ -79,36 +95,48 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         indices = source.indices(split)
         ids, root = [source.ids[i] for i in indices], source.data_root
     else:
-        samples = [s for s in read_dataset(data) if s.split == split]
-        ids, root = [s.id for s in samples], Path(data)
-        backbone = backbone_for(ckpt.spec, weights or ckpt.weights, torch_device)
+        ids, root = [s.id for s in read_dataset(data) if s.split == split], Path(data)
     if not ids:
         raise CachedsegError(f"the {split} split is empty")
-    decoder = ckpt.decoder.to(torch_device)
-    k = len(ckpt.spec.class_names)
+    backbone = backbone_for(ckpt.spec, weights or ckpt.weights, torch_device) if store is None or compare_live else None
+
     conf = torch.zeros(k, k, dtype=torch.long)
+    differ = pixels = 0
     for n, id_ in enumerate(ids, 1):
-        mask_path = root / "SegmentationClass" / f"{id_}.png"
-        if not mask_path.is_file():
-            raise CachedsegError(f"{mask_path} is missing; pass --data with the dataset the store was built from")
-        labels = np.asarray(load_mask(mask_path))
-        check_labels(labels, mask_path, k)
-        size = labels.shape[:2]
+        labels = _labels(root, id_, k)  # [H, W] at native resolution
+        pred = live = None
         if store is not None:
-            item = source.dataset[indices[n - 1]]
             with torch.no_grad():
-                logits = decoder(item["features"][None].to(torch_device).float())  # [1, K, M, M]
-            pred = labels_from_logits(logits, size)
-        else:
-            image_path = root / "JPEGImages" / f"{id_}.jpg"
-            image = load_image(image_path)
-            if (image.height, image.width) != size:
-                raise CachedsegError(f"{mask_path} is {size[1]}x{size[0]} but {image_path} is "
-                                     f"{image.width}x{image.height}; a mask must have its image's size")
-            pred = segment(image, backbone, ckpt, size)
-        conf += confusion(torch.from_numpy(pred), torch.from_numpy(labels.astype(np.int64)), k)
+                logits = decoder(source.item(indices[n - 1])["features"][None].to(torch_device).float())  # [1, K, M, M]
+            pred = labels_from_logits(logits, labels.shape)
+        if backbone is not None:
+            live = segment(_image(root, id_, labels.shape), backbone, ckpt.spec, decoder, labels.shape)
+        if pred is not None and live is not None:
+            differ, pixels = differ + int((pred != live).sum()), pixels + pred.size
+        conf += confusion(torch.from_numpy(pred if pred is not None else live), torch.from_numpy(labels), k)
         if progress:
             progress(n, len(ids))
     s = scores(conf)
     return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
-                      class_names=ckpt.spec.class_names, images=len(ids))
+                      class_names=ckpt.spec.class_names, images=len(ids),
+                      differ=differ if compare_live else None, pixels=pixels if compare_live else None)
+
+
+def _labels(root: Path, id_: str, num_classes: int) -> np.ndarray:
+    """An image's label map [H, W] int64, checked."""
+    path = root / "SegmentationClass" / f"{id_}.png"
+    if not path.is_file():
+        raise CachedsegError(f"{path} is missing; pass --data with the dataset the store was built from")
+    labels = np.asarray(load_mask(path)).astype(np.int64)
+    check_labels(labels, path, num_classes)
+    return labels
+
+
+def _image(root: Path, id_: str, size: tuple[int, int]):
+    """An image, checked to have its label map's size (H, W)."""
+    path = root / "JPEGImages" / f"{id_}.jpg"
+    image = load_image(path)
+    if (image.height, image.width) != tuple(size):
+        raise CachedsegError(f"the label map of {id_} is {size[1]}x{size[0]} but {path} is "
+                             f"{image.width}x{image.height}; a mask must have its image's size")
+    return image

@@ -16,12 +16,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import zarr
 
-from cachedseg.backbone import BackboneConfig, build_backbone, weights_source
+from cachedseg.backbone import Backbone, BackboneConfig, build_backbone, weights_source
 from cachedseg.data import SegmentationDataset, collate, read_dataset
 from cachedseg.errors import CachedsegError
-from cachedseg.store import (BAD, DONE, PENDING, check_dtype, check_spec, create_store, disk_bytes, is_store, open_store,
+from cachedseg.paths import check_local
+from cachedseg.store import (BAD, DONE, PENDING, FeatureStore, StoreSpec, check_dtype, check_spec, disk_bytes, is_store,
                              remove_partials, remove_store, spec_for, writer_lock)
 
 FLOAT16_MAX = 65504.0
@@ -77,7 +77,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         store: Where to write the store; defaults to `cache/<dataset>-<backbone>-<size>-<dtype>.zarr`.
         backbone: Backbone name, input size and precision.
         weights: `auto`, a weights file, or `random` (see `build_backbone`).
-        dtype: Storage dtype of the features, `float16` (half the size) or `float32` (bit-exact).
+        dtype: Storage dtype of the features, `float16` (half the size) or `float32`.
         batch_size: Images per backbone forward pass.
         device: `auto`, `cpu` or `cuda`.
         workers: DataLoader processes that decode and resize images; defaults to min(4, CPUs).
@@ -97,6 +97,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     check_dtype(dtype)  # before the backbone is built: fail in milliseconds, not seconds
     if batch_size < 1:
         raise CachedsegError("--batch-size must be at least 1")
+    if store is not None:
+        check_local(store)
     samples = read_dataset(data)
     store = Path(store) if store is not None else default_store_path(data, backbone, dtype)
     model = build_backbone(backbone, weights, device)
@@ -106,80 +108,78 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     with writer_lock(store):
         if overwrite:
             remove_store(store)
-        group = _open_or_create(store, spec, ids, splits, data, weights)
-        flags = group["done"]
+        fs = _open_or_create(store, spec, ids, splits, data, weights)
         for id_ in redo:
             if id_ not in ids:
                 raise CachedsegError(f"--redo {id_}: no such image id in {data}")
-            flags[ids.index(id_)] = PENDING
-        pending = np.flatnonzero(flags[:] != DONE).tolist()  # bad images from earlier runs are retried too
-        dataset = SegmentationDataset(samples, model.preprocess)
+            fs.mark(ids.index(id_), PENDING)
+        pending = np.flatnonzero(fs.flags(repair=True) != DONE).tolist()  # bad images from earlier runs are retried too
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, pending), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=collate,
-                                             pin_memory=_device(model).type == "cuda")
-        bad: dict[str, str] = {}
-        progress = progress or (lambda done, total: None)
-        progress(0, len(pending))
-        start, count = time.perf_counter(), 0
-        writes: deque[Future] = deque()
-        # One writer thread overlaps the Zarr writes with the next forward pass; its order per image
-        # (features, mask, then the done flag) is what makes a kill at any moment safe.
-        with ThreadPoolExecutor(max_workers=1) as writer:
-            for batch in loader:
-                for index, reason in batch["errors"]:
-                    if not skip_bad:
-                        raise CachedsegError(f"{reason} (image {ids[index]!r}); or pass --skip-bad to record it in "
-                                             "the store and carry on")
-                    bad[ids[index]] = reason
-                    writes.append(writer.submit(flags.__setitem__, index, BAD))
-                if len(batch["index"]):
-                    feats = model(batch["image"].to(_device(model), non_blocking=True))  # [B, C, h, w] float32
-                    _check_finite(feats, [ids[i] for i in batch["index"].tolist()], dtype)
-                    feats = feats.to(getattr(torch, dtype)).cpu().numpy()
-                    writes.append(writer.submit(_write, group["features"], group["masks"], flags,
-                                                batch["index"].tolist(), feats, batch["mask"].numpy()))
-                while len(writes) > 2:  # bounded: never more than two batches in flight
-                    writes.popleft().result()
-                count += len(batch["index"]) + len(batch["errors"])
-                progress(count, len(pending))
-            while writes:
-                writes.popleft().result()
-        if group.attrs.get("bad") != bad:  # a rerun with nothing to do leaves the store untouched
-            group.attrs["bad"] = bad
+        start = time.perf_counter()
+        bad = _compute(model, fs, SegmentationDataset(samples, model.preprocess), pending, batch_size, workers,
+                       skip_bad, progress or (lambda done, total: None))
+        fs.set_bad(bad)
         seconds = time.perf_counter() - start
     return ExtractResult(store=store, images=len(ids), extracted=len(pending) - len(bad),
                          skipped=len(ids) - len(pending), seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad)
 
 
-def _open_or_create(store: Path, spec, ids: list[str], splits: list[str], data: str | Path, weights: str) -> zarr.Group:
+def _compute(model: Backbone, fs: FeatureStore, dataset: SegmentationDataset, pending: list[int], batch_size: int,
+             workers: int, skip_bad: bool, progress: Callable[[int, int], None]) -> dict[str, str]:
+    """Run the backbone over the pending images and write them; returns the images skipped as unreadable."""
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, pending), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    bad: dict[str, str] = {}
+    progress(0, len(pending))
+    count = 0
+    writes: deque[Future] = deque()
+    # One writer thread overlaps the Zarr writes with the next forward pass; its order per image
+    # (features, mask, then the done flag) is what makes a kill at any moment safe.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for batch in loader:
+            for index, reason in batch["errors"]:
+                if not skip_bad:
+                    raise CachedsegError(f"{reason} (image {fs.ids[index]!r}); or pass --skip-bad to record it in "
+                                         "the store and carry on")
+                bad[fs.ids[index]] = reason
+                writes.append(writer.submit(fs.mark, index, BAD))
+            if len(batch["index"]):
+                feats = model(batch["image"].to(device, non_blocking=True))  # [B, C, h, w] float32
+                _check_finite(feats, [fs.ids[i] for i in batch["index"].tolist()], fs.spec.dtype)
+                feats = feats.to(getattr(torch, fs.spec.dtype)).cpu().numpy()
+                writes.append(writer.submit(_write_batch, fs, batch["index"].tolist(), feats, batch["mask"].numpy()))
+            while len(writes) > 2:  # bounded: never more than two batches in flight
+                writes.popleft().result()
+            count += len(batch["index"]) + len(batch["errors"])
+            progress(count, len(pending))
+        while writes:
+            writes.popleft().result()
+    return bad
+
+
+def _open_or_create(store: Path, spec: StoreSpec, ids: list[str], splits: list[str], data: str | Path,
+                    weights: str) -> FeatureStore:
     """Open a store to finish it (refusing other settings or other images), or create it."""
     if store.exists() and not (store.is_dir() and not any(store.iterdir())):  # an empty folder is fine
         if not is_store(store):
             raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
-        group, stored = open_store(store, mode="r+")
-        check_spec(store, stored, spec)
-        if group["ids"][:].tolist() != ids or group["split"][:].tolist() != splits:
+        fs = FeatureStore.open(store, mode="r+")
+        check_spec(store, fs.spec, spec)
+        if fs.ids != ids or fs.splits != splits:
             raise CachedsegError(f"the store {store} holds another list of images than {data}; pass --overwrite "
                                  "to rebuild it, or --store to write a new one elsewhere")
         remove_partials(store)  # a killed writer's temporary chunk files
-        return group
+        return fs
     store.parent.mkdir(parents=True, exist_ok=True)
-    return create_store(store, spec, ids, splits, dataset=str(Path(data).resolve()), weights=weights_source(weights))
+    return FeatureStore.create(store, spec, ids, splits, dataset=str(Path(data).resolve()),
+                               weights=weights_source(weights))
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    """The device a module's parameters live on."""
-    return next(model.parameters()).device
-
-
-def _write(features: zarr.Array, masks: zarr.Array, flags: zarr.Array, indices: list[int],
-           feats: np.ndarray, batch_masks: np.ndarray) -> None:
-    """Write one batch, image by image, flagging each done only after its data."""
-    for i, f, m in zip(indices, feats, batch_masks):
-        features[i] = f
-        masks[i] = m
-        flags[i] = DONE
+def _write_batch(fs: FeatureStore, indices: list[int], feats: np.ndarray, masks: np.ndarray) -> None:
+    """Write one batch, image by image, each flagged done only after its data."""
+    for i, f, m in zip(indices, feats, masks):
+        fs.write(i, f, m)
 
 
 def _check_finite(feats: torch.Tensor, ids: list[str], dtype: str) -> None:

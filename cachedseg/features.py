@@ -1,6 +1,7 @@
 """Where the decoder's input comes from: the Zarr cache, or the backbone run live on the images.
 
-Both sources hand the decoder the same numbers: live features are cast to the cache dtype first.
+Both sources hand the decoder the same numbers up to float32 rounding (see the README's identity guarantee):
+live features are cast to the cache dtype first.
 """
 
 from __future__ import annotations
@@ -12,36 +13,30 @@ from pathlib import Path
 import torch
 import zarr
 
-from cachedseg.backbone import Backbone, BackboneConfig, build_backbone, weights_source
+from cachedseg.backbone import Backbone, weights_source
 from cachedseg.data import SegmentationDataset, read_dataset
 from cachedseg.errors import CachedsegError
-from cachedseg.store import DONE, PENDING, StoreSpec, open_store, spec_for
+from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, spec_for
 
 
 class StoreDataset(torch.utils.data.Dataset):
     """Cached features and masks by image index; opens the store lazily, once per DataLoader worker.
 
-    A chunk that fails its checksum comes back as an error naming the image, never as wrong numbers.
+    A chunk that is corrupt or missing comes back as an error naming the image, never as wrong numbers.
     """
 
     def __init__(self, path: str | Path, in_memory: bool = False):
         self.path = str(path)
-        self._group = None
+        self._store: FeatureStore | None = None
         self._memory = None
         if in_memory:
-            group = zarr.open_group(self.path, mode="r")
-            need = group["features"].nbytes + group["masks"].nbytes
-            if need > 0.8 * _available_ram():
-                raise CachedsegError(f"--in-memory needs {need / 1e9:.1f} GB but only {_available_ram() / 1e9:.1f} GB "
-                                     "of RAM is free; train without --in-memory to stream from disk")
-            try:
-                self._memory = {"features": torch.from_numpy(group["features"][:]),
-                                "masks": torch.from_numpy(group["masks"][:])}
-            except (ValueError, OSError):  # find and name the corrupt image
-                for i in range(group["done"].shape[0]):
-                    if "error" in (item := self[i]):
-                        raise CachedsegError(item["error"]) from None
-                raise
+            store = FeatureStore.open(self.path)
+            if store.nbytes > 0.8 * _available_ram():
+                raise CachedsegError(f"--in-memory needs {store.nbytes / 1e9:.1f} GB but only "
+                                     f"{_available_ram() / 1e9:.1f} GB of RAM is free; train without --in-memory to "
+                                     "stream from disk")
+            features, masks = store.read_all()
+            self._memory = {"features": torch.from_numpy(features), "masks": torch.from_numpy(masks)}
 
     @property
     def in_memory(self) -> bool:
@@ -49,21 +44,21 @@ class StoreDataset(torch.utils.data.Dataset):
         return self._memory is not None
 
     def __len__(self) -> int:
-        return zarr.open_group(self.path, mode="r")["done"].shape[0]
+        return len(self._open())
+
+    def _open(self) -> FeatureStore:
+        """The store, opened once per process (array handles cached: a lookup costs as much as a read)."""
+        if self._store is None:
+            self._store = FeatureStore.open(self.path)
+        return self._store
 
     def __getitem__(self, index: int) -> dict:
         if self._memory is not None:
             return {"index": index, "features": self._memory["features"][index], "mask": self._memory["masks"][index]}
-        if self._group is None:  # array handles looked up once: a group lookup costs as much as a read
-            group = zarr.open_group(self.path, mode="r")
-            self._group = {name: group[name] for name in ("features", "masks", "ids")}
         try:
-            features = self._group["features"][index]  # [C, h, w], cache dtype
-            mask = self._group["masks"][index]  # [M, M] uint8
-        except (ValueError, OSError) as exc:  # crc32c mismatch, truncated chunk, unreadable file
-            id_ = self._group["ids"][index]
-            return {"index": index, "error": f"the cached data of image {id_!r} in {self.path} is corrupt ({exc}); "
-                                             f"recompute it with `cachedseg extract DATA --store {self.path} --redo {id_}`"}
+            features, mask = self._open().read(index)  # [C, h, w] cache dtype, [M, M] uint8
+        except CachedsegError as exc:  # reported by the main process, which knows what to do with it
+            return {"index": index, "error": str(exc)}
         return {"index": index, "features": torch.from_numpy(features), "mask": torch.from_numpy(mask)}
 
 
@@ -84,7 +79,7 @@ class FeatureSource:
     Attributes:
         spec: The feature spec (backbone, fingerprint, sizes, dtype, classes).
         ids: Image ids, by index.
-        splits: "trn" or "val", by index.
+        splits: "trn" or "val" (or "skipped" for images `extract --skip-bad` left out), by index.
         dataset: Torch dataset returning `features` (cached) or `image` (live) plus `mask`, by index.
         data_root: The image dataset's folder (for native-resolution labels).
         weights: Where the backbone's weights came from (`auto`, `random` or a file), for later live use.
@@ -110,19 +105,31 @@ class FeatureSource:
         feats = self.backbone(batch["image"].to(device, non_blocking=True))  # [B, C, h, w] float32
         return feats.to(getattr(torch, self.spec.dtype)).float()
 
+    def item(self, index: int) -> dict:
+        """One sample by index, raising the error that names its image if it cannot be read."""
+        item = self.dataset[index]
+        if "error" in item:
+            raise CachedsegError(item["error"] if self.backbone is None else f"image {self.ids[index]!r}: {item['error']}")
+        return item
+
+    def check(self, batch: dict) -> None:
+        """Turn a sample a worker could not read into an error naming its image."""
+        if batch["errors"]:
+            index, reason = batch["errors"][0]
+            raise CachedsegError(reason if self.backbone is None else f"image {self.ids[index]!r}: {reason}")
+
 
 def cached_source(store: str | Path, in_memory: bool = False, data: str | Path | None = None) -> FeatureSource:
     """A source reading a finished feature store; `data` overrides the dataset folder the store records."""
-    group, spec = open_store(store)
-    done = group["done"][:]
-    if (done == PENDING).any():
-        raise CachedsegError(f"the store {store} is unfinished ({int((done != PENDING).sum())} of {len(done)} images); "
+    fs = FeatureStore.open(store)
+    flags = fs.flags()
+    if (flags == PENDING).any():
+        raise CachedsegError(f"the store {store} is unfinished ({int((flags != PENDING).sum())} of {len(flags)} images); "
                              "rerun the same `cachedseg extract` command to finish it")
     # images skipped as unreadable (`extract --skip-bad`) belong to no split
-    splits = [s if d == DONE else "skipped" for s, d in zip(group["split"][:].tolist(), done)]
-    return FeatureSource(spec=spec, ids=group["ids"][:].tolist(), splits=splits,
-                         dataset=StoreDataset(store, in_memory), data_root=Path(data or group.attrs["dataset"]),
-                         weights=group.attrs.get("weights", "auto"))
+    splits = [s if f == DONE else "skipped" for s, f in zip(fs.splits, flags)]
+    return FeatureSource(spec=fs.spec, ids=fs.ids, splits=splits, dataset=StoreDataset(store, in_memory),
+                         data_root=Path(data or fs.dataset), weights=fs.weights)
 
 
 def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str) -> FeatureSource:
@@ -131,13 +138,3 @@ def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str) 
     return FeatureSource(spec=spec_for(backbone, dtype), ids=[s.id for s in samples], splits=[s.split for s in samples],
                          dataset=SegmentationDataset(samples, backbone.preprocess), data_root=Path(data),
                          weights=weights_source(weights), backbone=backbone)
-
-
-def backbone_for(spec: StoreSpec, weights: str, device: str | torch.device) -> Backbone:
-    """Rebuild the backbone that made `spec`'s features, refusing one with another fingerprint."""
-    model = build_backbone(BackboneConfig(spec.backbone, spec.image_size, spec.precision), weights, device)
-    if model.fingerprint != spec.fingerprint:
-        raise CachedsegError(f"the {spec.backbone} built with --weights {weights} has fingerprint {model.fingerprint}, "
-                             f"but the decoder was trained on features with fingerprint {spec.fingerprint}; "
-                             "pass the --weights the features were extracted with")
-    return model

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,17 +14,18 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from cachedseg.backbone import Backbone, resolve_device
+from cachedseg import checkpoint
+from cachedseg.backbone import Backbone, backbone_for, resolve_device
 from cachedseg.data import load_image, preprocess_image
 from cachedseg.errors import CachedsegError
-from cachedseg.features import backbone_for
-from cachedseg.train import Checkpoint, load_checkpoint
+from cachedseg.paths import check_images
+from cachedseg.store import StoreSpec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 # One fixed colour per class (background, person, bike, car, drone, boat, animal, obstacle, construction,
-# vegetation, road, sky); the README shows the legend.
+# vegetation, road, sky); every colour and overlay PNG carries a legend of the classes it shows.
 PALETTE = np.array([(0, 0, 0), (220, 20, 60), (119, 11, 32), (0, 0, 142), (255, 0, 255), (0, 170, 255),
                     (255, 140, 0), (255, 255, 0), (140, 70, 20), (0, 160, 0), (128, 128, 128), (135, 206, 235)],
                    dtype=np.uint8)
@@ -31,17 +33,18 @@ PALETTE = np.array([(0, 0, 0), (220, 20, 60), (119, 11, 32), (0, 0, 142), (255, 
 
 def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Logits [1, K, M, M] -> class indices [H, W] at `size` (H, W): bilinear resize, then argmax."""
-    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)  # [1, K, H, W]
+    logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)  # [1, K, H, W]
     return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()  # [H, W]
 
 
 @torch.no_grad()
-def segment(image: Image.Image, backbone: Backbone, ckpt: Checkpoint, size: tuple[int, int] | None = None) -> np.ndarray:
+def segment(image: Image.Image, backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
+            size: tuple[int, int] | None = None) -> np.ndarray:
     """Class indices [H, W] for one RGB image, at its own size unless `size` (H, W) is given."""
     device = next(backbone.parameters()).device
     x = preprocess_image(image, backbone.preprocess)[None].to(device)  # [1, 3, S, S]
-    feats = backbone(x).to(getattr(torch, ckpt.spec.dtype)).float()  # [1, C, h, w], numbers as in the cache
-    logits = ckpt.decoder.to(device)(feats)  # [1, K, M, M]
+    feats = backbone(x).to(getattr(torch, spec.dtype)).float()  # [1, C, h, w], numbers as in the cache
+    logits = decoder.to(device)(feats)  # [1, K, M, M]
     return labels_from_logits(logits, size or (image.height, image.width))
 
 
@@ -50,19 +53,53 @@ def colorize(labels: np.ndarray) -> Image.Image:
     return Image.fromarray(PALETTE[np.where(labels < len(PALETTE), labels, 0)])
 
 
+def with_legend(picture: Image.Image, labels: np.ndarray, class_names: tuple[str, ...]) -> Image.Image:
+    """`picture` with a strip below it naming, in its colour, each class present in `labels`."""
+    present = [int(c) for c in np.unique(labels) if c < len(class_names)]
+    size = max(11, min(18, picture.width // 40))
+    font = ImageFont.load_default(size=size)
+    pad, swatch = size // 2, size
+    items, x, rows = [], pad, 0
+    for c in present:  # lay the entries out left to right, wrapping to new rows
+        width = swatch + pad // 2 + int(font.getlength(class_names[c])) + 2 * pad
+        if x + width > picture.width and x > pad:
+            x, rows = pad, rows + 1
+        items.append((c, x, rows))
+        x += width
+    row_h = size + pad
+    strip = Image.new("RGB", (picture.width, (rows + 1) * row_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for c, x, row in items:
+        y = pad + row * row_h
+        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(v) for v in PALETTE[c]), outline=(0, 0, 0))
+        draw.text((x + swatch + pad // 2, y + size // 2), class_names[c], fill=(0, 0, 0), font=font, anchor="lm")
+    out = Image.new("RGB", (picture.width, picture.height + strip.height))
+    out.paste(picture.convert("RGB"), (0, 0))
+    out.paste(strip, (0, picture.height))
+    return out
+
+
 def find_images(inputs: list[str | Path]) -> list[Path]:
     """Expand files and folders into image files, sorted within each folder."""
+    check_images(inputs)
     found: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise CachedsegError(f"{item}: no such file or folder")
+        found += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
     if not found:
-        raise CachedsegError(f"no images found in {', '.join(map(str, inputs))}")
+        raise CachedsegError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
     return found
+
+
+def _check_names(paths: list[Path]) -> None:
+    """Refuse inputs whose outputs would overwrite each other (same file name in different folders)."""
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for path in paths:
+        by_stem[path.stem].append(path)
+    clashes = [group for group in by_stem.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(map(str, group)) for group in clashes[:3])
+        raise CachedsegError(f"{sum(map(len, clashes))} inputs share a file name, so their outputs would overwrite "
+                             f"each other ({shown}); predict them in separate calls with different --out folders")
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -74,12 +111,13 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The files written for one input image."""
+    """The files written for one input image, and whether they replaced files already there."""
 
     image: Path
     label: Path
     color: Path
     overlay: Path
+    replaced: bool = False
 
 
 def predict(images: list[str | Path], run: str | Path, out: str | Path = "predictions", weights: str | None = None,
@@ -96,26 +134,29 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         progress: Called as `progress(done, total)`.
 
     Returns:
-        The files written, per image.
+        The files written, per image (`replaced` tells which overwrote an earlier prediction's files).
 
     Raises:
-        CachedsegError: For missing inputs, an unreadable image, or a backbone that does not match the run.
+        CachedsegError: For missing inputs, inputs whose outputs would collide, an unreadable image, or a backbone
+            that does not match the run.
     """
     paths = find_images(images)
-    ckpt = load_checkpoint(run)
+    _check_names(paths)
+    ckpt = checkpoint.load_run(run)
     backbone = backbone_for(ckpt.spec, weights or ckpt.weights, resolve_device(device))
+    decoder = ckpt.decoder()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for n, path in enumerate(paths, 1):
         image = load_image(path)
-        labels = segment(image, backbone, ckpt)  # [H, W]
-        pred = Prediction(path, out / f"{path.stem}_label.png", out / f"{path.stem}_color.png",
-                          out / f"{path.stem}_overlay.png")
+        labels = segment(image, backbone, ckpt.spec, decoder)  # [H, W]
+        files = [out / f"{path.stem}_{kind}.png" for kind in ("label", "color", "overlay")]
+        pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
         color = colorize(labels)
         _save_png(Image.fromarray(labels, mode="L"), pred.label)
-        _save_png(color, pred.color)
-        _save_png(Image.blend(image, color, 0.5), pred.overlay)
+        _save_png(with_legend(color, labels, ckpt.spec.class_names), pred.color)
+        _save_png(with_legend(Image.blend(image, color, 0.5), labels, ckpt.spec.class_names), pred.overlay)
         written.append(pred)
         if progress:
             progress(n, len(paths))

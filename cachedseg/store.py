@@ -1,18 +1,22 @@
-"""The feature store: a plain Zarr v3 group that any tool can read (layout documented in the README).
+"""The feature store: the one owner of its on-disk format, a plain Zarr v3 group (documented in the README).
 
-    <store>.zarr/           attributes: format, format_version, the StoreSpec fields, dataset, package_version
-        features  [N, C, h, w] float16|float32, one image per chunk, crc32c-checked
-        masks     [N, M, M]    uint8 class indices (255 = ignore), one image per chunk, zstd + crc32c
-        ids       [N]          str, the dataset's image ids
-        split     [N]          str, "trn" or "val"
-        done      [N]          uint8 per image: 0 pending, 1 features and mask written, 2 skipped as unreadable
-                               (`extract --skip-bad`; the reason is in the `bad` attribute); one chunk per image
+    <store>.zarr/           attributes: format, format_version, the StoreSpec fields, dataset, weights, bad, ...
+        features  [N, C, h, w] float16|float32  one image per chunk; crc32c; fill NaN (a missing chunk is refused)
+        masks     [N, M, M]    uint8            class indices, 255 = ignore; one image per chunk; zstd + crc32c;
+                                                fill 254 (never a label, so a missing chunk is refused)
+        ids       [N, L]       uint8            image ids, UTF-8, zero-padded to L bytes; crc32c
+        split     [N]          uint8            index into SPLITS: 0 trn, 1 val; crc32c
+        done      [N]          uint8            0 pending, 1 written, 2 skipped as unreadable; one chunk per image; crc32c
+
+Only core Zarr v3 data types, so zarr, xarray, dask and tensorstore all read every array. Every other module
+goes through `FeatureStore` (or the helpers here) instead of touching arrays or attributes itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -26,13 +30,19 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from cachedseg import __version__
-from cachedseg.classes import CLASS_NAMES
+from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
 from cachedseg.errors import CachedsegError
+from cachedseg.paths import check_local
 
 FORMAT = "cachedseg-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DTYPES = ("float16", "float32")
 PENDING, DONE, BAD = 0, 1, 2  # values of the `done` flags
+FLAG_NAMES = ("pending", "done", "bad")
+MISSING_LABEL = 254  # fill value of `masks`: no label is ever 254, so it marks a chunk that is not there
+
+# The array names, in one place.
+FEATURES, MASKS, IDS, SPLIT, FLAGS = "features", "masks", "ids", "split", "done"
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class StoreSpec:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> StoreSpec:
-        """Rebuild the spec from Zarr attributes (JSON lists back to tuples)."""
+        """Rebuild the spec from Zarr attributes or a checkpoint (JSON lists back to tuples)."""
         values = {f.name: attrs[f.name] for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
@@ -75,61 +85,6 @@ def spec_for(backbone, dtype: str) -> StoreSpec:
                      grid=backbone.grid, class_names=CLASS_NAMES)
 
 
-def is_store(path: str | Path) -> bool:
-    """Whether `path` holds a cachedseg feature store."""
-    try:
-        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
-    except (FileNotFoundError, ValueError, OSError, zarr.errors.BaseZarrError):
-        return False
-
-
-def open_store(path: str | Path, mode: str = "r") -> tuple[zarr.Group, StoreSpec]:
-    """Open a feature store and check its format.
-
-    Args:
-        path: The store folder.
-        mode: `r` to read, `r+` to finish writing it.
-
-    Returns:
-        The Zarr group and its spec.
-
-    Raises:
-        CachedsegError: If there is no store there or it has another format version.
-    """
-    if not Path(path).exists():
-        raise CachedsegError(f"no feature store at {path}; build one with `cachedseg extract DATA --store {path}`")
-    if not is_store(path):
-        raise CachedsegError(f"{path} is not a cachedseg feature store")
-    group = zarr.open_group(str(path), mode=mode)
-    version = group.attrs.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CachedsegError(f"{path} has store format version {version}, this cachedseg ({__version__}) reads "
-                             f"version {FORMAT_VERSION}; rebuild it with `cachedseg extract ... --overwrite`")
-    return group, StoreSpec.from_attrs(dict(group.attrs))
-
-
-def create_store(path: str | Path, spec: StoreSpec, ids: list[str], splits: list[str], dataset: str,
-                 weights: str) -> zarr.Group:
-    """Create an empty store for `ids`, with every `done` flag at 0; `weights` records where the weights came from."""
-    n, (h, w), m = len(ids), spec.grid, spec.mask_size
-    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec), "ignore_index": 255,
-             "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__, "bad": {}}
-    group = zarr.open_group(str(path), mode="w", attributes=attrs)
-    # One image per chunk keeps shuffled training reads fast; float features barely compress, so only a
-    # checksum: a corrupted chunk must fail loudly, never decode to wrong numbers.
-    group.create_array("features", shape=(n, spec.channels, h, w), chunks=(1, spec.channels, h, w),
-                       dtype=spec.dtype, compressors=[Crc32cCodec()], fill_value=0,
-                       dimension_names=("image", "channel", "y", "x"))
-    group.create_array("masks", shape=(n, m, m), chunks=(1, m, m), dtype="uint8",
-                       compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=255,
-                       dimension_names=("image", "y", "x"))
-    for name, values in (("ids", ids), ("split", splits)):  # dtype=str: vlen-utf8, a stable zarr v3 type
-        group.create_array(name, shape=(n,), chunks=(n,), dtype=str)[:] = np.array(values, dtype=object)
-    # One chunk per flag: writers never rewrite each other's flags, and a flag lands only after its data.
-    group.create_array("done", shape=(n,), chunks=(1,), dtype="uint8", fill_value=0)
-    return group
-
-
 def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec,
                hint: str = "pass --overwrite to rebuild it, or --store to write a new one elsewhere") -> None:
     """Refuse a store whose spec differs from the one asked for, naming each difference and what to do."""
@@ -137,6 +92,220 @@ def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec,
              for f in fields(StoreSpec) if getattr(stored, f.name) != getattr(wanted, f.name)]
     if diffs:
         raise CachedsegError(f"the store {path} was built with other settings ({'; '.join(diffs)}); {hint}")
+
+
+def encode_ids(ids: list[str]) -> np.ndarray:
+    """Image ids -> uint8 [N, L]: UTF-8 bytes, zero-padded (a core Zarr type, unlike variable-length strings)."""
+    raw = [i.encode("utf-8") for i in ids]
+    width = max([len(r) for r in raw] + [1])
+    return np.frombuffer(b"".join(r.ljust(width, b"\0") for r in raw), dtype=np.uint8).reshape(len(raw), width).copy()
+
+
+def decode_ids(array: np.ndarray) -> list[str]:
+    """uint8 [N, L] -> image ids (inverse of `encode_ids`)."""
+    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in np.asarray(array, dtype=np.uint8)]
+
+
+class FeatureStore:
+    """A feature store on disk: create or open it, read an image, write one and flag it done.
+
+    Attributes:
+        path: The store folder.
+        spec: What made the features (backbone, fingerprint, preprocessing, dtype, sizes).
+        ids: Image ids, by index.
+        splits: `trn` or `val`, by index.
+    """
+
+    def __init__(self, path: str | Path, group: zarr.Group):
+        self.path = str(path)
+        self.group = group
+        self.spec = StoreSpec.from_attrs(dict(group.attrs))
+        self._arrays = {name: group[name] for name in (FEATURES, MASKS, IDS, SPLIT, FLAGS)}  # looked up once
+        try:
+            self.ids = decode_ids(self._arrays[IDS][:])
+            self.splits = [SPLITS[s] for s in self._arrays[SPLIT][:]]
+        except (ValueError, OSError, UnicodeDecodeError, IndexError) as exc:
+            raise CachedsegError(f"the store {path} has a corrupt ids or split array ({exc}), so its images cannot be "
+                                 f"told apart; rebuild it with `cachedseg extract DATA --store {path} --overwrite`") from None
+
+    @classmethod
+    def create(cls, path: str | Path, spec: StoreSpec, ids: list[str], splits: list[str], dataset: str,
+               weights: str) -> FeatureStore:
+        """Create an empty store for `ids` (every flag pending); `weights` records where the weights came from."""
+        check_local(path)
+        n, (h, w), m = len(ids), spec.grid, spec.mask_size
+        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec), "ignore_index": IGNORE_INDEX,
+                 "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__, "bad": {}}
+        group = zarr.open_group(str(path), mode="w", attributes=attrs)
+        # One image per chunk keeps shuffled training reads fast; float features barely compress, so only a
+        # checksum: a corrupted chunk fails loudly instead of decoding to wrong numbers.
+        group.create_array(FEATURES, shape=(n, spec.channels, h, w), chunks=(1, spec.channels, h, w),
+                           dtype=spec.dtype, compressors=[Crc32cCodec()], fill_value=float("nan"),
+                           dimension_names=("image", "channel", "token_y", "token_x"))
+        group.create_array(MASKS, shape=(n, m, m), chunks=(1, m, m), dtype="uint8",
+                           compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=MISSING_LABEL,
+                           dimension_names=("image", "mask_y", "mask_x"))
+        _write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8))
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+        """Open a feature store, checking that it is one and has this format version.
+
+        Args:
+            path: The store folder.
+            mode: `r` to read, `r+` to finish writing it.
+
+        Raises:
+            CachedsegError: If there is no store there, or it has another format version.
+        """
+        check_local(path)
+        if not Path(path).exists():
+            raise CachedsegError(f"no feature store at {path}; build one with `cachedseg extract DATA --store {path}`")
+        if not is_store(path):
+            raise CachedsegError(f"{path} is not a cachedseg feature store (no {FORMAT} attributes in a Zarr group)")
+        group = zarr.open_group(str(path), mode=mode)
+        version = group.attrs.get("format_version")
+        if version == 1:
+            raise CachedsegError(f"{path} is a version-1 feature store; convert it in place, without recomputing "
+                                 f"its features, with `cachedseg upgrade {path}`")
+        if version != FORMAT_VERSION:
+            raise CachedsegError(f"{path} has store format version {version}, this cachedseg ({__version__}) reads "
+                                 f"version {FORMAT_VERSION}; rebuild it with `cachedseg extract ... --overwrite`")
+        return cls(path, group)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset folder the store was extracted from."""
+        return self.group.attrs["dataset"]
+
+    @property
+    def weights(self) -> str:
+        """Where the backbone's weights came from: `auto`, `random` or a file."""
+        return self.group.attrs.get("weights", "auto")
+
+    @property
+    def bad(self) -> dict[str, str]:
+        """Images skipped as unreadable, with the reason."""
+        return dict(self.group.attrs.get("bad", {}))
+
+    def set_bad(self, bad: dict[str, str]) -> None:
+        """Record the images skipped as unreadable (left untouched when unchanged, so a no-op rerun writes nothing)."""
+        if self.bad != bad:
+            self.group.attrs["bad"] = bad
+
+    def flags(self, repair: bool = False) -> np.ndarray:
+        """The `done` flags [N], read now; a corrupt flag is an error, or with `repair` reset to pending."""
+        try:
+            return self._arrays[FLAGS][:]
+        except (ValueError, OSError):
+            pass
+        flags, broken = np.zeros(len(self), dtype=np.uint8), []
+        for i in range(len(self)):  # one chunk per flag: find the corrupt ones
+            try:
+                flags[i] = self._arrays[FLAGS][i]
+            except (ValueError, OSError):
+                broken.append(i)
+        if not repair:
+            raise CachedsegError(f"the store {self.path} has corrupt done flags for images "
+                                 f"{[self.ids[i] for i in broken[:5]]}; rerun the `cachedseg extract DATA --store "
+                                 f"{self.path}` that built it to recompute them")
+        for i in broken:
+            self.mark(i, PENDING)
+        return flags
+
+    def mark(self, index: int, flag: int) -> None:
+        """Set one image's flag."""
+        self._arrays[FLAGS][index] = flag
+
+    def write(self, index: int, features: np.ndarray, mask: np.ndarray) -> None:
+        """Write one image's features [C, h, w] and mask [M, M], then flag it done: a kill never flags half an image."""
+        self._arrays[FEATURES][index] = features
+        self._arrays[MASKS][index] = mask
+        self._arrays[FLAGS][index] = DONE
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """One image's features [C, h, w] (store dtype) and mask [M, M] uint8.
+
+        Raises:
+            CachedsegError: Naming the image and the command that repairs it, if a chunk is corrupt or missing.
+        """
+        try:
+            features = self._arrays[FEATURES][index]
+            mask = self._arrays[MASKS][index]
+        except (ValueError, OSError) as exc:  # crc32c mismatch, truncated chunk, unreadable file
+            raise self._damaged(index, f"is corrupt ({exc})") from None
+        # A chunk is written whole or not at all, so one fill value at its start means the whole chunk is missing.
+        if np.isnan(features.flat[0]) or mask.flat[0] == MISSING_LABEL:
+            raise self._damaged(index, "is missing (a deleted chunk file?)")
+        return features, mask
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """All features [N, C, h, w] and masks [N, M, M] in one read (for --in-memory), checked like `read`."""
+        try:
+            features, masks = self._arrays[FEATURES][:], self._arrays[MASKS][:]
+        except (ValueError, OSError):  # find and name the corrupt image
+            for i in range(len(self)):
+                self.read(i)
+            raise
+        flags = self.flags()
+        for i in np.flatnonzero(np.isnan(features[:, 0, 0, 0]) | (masks[:, 0, 0] == MISSING_LABEL)):
+            if flags[i] == DONE:
+                raise self._damaged(int(i), "is missing (a deleted chunk file?)")
+        return features, masks
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed bytes of the features and masks."""
+        return self._arrays[FEATURES].nbytes + self._arrays[MASKS].nbytes
+
+    def _damaged(self, index: int, what: str) -> CachedsegError:
+        """The error for an image whose cached data cannot be used."""
+        id_ = self.ids[index]
+        return CachedsegError(f"the cached data of image {id_!r} in {self.path} {what}; recompute it with "
+                              f"`cachedseg extract DATA --store {self.path} --redo {id_}`")
+
+    def describe(self) -> dict:
+        """The store's attributes plus image counts by split and state, and its size on disk."""
+        flags, splits = self.flags(), np.array(self.splits)
+        return {**dict(self.group.attrs), "images": len(self), "trn": int((splits == "trn").sum()),
+                "val": int((splits == "val").sum()), "done": int((flags == DONE).sum()),
+                "pending": int((flags == PENDING).sum()), "skipped_bad": int((flags == BAD).sum()),
+                "bytes_on_disk": disk_bytes(self.path)}
+
+
+def _write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], flags: np.ndarray,
+                        suffix: str = "") -> None:
+    """Create and fill `ids`, `split` and `done` (names with `suffix`), each checksummed."""
+    n = len(ids)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise CachedsegError(f"unknown split names {unknown}; a store holds {' and '.join(SPLITS)} images")
+    codes = np.array([SPLITS.index(s) for s in splits], dtype=np.uint8)
+    raw = encode_ids(ids)
+    group.create_array(IDS + suffix, shape=raw.shape, chunks=raw.shape, dtype="uint8", compressors=[Crc32cCodec()],
+                       fill_value=0, dimension_names=("image", "id_byte"),
+                       attributes={"encoding": "utf-8, zero-padded"})[:] = raw
+    group.create_array(SPLIT + suffix, shape=(n,), chunks=(max(n, 1),), dtype="uint8", compressors=[Crc32cCodec()],
+                       fill_value=0, dimension_names=("image",),
+                       attributes={"flag_values": list(range(len(SPLITS))), "flag_meanings": " ".join(SPLITS)})[:] = codes
+    # One chunk per flag: writers never rewrite each other's flags, and a flag lands only after its data.
+    done = group.create_array(FLAGS + suffix, shape=(n,), chunks=(1,), dtype="uint8", compressors=[Crc32cCodec()],
+                              fill_value=PENDING, dimension_names=("image",),
+                              attributes={"flag_values": [PENDING, DONE, BAD], "flag_meanings": " ".join(FLAG_NAMES)})
+    if (flags != PENDING).any():
+        done[:] = flags
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether `path` holds a cachedseg feature store (of any format version)."""
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+    except (FileNotFoundError, ValueError, OSError, zarr.errors.BaseZarrError):
+        return False
 
 
 def remove_store(path: str | Path) -> None:
@@ -184,26 +353,76 @@ def writer_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def describe(path: str | Path) -> dict:
-    """A summary of a store: its attributes plus image counts by split and state, and its size on disk.
+def disk_bytes(path: str | Path) -> int:
+    """Bytes used by the files under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def upgrade(path: str | Path) -> dict:
+    """Convert a version-1 store to this version in place, keeping every computed feature.
+
+    Version 1 kept ids and splits as variable-length strings (no Zarr v3 spec: tensorstore cannot read them),
+    had no checksum on `ids`, `split` and `done`, and filled missing chunks with numbers that look real. The
+    feature and mask chunks are byte-identical in both versions; only metadata and the three small arrays change.
+    A kill at any moment leaves a store that a rerun of `upgrade` finishes.
 
     Args:
         path: The store folder.
 
     Returns:
-        The store's attributes, with `images`, `trn`, `val`, `done`, `pending`, `bad` counts and `bytes_on_disk`.
+        `images`, `done` and `reset`: done images whose chunks were missing, now pending (rerun extract).
 
     Raises:
-        CachedsegError: If there is no readable store at `path`.
+        CachedsegError: If `path` is not a store, or is of an unknown version.
     """
-    group, _ = open_store(path)
-    done, split = group["done"][:], group["split"][:]
-    return {**dict(group.attrs), "images": len(done), "trn": int((split == "trn").sum()),
-            "val": int((split == "val").sum()), "done": int((done == DONE).sum()),
-            "pending": int((done == PENDING).sum()), "skipped_bad": int((done == BAD).sum()),
-            "bytes_on_disk": disk_bytes(path)}
+    check_local(path)
+    root = Path(path)
+    if not is_store(root):
+        raise CachedsegError(f"{path} is not a cachedseg feature store")
+    with writer_lock(root):
+        group = zarr.open_group(str(root), mode="r+")
+        version = group.attrs.get("format_version")
+        if version == FORMAT_VERSION:
+            flags = group[FLAGS][:]
+            return {"images": len(flags), "done": int((flags == DONE).sum()), "reset": 0, "upgraded": False}
+        if version != 1:
+            raise CachedsegError(f"{path} has store format version {version}; only version 1 can be upgraded")
+        staged = group.attrs.get("upgrade_staged")
+        if staged is None:  # 1. the new small arrays, written beside the old ones
+            ids, splits, flags = group[IDS][:].tolist(), group[SPLIT][:].tolist(), group[FLAGS][:]
+            n, reset = len(ids), 0
+            for i in np.flatnonzero(flags == DONE):  # v1 wrote no chunk that equalled its fill value
+                if not all((root / name / "c" / str(i)).is_dir() for name in (FEATURES, MASKS)):
+                    flags[i], reset = PENDING, reset + 1
+            for name in (IDS, SPLIT, FLAGS):
+                shutil.rmtree(root / f"{name}.v2", ignore_errors=True)
+            _write_index_arrays(group, ids, splits, flags, suffix=".v2")
+            group.attrs["upgrade_staged"] = staged = {"reset": reset, "images": n}
+        for name in (IDS, SPLIT, FLAGS):  # 2. swap them in (each step can be redone after a kill)
+            if (root / f"{name}.v2").is_dir():
+                _swap_in(root / f"{name}.v2", root / name)
+        # 3. the big arrays keep their chunks: new fill values (missing chunks become detectable) and dimension names
+        _rewrite_metadata(root / FEATURES, fill_value="NaN", dimension_names=["image", "channel", "token_y", "token_x"])
+        _rewrite_metadata(root / MASKS, fill_value=MISSING_LABEL, dimension_names=["image", "mask_y", "mask_x"])
+        group = zarr.open_group(str(root), mode="r+")
+        group.attrs.update({"format_version": FORMAT_VERSION, "package_version": __version__})
+        group.attrs.pop("upgrade_staged", None)
+        flags = group[FLAGS][:]
+        return {"images": staged["images"], "done": int((flags == DONE).sum()), "reset": staged["reset"],
+                "upgraded": True}
 
 
-def disk_bytes(path: str | Path) -> int:
-    """Bytes used by the files under `path`."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def _swap_in(new: Path, old: Path) -> None:
+    """Replace the folder `old` by `new`."""
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(new, old)
+
+
+def _rewrite_metadata(array: Path, **changes) -> None:
+    """Change fields of an array's zarr.json atomically."""
+    meta_path = array / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(changes)
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)

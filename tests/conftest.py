@@ -4,6 +4,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -12,6 +13,24 @@ from cachedseg.synth import synthesize
 
 SMALL = ["--backbone", "vit_small_patch14_dinov2", "--image-size", "112", "--weights", "random"]
 TRAIN = ["--epochs", "2", "--workers", "0", "--device", "cpu"]
+
+# The identity rule (README, "The identity guarantee"). Features of one image computed in another batch, or by
+# another CPU's or GPU's kernels, differ by float32 rounding only. Measured on ViT-S/14 @ 112 and ViT-B/14 @ 518
+# (random weights): each float32 result lies within 1.1e-6 x max|f| of a float64 forward pass, and AVX2 against
+# default kernels differ by at most 6.1e-7 x max|f|; MKL_CBWR=COMPATIBLE makes batches of 1 and 4 differ by
+# 1.2e-7 absolute. Two float32 results can differ by at most the sum of their errors, 2.2e-6 x max|f|; the tests
+# allow 1e-5 x max|f|, a 4.5x margin that still fails on any real bug (a wrong image, token or layer is off by O(1)).
+FEATURE_RTOL = 1e-5
+# Where computations differ, predicted labels still agree on at least this share of pixels.
+MIN_AGREEMENT = 0.9999
+
+
+def assert_features_close(a, b) -> None:
+    """Equal up to float32 rounding, measured against the largest magnitude (see FEATURE_RTOL)."""
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    assert a.shape == b.shape
+    bound = FEATURE_RTOL * max(float(np.abs(a).max()), float(np.abs(b).max()), 1e-12)
+    assert float(np.abs(a - b).max()) <= bound, f"max |a - b| = {np.abs(a - b).max():.3g} > {bound:.3g}"
 
 
 def run_cli(*args: str, ok: bool = True):
@@ -22,6 +41,16 @@ def run_cli(*args: str, ok: bool = True):
     return result
 
 
+def one_line_error(result, *needles) -> str:
+    """Assert a clean user error (exit 1, one line on stderr, no traceback) that names every needle; return it."""
+    out = result.stderr.strip()
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and len(out.splitlines()) == 1, result.output
+    for needle in needles:
+        assert str(needle) in out, (needle, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """Eight generated 160x120 frames in the AeroScapes layout (trn and val)."""
@@ -30,17 +59,23 @@ def dataset(tmp_path_factory):
     return root
 
 
-def _store(dataset, tmp_path_factory, dtype: str):
+def _store(dataset, tmp_path_factory, dtype: str, *extra: str):
     """A store of `dataset` in `dtype`, built through the CLI."""
     path = tmp_path_factory.mktemp("stores") / f"small-{dtype}.zarr"
-    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", dtype, "--workers", "0")
+    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", dtype, "--workers", "0", *extra)
     return path
 
 
 @pytest.fixture(scope="session")
 def store32(dataset, tmp_path_factory):
-    """A float32 store of `dataset`: its features are bit-identical to the live backbone's."""
+    """A float32 store of `dataset`, extracted in batches of 4."""
     return _store(dataset, tmp_path_factory, "float32")
+
+
+@pytest.fixture(scope="session")
+def store32_single(dataset, tmp_path_factory):
+    """A float32 store extracted one image per batch: the same computation as any other batch-1 extraction."""
+    return _store(dataset, tmp_path_factory, "float32", "--batch-size", "1")
 
 
 @pytest.fixture(scope="session")

@@ -66,5 +66,12 @@ def test_read_dataset_names_a_missing_file(dataset, tmp_path):
     (copy / "ImageSets" / "val.txt").write_text("\n")
     with pytest.raises(CachedsegError, match="lists no images"):
         read_dataset(copy)
-    with pytest.raises(CachedsegError, match="does not exist"):
+    with pytest.raises(CachedsegError, match="nowhere"):
         read_dataset(tmp_path / "nowhere")
+
+
+def test_a_mistyped_dataset_path_suggests_the_folder_that_exists(dataset):
+    typo = dataset.with_name(dataset.name[:-1])  # synth -> synt
+    with pytest.raises(CachedsegError) as err:
+        read_dataset(typo)
+    assert f"did you mean {dataset}?" in str(err.value) and "cachedseg synth" not in str(err.value)

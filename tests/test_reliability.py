@@ -13,9 +13,10 @@ import torch
 import zarr
 from PIL import Image
 
+from cachedseg import checkpoint
 from cachedseg.store import writer_lock
-from cachedseg.train import load_checkpoint
-from tests.conftest import SMALL, TRAIN, run_cli
+from cachedseg.store import decode_ids
+from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -44,8 +45,15 @@ def first_id(data, split="trn"):
     return (data / "ImageSets" / f"{split}.txt").read_text().split()[0]
 
 
+def assert_equal_stores(a, b) -> None:
+    """Every array of two stores equal, bit for bit."""
+    a, b = zarr.open_group(str(a)), zarr.open_group(str(b))
+    for name in ("features", "masks", "done", "ids", "split"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+
+
 @pytest.mark.parametrize("kill_at", [2, 3, 5, 7])
-def test_sigkill_at_any_image_then_rerun_equals_an_uninterrupted_store(dataset, store32, tmp_path, kill_at):
+def test_sigkill_at_any_image_then_rerun_equals_an_uninterrupted_store(dataset, store32_single, tmp_path, kill_at):
     path = tmp_path / "killed.zarr"
     proc = subprocess.run([sys.executable, "-c", EXTRACT_KILL, str(dataset), str(path), str(kill_at)], env=ENV,
                           capture_output=True, text=True)
@@ -53,20 +61,19 @@ def test_sigkill_at_any_image_then_rerun_equals_an_uninterrupted_store(dataset, 
     done = zarr.open_group(str(path))["done"][:]
     assert done.sum() < len(done)  # it really stopped half way
     # nothing is flagged done whose data is incomplete: every flagged image already holds its final numbers
-    ref = zarr.open_group(str(store32))
+    # (exactly: both stores computed every image alone, the same computation)
+    ref = zarr.open_group(str(store32_single))
     for i in np.flatnonzero(done):
         assert np.array_equal(zarr.open_group(str(path))["features"][i], ref["features"][i])
-    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32")
-    a = zarr.open_group(str(path))
-    for name in ("features", "masks", "done", "ids", "split"):
-        assert np.array_equal(a[name][:], ref[name][:]), name
+    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--batch-size", "1")
+    assert_equal_stores(path, store32_single)
 
 
 def test_a_second_writer_is_refused_with_the_holders_name(dataset, tmp_path):
     path = tmp_path / "s.zarr"
     with writer_lock(path):
         result = run_cli("extract", dataset, "--store", path, *SMALL, ok=False)
-    assert f"pid {os.getpid()}" in result.output and "is being written by" in result.output
+    one_line_error(result, f"pid {os.getpid()}")
     assert not path.exists()  # the refused writer wrote nothing
     run_cli("extract", dataset, "--store", path, *SMALL)  # the lock dies with its holder
 
@@ -87,7 +94,7 @@ def test_killed_training_keeps_a_loadable_checkpoint_and_resumes_exactly(store32
     proc = subprocess.run([sys.executable, "-c", TRAIN_KILL, str(store32), str(killed)], env=ENV,
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
-    assert load_checkpoint(killed, "last").epoch == 1
+    assert checkpoint.load_run(killed, "last").epoch == 1
     assert not list(killed.glob("*.tmp*"))
     run_cli("train", store32, "--run", killed, "--epochs", "3", "--workers", "0", "--resume")
     run_cli("train", store32, "--run", straight, "--epochs", "3", "--workers", "0")
@@ -96,7 +103,7 @@ def test_killed_training_keeps_a_loadable_checkpoint_and_resumes_exactly(store32
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
 
 
-def test_a_corrupt_cached_chunk_names_the_image_and_redo_repairs_it(dataset, store32, tmp_path):
+def test_a_corrupt_cached_chunk_names_the_image_and_redo_repairs_it(dataset, store32, run32, tmp_path):
     path = tmp_path / "s.zarr"
     shutil.copytree(store32, path)
     g = zarr.open_group(str(path))
@@ -105,15 +112,47 @@ def test_a_corrupt_cached_chunk_names_the_image_and_redo_repairs_it(dataset, sto
     data = bytearray(chunk.read_bytes())
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    victim_id = g["ids"][victim]
-    result = run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False)
-    assert f"image '{victim_id}'" in result.output and f"--redo {victim_id}" in result.output
-    assert "Traceback" not in result.output
-    result = run_cli("train", path, "--run", tmp_path / "r2", *TRAIN, "--in-memory", ok=False)
-    assert f"--redo {victim_id}" in result.output
+    victim_id = decode_ids(g["ids"][:])[victim]
+    redo = f"--redo {victim_id}"
+    one_line_error(run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False), victim_id, redo)
+    one_line_error(run_cli("train", path, "--run", tmp_path / "r2", *TRAIN, "--in-memory", ok=False), redo)
+    if victim in [i for i, s in enumerate(g["split"][:]) if s == 1]:
+        one_line_error(run_cli("evaluate", run32, "--store", path, ok=False), victim_id, redo)
+    one_line_error(run_cli("evaluate", run32, "--store", path, "--split", "trn", "--json", tmp_path / "e.json",
+                           ok=False), victim_id, redo)
     run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--redo", victim_id)
     assert np.array_equal(zarr.open_group(str(path))["features"][victim], zarr.open_group(str(store32))["features"][victim])
     run_cli("train", path, "--run", tmp_path / "r3", *TRAIN)
+
+
+@pytest.mark.parametrize("array", ["features", "masks"])
+def test_a_deleted_chunk_is_an_error_naming_the_image_not_fill_values(dataset, store32, run32, tmp_path, array):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(store32, path)
+    g = zarr.open_group(str(path))
+    val = [i for i, s in enumerate(g["split"][:]) if s == 1]
+    victim_id = decode_ids(g["ids"][:])[val[0]]
+    shutil.rmtree(path / array / "c" / str(val[0]))
+    redo = f"--redo {victim_id}"
+    one_line_error(run_cli("evaluate", run32, "--store", path, ok=False), victim_id, redo)
+    one_line_error(run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False), victim_id, redo)
+    one_line_error(run_cli("train", path, "--run", tmp_path / "r2", *TRAIN, "--in-memory", ok=False), victim_id, redo)
+    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--redo", victim_id)
+    assert np.array_equal(zarr.open_group(str(path))[array][val[0]], zarr.open_group(str(store32))[array][val[0]])
+
+
+@pytest.mark.parametrize("array", ["ids", "split", "done"])
+def test_a_flipped_byte_in_a_small_array_is_detected(dataset, store32, tmp_path, array):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(store32, path)
+    chunk = next(p for p in (path / array / "c").rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0x01  # e.g. a done flag 1 -> 0, an id character to its neighbour
+    chunk.write_bytes(bytes(data))
+    one_line_error(run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False), path, array)
+    if array == "done":  # extract recomputes the images whose flag it cannot read
+        run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32")
+        assert_equal_stores(path, store32)
 
 
 def _break(kind, data):
@@ -210,16 +249,16 @@ def test_stores_and_checkpoints_that_do_not_fit_are_refused(dataset, store32, ru
     g = zarr.open_group(str(other), mode="r+")
     g.attrs["format_version"] = 99
     result = run_cli("train", other, "--run", tmp_path / "r", ok=False)
-    assert "format version 99" in result.output and "--overwrite" in result.output
+    one_line_error(result, "99", "--overwrite")
     s16 = tmp_path / "s16.zarr"
     run_cli("extract", dataset, "--store", s16, *SMALL, "--dtype", "float16")
     result = run_cli("evaluate", run32, "--store", s16, ok=False)
-    assert "dtype: store has 'float16', asked for 'float32'" in result.output and "trained on other features" in result.output
+    one_line_error(result, "dtype: store has 'float16', asked for 'float32'", run32)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "best.pt").write_bytes(b"not a checkpoint")
     result = run_cli("predict", next((dataset / "JPEGImages").glob("*.jpg")), "--run", broken, ok=False)
-    assert "cannot read the checkpoint" in result.output and "Traceback" not in result.output
+    one_line_error(result, broken / "best.pt")
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(store32, tmp_path):
@@ -229,21 +268,48 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(store32, tmp
     good = (run / "last.pt").read_bytes()
     g = zarr.open_group(str(path), mode="r+")
     for i, split in enumerate(g["split"][:]):
-        if split == "trn":
-            g["features"][i] = np.full(g["features"].shape[1:], np.nan, dtype=np.float32)
+        if split == 0:  # trn: features that make the loss non-finite
+            g["features"][i] = np.full(g["features"].shape[1:], np.inf, dtype=np.float32)
     result = run_cli("train", path, "--run", run, "--epochs", "2", "--workers", "0", "--resume", ok=False)
-    assert "the loss became nan" in result.output and "last good checkpoint" in result.output
+    one_line_error(result, "nan", run)
     assert (run / "last.pt").read_bytes() == good
 
 
-def test_verbose_shows_the_traceback(tmp_path):
+def test_verbose_shows_the_traceback_wherever_it_is_placed(tmp_path):
+    from cachedseg.errors import CachedsegError
     result = run_cli("--verbose", "extract", tmp_path / "nowhere", *SMALL, ok=False)
-    assert result.exception is not None and "does not exist" in str(result.exception)
+    assert isinstance(result.exception, CachedsegError) and str(tmp_path / "nowhere") in str(result.exception)
+    proc = subprocess.run([sys.executable, "-m", "cachedseg.cli", "extract", str(tmp_path / "nowhere"), "--verbose"],
+                          env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "CachedsegError" in proc.stderr
+
+
+CHECK_BEFORE_TORCH = textwrap.dedent("""
+    import sys
+    from cachedseg.cli import main
+    sys.argv = ["cachedseg", *sys.argv[1:]]
+    try:
+        main()
+    except SystemExit as exit:
+        print(exit.code, "torch" in sys.modules)
+""")
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (["extract", "nowhere"], "nowhere"), (["train", "nowhere.zarr"], "nowhere.zarr"),
+    (["train", "--live", "nowhere"], "nowhere"), (["evaluate", "nowhere", "--store", "x.zarr"], "nowhere"),
+    (["predict", "x.jpg", "--run", "r"], "x.jpg"), (["info", "nowhere"], "nowhere"),
+    (["train", "s3://bucket/x.zarr"], "s3://bucket/x.zarr")])
+def test_a_mistyped_path_is_answered_before_torch_loads(tmp_path, args, culprit):
+    proc = subprocess.run([sys.executable, "-c", CHECK_BEFORE_TORCH, *args], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True)
+    assert proc.stdout.split() == ["1", "False"], proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and culprit in proc.stderr
 
 
 @pytest.mark.parametrize("delay_ms", [0, 7, 23])
-def test_external_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_store(dataset, store32, tmp_path,
-                                                                                     delay_ms):
+def test_external_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_store(dataset, store32_single,
+                                                                                     tmp_path, delay_ms):
     import time
     path = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "cachedseg.cli", "extract", str(dataset), "--store", str(path), *SMALL,
@@ -255,8 +321,8 @@ def test_external_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_
         time.sleep(0.001)
     time.sleep(delay_ms / 1000)
     proc.kill()
-    proc.wait()
-    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32")
-    a, b = zarr.open_group(str(path)), zarr.open_group(str(store32))
-    for name in ("features", "masks", "done", "ids", "split"):
-        assert np.array_equal(a[name][:], b[name][:]), name
+    assert proc.wait() == -9  # killed, not finished
+    done = zarr.open_group(str(path))["done"][:]
+    assert 0 < done.sum() < len(done)  # the kill came after the first image and before the end
+    run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--batch-size", "1")
+    assert_equal_stores(path, store32_single)  # every image computed alone in both: the same computation

@@ -1,0 +1,137 @@
+"""The checkpoint: the one owner of its format. A dict `torch.load(path, weights_only=True)` reads, holding the
+decoder weights and every config, so loading needs no flags.
+
+    format, package_version, epoch, weights, metrics
+    decoder_config   DecoderConfig fields         decoder    its state dict
+    train_config     TrainConfig fields           optimizer  Adam state (for --resume)
+    spec             StoreSpec fields             rng        sampler and torch RNG states (for --resume)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cachedseg import __version__
+from cachedseg.decoders import DecoderConfig, build_decoder
+from cachedseg.errors import CachedsegError
+from cachedseg.paths import checkpoint_path
+from cachedseg.store import StoreSpec
+
+FORMAT = "cachedseg-checkpoint"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; the defaults are the seed design's.
+
+    Attributes:
+        epochs: Passes over the trn images.
+        lr: Adam learning rate.
+        batch_size: Images per step.
+        decoder: Decoder name (`seed` or `linear`).
+        seed: Seeds the decoder's initialisation and the shuffling, identically for cached and live runs.
+        workers: DataLoader worker processes (None: 0 on a CPU, where reads are cheap next to the decoder and
+            workers only compete for cores; min(4, CPUs) on a GPU).
+    """
+
+    epochs: int = 11
+    lr: float = 1e-4
+    batch_size: int = 2
+    decoder: str = "seed"
+    seed: int = 0
+    workers: int | None = None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trained decoder with everything needed to use it, or to continue training it.
+
+    Attributes:
+        decoder_config: Rebuilds the decoder.
+        train_config: The recipe it was trained with.
+        spec: The features it was trained on; a store or backbone must match it.
+        weights: Where the backbone's weights came from (`auto`, `random` or a file).
+        epoch: Epochs trained.
+        metrics: One row per epoch.
+        decoder_state: The decoder's weights.
+        optimizer_state: Adam's state, for `--resume`.
+        rng: The sampler's and torch's RNG states, for `--resume`.
+    """
+
+    decoder_config: DecoderConfig
+    train_config: TrainConfig
+    spec: StoreSpec
+    weights: str
+    epoch: int
+    metrics: list[dict]
+    decoder_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None = None
+    rng: dict | None = field(default=None, repr=False)
+
+    def decoder(self) -> nn.Module:
+        """The trained decoder, in eval mode on the CPU."""
+        decoder = build_decoder(self.decoder_config)
+        decoder.load_state_dict(self.decoder_state)
+        return decoder.eval()
+
+
+def save(ckpt: Checkpoint, path: str | Path) -> None:
+    """Write a checkpoint through a temporary file, fsync, then rename: a kill leaves the old file or the new."""
+    path = Path(path)
+    state = {"format": FORMAT, "package_version": __version__, "epoch": ckpt.epoch,
+             "decoder_config": asdict(ckpt.decoder_config), "train_config": asdict(ckpt.train_config),
+             "spec": asdict(ckpt.spec), "weights": ckpt.weights, "metrics": ckpt.metrics,
+             "decoder": ckpt.decoder_state, "optimizer": ckpt.optimizer_state, "rng": ckpt.rng}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file.
+
+    Args:
+        path: A `.pt` file written by `save`.
+
+    Returns:
+        The checkpoint (tensors on the CPU).
+
+    Raises:
+        CachedsegError: For a file that is torn, foreign, or from an incompatible cachedseg.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torn, truncated or foreign files all get one message
+        raise CachedsegError(f"{path} is not a readable cachedseg checkpoint ({str(exc).splitlines()[0]}); give "
+                             "the run folder or .pt file that `cachedseg train` wrote") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CachedsegError(f"{path} is a PyTorch file but not a cachedseg checkpoint; give the run folder or .pt "
+                             "file that `cachedseg train` wrote")
+    try:
+        known = {f.name for f in fields(TrainConfig)}
+        return Checkpoint(decoder_config=DecoderConfig(**state["decoder_config"]),
+                          train_config=TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known}),
+                          spec=StoreSpec.from_attrs(state["spec"]), weights=state["weights"], epoch=state["epoch"],
+                          metrics=state["metrics"], decoder_state=state["decoder"],
+                          optimizer_state=state.get("optimizer"), rng=state.get("rng"))
+    except (KeyError, TypeError) as exc:
+        raise CachedsegError(f"{path} was written by cachedseg {state.get('package_version')} and lacks {exc}; "
+                             f"use that version, or retrain with this one ({__version__})") from None
+
+
+def load_run(run: str | Path, which: str = "best") -> Checkpoint:
+    """Load a run's checkpoint: `run` is a run folder (then `which` is `best` or `last`) or a `.pt` file.
+
+    Raises:
+        CachedsegError: If there is no such run or checkpoint, naming what is there instead.
+    """
+    return load(checkpoint_path(run, which))

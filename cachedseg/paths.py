@@ -1,0 +1,75 @@
+"""Checks on the paths a user gives, with hints that name what was given, what was expected, and what to do.
+
+Deliberately light (no torch, no zarr): the CLI runs these before the heavy imports, so a typo is answered in
+milliseconds, not after seconds of loading.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from cachedseg.errors import CachedsegError
+
+CHECKPOINTS = ("best.pt", "last.pt")
+
+
+def check_local(path: str | Path) -> None:
+    """Refuse a URL: stores are local folders (a `Path` would turn `s3://b/x` into the folder `s3:/b/x`)."""
+    if "://" in str(path):
+        raise CachedsegError(f"{path}: remote stores (URLs) are not supported yet; give a local folder, e.g. copy "
+                             "the store down first")
+
+
+def did_you_mean(path: Path) -> str:
+    """'; did you mean X?' for the nearest existing sibling of a path that does not exist, else ''."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return f"; did you mean {parent / close[0]}?" if close else ""
+
+
+def check_dataset(root: str | Path) -> Path:
+    """The dataset folder, if it exists; else an error naming it, what is expected there, and near misses."""
+    root = Path(root)
+    if not root.exists():
+        raise CachedsegError(f"no dataset folder at {root} (expected JPEGImages/, SegmentationClass/ and "
+                             f"ImageSets/ in the AeroScapes layout){did_you_mean(root)}")
+    if not root.is_dir():
+        raise CachedsegError(f"{root} is a file, but a dataset is a folder with JPEGImages/, SegmentationClass/ and "
+                             "ImageSets/; give that folder")
+    return root
+
+
+def check_store(path: str | Path) -> None:
+    """A store argument: a local path that exists (a missing one gets near misses and the command that builds it)."""
+    check_local(path)
+    path = Path(path)
+    if not path.exists():
+        raise CachedsegError(f"no feature store at {path}{did_you_mean(path)}; build one with "
+                             f"`cachedseg extract DATA --store {path}`")
+
+
+def checkpoint_path(run: str | Path, which: str = "best") -> Path:
+    """The checkpoint file of a run folder (or the file itself), or an error saying what is there instead."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.exists():
+        raise CachedsegError(f"no run at {run} (expected a run folder with {which}.pt from `cachedseg train`)"
+                             f"{did_you_mean(run)}; train one with `cachedseg train STORE --run {run}`")
+    path = run / f"{which}.pt"
+    if not path.is_file():
+        raise CachedsegError(f"{run} holds no {which}.pt, so it is not a trained run (yet); train it with "
+                             f"`cachedseg train STORE --run {run}`, or give the run folder that `train` wrote")
+    return path
+
+
+def check_images(inputs: list[str | Path]) -> None:
+    """Image inputs: each must exist."""
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise CachedsegError(f"{item}: no such image file or folder{did_you_mean(item)}")

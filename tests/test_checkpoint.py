@@ -1,0 +1,60 @@
+"""The checkpoint format: round trip, refusals, atomic writes."""
+
+import pytest
+import torch
+
+from cachedseg import checkpoint
+from cachedseg.checkpoint import Checkpoint, TrainConfig
+from cachedseg.classes import CLASS_NAMES
+from cachedseg.decoders import DecoderConfig, build_decoder
+from cachedseg.errors import CachedsegError
+from cachedseg.store import StoreSpec
+
+SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, image_size=112, mask_size=112,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", precision="float32",
+                 dtype="float16", channels=48, grid=(8, 8), class_names=CLASS_NAMES)
+
+
+def make_checkpoint() -> Checkpoint:
+    """A small trained-looking checkpoint."""
+    cfg = DecoderConfig("linear", 48, len(CLASS_NAMES), 112)
+    torch.manual_seed(1)
+    decoder = build_decoder(cfg)
+    return Checkpoint(decoder_config=cfg, train_config=TrainConfig(epochs=3, lr=3e-4), spec=SPEC, weights="random",
+                      epoch=2, metrics=[{"epoch": 1, "val_miou": 0.1}, {"epoch": 2, "val_miou": 0.2}],
+                      decoder_state=decoder.state_dict(), optimizer_state=None,
+                      rng={"sampler": torch.Generator().get_state(), "torch": torch.get_rng_state()})
+
+
+def test_a_checkpoint_reads_back_whole_and_rebuilds_the_same_decoder(tmp_path):
+    ckpt = make_checkpoint()
+    checkpoint.save(ckpt, tmp_path / "last.pt")
+    back = checkpoint.load_run(tmp_path, "last")
+    assert back.spec == SPEC and back.decoder_config == ckpt.decoder_config and back.train_config == ckpt.train_config
+    assert back.weights == "random" and back.epoch == 2 and back.metrics == ckpt.metrics
+    assert torch.equal(back.rng["torch"], ckpt.rng["torch"])
+    x = torch.randn(1, 48, 8, 8)
+    reference = build_decoder(ckpt.decoder_config)
+    reference.load_state_dict(ckpt.decoder_state)
+    assert torch.equal(back.decoder()(x), reference.eval()(x))
+    assert not back.decoder().training
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    plain = torch.load(tmp_path / "last.pt", weights_only=True)  # readable without cachedseg
+    assert plain["spec"]["backbone"] == SPEC.backbone and "decoder" in plain
+
+
+def test_load_run_takes_a_folder_or_a_file_and_names_what_is_missing(tmp_path):
+    checkpoint.save(make_checkpoint(), tmp_path / "best.pt")
+    assert checkpoint.load_run(tmp_path).epoch == checkpoint.load_run(tmp_path / "best.pt").epoch == 2
+    with pytest.raises(CachedsegError, match="last.pt"):
+        checkpoint.load_run(tmp_path, "last")
+    with pytest.raises(CachedsegError, match=f"did you mean {tmp_path}"):
+        checkpoint.load_run(tmp_path.with_name(tmp_path.name + "x"))
+
+
+def test_foreign_files_are_refused_with_their_path(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    for name in ("garbage.pt", "other.pt"):
+        with pytest.raises(CachedsegError, match=str(tmp_path / name)):
+            checkpoint.load(tmp_path / name)

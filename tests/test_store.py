@@ -1,0 +1,172 @@
+"""The feature store format: round trip, missing and corrupt data, other readers (xarray, tensorstore), upgrade."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from cachedseg import store as store_module
+from cachedseg.classes import CLASS_NAMES, SPLITS
+from cachedseg.errors import CachedsegError
+from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, decode_ids, encode_ids, upgrade
+from tests.conftest import one_line_error, run_cli
+
+SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, image_size=112, mask_size=16,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", precision="float32",
+                 dtype="float16", channels=6, grid=(2, 3), class_names=CLASS_NAMES)
+IDS = ["000001_001", "a", "ünïcode_7", "x" * 40]
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A store of four images with known numbers: three written, one pending."""
+    fs = FeatureStore.create(tmp_path / "s.zarr", SPEC, IDS, ["trn", "trn", "val", "val"], dataset="/data",
+                             weights="random")
+    rng = np.random.default_rng(0)
+    data = [(rng.standard_normal((6, 2, 3)).astype(np.float16), rng.integers(0, 12, (16, 16), dtype=np.uint8))
+            for _ in IDS]
+    data[1][1][:] = 255  # an image with no labelled pixel is still an image
+    for i in range(3):
+        fs.write(i, *data[i])
+    return fs, data
+
+
+def test_ids_encode_to_bytes_and_back():
+    raw = encode_ids(IDS)
+    assert raw.dtype == np.uint8 and raw.shape == (4, 40)
+    assert decode_ids(raw) == IDS
+
+
+def test_what_is_written_reads_back_exactly(small):
+    fs, data = small
+    again = FeatureStore.open(fs.path)
+    assert again.spec == SPEC and again.ids == IDS and again.splits == ["trn", "trn", "val", "val"]
+    assert again.flags().tolist() == [DONE, DONE, DONE, PENDING]
+    for i in range(3):
+        features, mask = again.read(i)
+        assert np.array_equal(features, data[i][0]) and np.array_equal(mask, data[i][1])
+    assert again.dataset == "/data" and again.weights == "random"
+    d = again.describe()
+    assert (d["images"], d["trn"], d["val"], d["done"], d["pending"]) == (4, 2, 2, 3, 1)
+
+
+def test_a_missing_chunk_is_an_error_naming_the_image_never_fill_values(small):
+    fs, _ = small
+    with pytest.raises(CachedsegError, match="'000001_001'.*--redo 000001_001"):
+        shutil.rmtree(f"{fs.path}/features/c/0")
+        fs.read(0)
+    with pytest.raises(CachedsegError, match="'a'.*--redo a"):
+        shutil.rmtree(f"{fs.path}/masks/c/1")
+        fs.read(1)
+
+
+def test_a_corrupt_flag_is_an_error_or_with_repair_a_pending_image(small):
+    fs, _ = small
+    chunk = next(p for p in (fs.group.store.root / "done" / "c").rglob("*") if p.is_file() and p.name == "2")
+    chunk.write_bytes(bytes([chunk.read_bytes()[0] ^ 1]) + chunk.read_bytes()[1:])
+    with pytest.raises(CachedsegError, match="ünïcode_7"):
+        fs.flags()
+    assert fs.flags(repair=True).tolist() == [DONE, DONE, PENDING, PENDING]
+    assert fs.flags().tolist() == [DONE, DONE, PENDING, PENDING]
+
+
+def test_open_refuses_what_is_not_a_store_of_this_version(small, tmp_path):
+    fs, _ = small
+    with pytest.raises(CachedsegError, match="no feature store"):
+        FeatureStore.open(tmp_path / "nothing.zarr")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CachedsegError, match="not a cachedseg feature store"):
+        FeatureStore.open(tmp_path / "folder")
+    with pytest.raises(CachedsegError, match="remote"):
+        FeatureStore.open("s3://bucket/x.zarr")
+    fs.group.attrs["format_version"] = 1
+    with pytest.raises(CachedsegError, match="cachedseg upgrade"):
+        FeatureStore.open(fs.path)
+
+
+def test_xarray_opens_every_array_with_named_dimensions(small):
+    xr = pytest.importorskip("xarray")
+    fs, data = small
+    ds = xr.open_zarr(fs.path, consolidated=False)
+    assert dict(ds.sizes) == {"image": 4, "channel": 6, "token_y": 2, "token_x": 3, "mask_y": 16, "mask_x": 16,
+                              "id_byte": 40}
+    # the README's recipe: the ids as the `image` coordinate, then select by id
+    ds = ds.assign_coords(image=decode_ids(ds["ids"].values))
+    assert np.array_equal(ds["features"].sel(image="ünïcode_7").values, data[2][0])
+    assert np.array_equal(ds["masks"].sel(image="a").values, data[1][1])
+    assert [SPLITS[c] for c in ds["split"].values] == fs.splits and ds["done"].values.tolist() == fs.flags().tolist()
+
+
+def test_tensorstore_reads_every_array(small):
+    ts = pytest.importorskip("tensorstore")
+    fs, _ = small
+    group = zarr.open_group(fs.path, mode="r")
+    for name in ("features", "masks", "ids", "split", "done"):
+        array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{fs.path}/{name}"}}).result()
+        values, expected = array.read().result(), group[name][:]
+        assert values.shape == expected.shape, name
+        assert np.array_equal(values, expected, equal_nan=True), name
+
+
+def make_v1(store, path):
+    """A version-1 copy of a store, exactly as cachedseg 0.1.0 wrote them (chunks are the same bytes)."""
+    shutil.copytree(store, path)
+    g = zarr.open_group(str(path), mode="r+")
+    ids, splits, done = decode_ids(g["ids"][:]), [SPLITS[c] for c in g["split"][:]], g["done"][:]
+    for name in ("ids", "split", "done"):
+        shutil.rmtree(path / name)
+    n = len(ids)
+    g = zarr.open_group(str(path), mode="r+")
+    for name, values in (("ids", ids), ("split", splits)):
+        g.create_array(name, shape=(n,), chunks=(n,), dtype=str)[:] = np.array(values, dtype=object)
+    g.create_array("done", shape=(n,), chunks=(1,), dtype="uint8", fill_value=0)[:] = done
+    for name, fill, dims in (("features", 0, ["image", "channel", "y", "x"]), ("masks", 255, ["image", "y", "x"])):
+        meta = json.loads((path / name / "zarr.json").read_text())
+        meta.update(fill_value=fill, dimension_names=dims)
+        (path / name / "zarr.json").write_text(json.dumps(meta))
+    g.attrs["format_version"] = 1
+    return path
+
+
+def test_upgrade_converts_a_version_1_store_in_place_keeping_every_feature(store32, tmp_path):
+    old = make_v1(store32, tmp_path / "old.zarr")
+    chunks = {p.relative_to(old): p.read_bytes() for p in (old / "features").rglob("*") if p.is_file()
+              and p.name != "zarr.json"}
+    one_line_error(run_cli("train", old, "--run", tmp_path / "r", ok=False), "cachedseg upgrade")
+    run_cli("upgrade", old)
+    for name in ("features", "masks", "ids", "split", "done"):
+        assert np.array_equal(zarr.open_group(str(old))[name][:], zarr.open_group(str(store32))[name][:],
+                              equal_nan=True), name
+    assert dict(zarr.open_group(str(old)).attrs) == dict(zarr.open_group(str(store32)).attrs)
+    assert all((old / rel).read_bytes() == b for rel, b in chunks.items())  # features untouched: no recompute
+    run_cli("upgrade", old)  # a second upgrade has nothing to do
+    run_cli("train", old, "--run", tmp_path / "r", "--epochs", "1", "--workers", "0")
+
+
+def test_an_upgrade_killed_half_way_is_finished_by_a_rerun(store32, tmp_path, monkeypatch):
+    old = make_v1(store32, tmp_path / "old.zarr")
+    real_swap, calls = store_module._swap_in, []
+
+    def dies_on_second_swap(new, old):
+        calls.append(old)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would, between two steps
+        real_swap(new, old)
+    monkeypatch.setattr(store_module, "_swap_in", dies_on_second_swap)
+    with pytest.raises(KeyboardInterrupt):
+        upgrade(old)
+    monkeypatch.setattr(store_module, "_swap_in", real_swap)
+    assert upgrade(old)["upgraded"]
+    for name in ("features", "masks", "ids", "split", "done"):
+        assert np.array_equal(zarr.open_group(str(old))[name][:], zarr.open_group(str(store32))[name][:],
+                              equal_nan=True), name
+    assert not list(old.glob("*.v2"))
+
+
+def test_upgrade_sends_done_images_without_chunks_back_to_pending(store32, tmp_path):
+    old = make_v1(store32, tmp_path / "old.zarr")
+    shutil.rmtree(old / "features" / "c" / "3")
+    result = upgrade(old)
+    assert result["reset"] == 1 and FeatureStore.open(old).flags().tolist().count(PENDING) == 1
