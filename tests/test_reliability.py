@@ -16,7 +16,7 @@ from PIL import Image
 from cachedseg import checkpoint
 from cachedseg.store import writer_lock
 from cachedseg.store import decode_ids
-from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
+from tests.conftest import SMALL, TRAIN, assert_features_close, one_line_error, run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -45,11 +45,14 @@ def first_id(data, split="trn"):
     return (data / "ImageSets" / f"{split}.txt").read_text().split()[0]
 
 
-def assert_equal_stores(a, b) -> None:
-    """Every array of two stores equal, bit for bit."""
+def assert_equal_stores(a, b, close: tuple[str, ...] = ()) -> None:
+    """Every array of two stores equal, bit for bit (those in `close`: up to float32 rounding)."""
     a, b = zarr.open_group(str(a)), zarr.open_group(str(b))
     for name in ("features", "masks", "done", "ids", "split"):
-        assert np.array_equal(a[name][:], b[name][:]), name
+        if name in close:
+            assert_features_close(a[name][:], b[name][:])
+        else:
+            assert np.array_equal(a[name][:], b[name][:]), name
 
 
 @pytest.mark.parametrize("kill_at", [2, 3, 5, 7])
@@ -121,7 +124,8 @@ def test_a_corrupt_cached_chunk_names_the_image_and_redo_repairs_it(dataset, sto
     one_line_error(run_cli("evaluate", run32, "--store", path, "--split", "trn", "--json", tmp_path / "e.json",
                            ok=False), victim_id, redo)
     run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--redo", victim_id)
-    assert np.array_equal(zarr.open_group(str(path))["features"][victim], zarr.open_group(str(store32))["features"][victim])
+    # recomputed alone, where the reference computed it in a batch of 4: equal up to float32 rounding
+    assert_features_close(zarr.open_group(str(path))["features"][victim], zarr.open_group(str(store32))["features"][victim])
     run_cli("train", path, "--run", tmp_path / "r3", *TRAIN)
 
 
@@ -138,7 +142,7 @@ def test_a_deleted_chunk_is_an_error_naming_the_image_not_fill_values(dataset, s
     one_line_error(run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False), victim_id, redo)
     one_line_error(run_cli("train", path, "--run", tmp_path / "r2", *TRAIN, "--in-memory", ok=False), victim_id, redo)
     run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--redo", victim_id)
-    assert np.array_equal(zarr.open_group(str(path))[array][val[0]], zarr.open_group(str(store32))[array][val[0]])
+    assert_equal_stores(path, store32, close=["features"])
 
 
 @pytest.mark.parametrize("array", ["ids", "split", "done"])
@@ -152,7 +156,7 @@ def test_a_flipped_byte_in_a_small_array_is_detected(dataset, store32, tmp_path,
     one_line_error(run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False), path, array)
     if array == "done":  # extract recomputes the images whose flag it cannot read
         run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32")
-        assert_equal_stores(path, store32)
+        assert_equal_stores(path, store32, close=["features"])
 
 
 def _break(kind, data):
