@@ -40,17 +40,17 @@ import zarr
 from rich.console import Console
 from rich.table import Table
 
-from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
+from cachedseg.backbone import BackboneConfig, build_backbone, parse_size, resolve_device
 from cachedseg.classes import IGNORE_INDEX
 from cachedseg.data import load_image, preprocess_image, read_dataset
-from cachedseg.decoders import DecoderConfig, build_decoder
+from cachedseg.decoders import DECODERS, build_decoder, decoder_config
 from cachedseg.extract import extract
 from cachedseg.features import cached_source, live_source
 from cachedseg import checkpoint
 from cachedseg.checkpoint import TrainConfig
 from cachedseg.store import DONE, FeatureStore
 from cachedseg.synth import synthesize
-from cachedseg.train import epoch_batches, train
+from cachedseg.train import epoch_batches, targets, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -61,9 +61,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--images", type=int, default=None, help="generated images, a quarter or so val [default: 16]")
     p.add_argument("--backbone", default=None, help="timm DINOv2 model [default: vit_base_patch14_dinov2]")
-    p.add_argument("--image-size", type=int, default=None, help="backbone input side [default: the model's, 518]")
+    p.add_argument("--image-size", default=None, help="backbone input, 518 or WIDTHxHEIGHT [default: the model's, 518]")
     p.add_argument("--weights", default="random", help="random (default: the timing does not depend on them), auto or FILE")
-    p.add_argument("--decoder", default="seed", choices=["seed", "linear"])
+    p.add_argument("--decoder", default="seed", choices=list(DECODERS))
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--epochs", type=int, default=2, help="epochs per training run; the last one is timed")
     p.add_argument("--batch-size", type=int, default=2)
@@ -79,7 +79,7 @@ def parse() -> argparse.Namespace:
                         "nothing is appended without it")
     args = p.parse_args()
     # --quick changes only the defaults: options given explicitly still win.
-    defaults = (dict(backbone="vit_small_patch14_dinov2", image_size=224, images=16, image_width=640, image_height=360)
+    defaults = (dict(backbone="vit_small_patch14_dinov2", image_size="224", images=16, image_width=640, image_height=360)
                 if args.quick else dict(backbone="vit_base_patch14_dinov2", images=16, image_width=1280, image_height=720))
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -112,10 +112,10 @@ def decoder_floor(store: Path, config: TrainConfig, device: torch.device) -> flo
     spec = fs.spec
     trn = [i for i, s in enumerate(fs.splits) if s == "trn"]
     feats, masks = fs.read_all()
-    feats = torch.from_numpy(feats).to(device)  # [N, C, h, w], cache dtype
-    masks = torch.from_numpy(masks).to(device)  # [N, M, M]
+    feats = torch.from_numpy(feats[:, 0]).to(device)  # [N, L, C, h, w] (identity view), cache dtype
+    masks = torch.from_numpy(masks).to(device)  # [N, Mh, Mw]
     torch.manual_seed(config.seed)
-    decoder = build_decoder(DecoderConfig(config.decoder, spec.channels, len(spec.class_names), spec.mask_size)).to(device)
+    decoder = build_decoder(decoder_config(config.decoder, spec, config.layers or spec.layers)).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     seconds = 0.0
@@ -123,9 +123,9 @@ def decoder_floor(store: Path, config: TrainConfig, device: torch.device) -> flo
         sync(device)
         start = time.perf_counter()
         for batch in epoch_batches(trn, config.batch_size, generator):
-            x = feats[batch].float()
-            target = masks[batch].long()
-            loss = F.cross_entropy(decoder(x), target, ignore_index=IGNORE_INDEX)
+            index = [i for i, _ in batch]
+            logits = decoder(feats[index].float())  # [B, K, Mh, Mw]
+            loss = F.cross_entropy(logits, targets(masks[index], logits.shape[-2:]), ignore_index=IGNORE_INDEX)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -181,7 +181,7 @@ def main() -> None:
     workers = args.workers
     config = TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=args.batch_size, decoder=args.decoder, seed=0,
                          workers=workers)
-    bcfg = BackboneConfig(args.backbone, args.image_size)
+    bcfg = BackboneConfig(args.backbone, parse_size(args.image_size) if args.image_size else None)
     console.print(f"[bold]cached vs live[/] on {device}: {args.backbone}, {args.images} images, decoder {args.decoder}, "
                   f"{args.dtype} cache, work dir {work}")
 
@@ -234,7 +234,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
     result = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__, "timm": timm.__version__,
               "zarr": zarr.__version__, "python": sys.version.split()[0],
-              "settings": {"backbone": args.backbone, "image_size": backbone.preprocess.image_size, "images": ex.images,
+              "settings": {"backbone": args.backbone, "images": ex.images,
+                           "image_size": "{1}x{0}".format(*backbone.preprocess.image_size),
                            "trn_images": n_trn, "decoder": args.decoder, "dtype": args.dtype, "epochs": args.epochs,
                            "batch_size": args.batch_size, "weights": args.weights, "quick": args.quick,
                            "image_wh": [args.image_width, args.image_height], "precision": backbone.config.precision},

@@ -1,4 +1,5 @@
-"""The frozen DINOv2 backbone: any timm DINOv2 ViT, returning patch tokens as a [B, C, h, w] grid."""
+"""The frozen DINOv2 backbone: any timm DINOv2 ViT, returning the patch tokens of its last blocks as a
+[B, L, C, h, w] grid, at any input size, with the position embedding resized as the official model does."""
 
 from __future__ import annotations
 
@@ -23,17 +24,43 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_mo
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """Which backbone, at which input size and compute precision.
+    """Which backbone, at which input size, compute precision and depth of features.
 
     Attributes:
         name: A timm DINOv2 model name, e.g. `vit_base_patch14_dinov2` or `vit_small_patch14_reg4_dinov2`.
-        image_size: Side of the square input in pixels; `None` takes the model's pretrained size (518).
+        image_size: Input (height, width) in pixels, multiples of the patch size (an int: a square); `None`
+            takes the model's pretrained size (518x518).
         precision: Compute precision of the forward pass; extraction and prediction must use the same.
+        layers: How many of the last blocks' patch tokens to return (each after the final norm, as DINOv2's
+            `get_intermediate_layers(norm=True)`); 1 is the final output.
     """
 
     name: str = DEFAULT_BACKBONE
-    image_size: int | None = None
+    image_size: tuple[int, int] | int | None = None
     precision: str = "float32"
+    layers: int = 1
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'518' -> (518, 518); '924x518' (width x height, as images are described) -> (518, 924), i.e. (H, W)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[1], parts[0]
+    raise CachedsegError(f"--image-size {text!r}: give one side (518) or width x height (924x518)")
+
+
+def size_for_short_side(short: int, width: int, height: int, patch: int = 14) -> tuple[int, int]:
+    """The input (H, W) whose short side is `short` and whose aspect ratio is closest to width:height."""
+    if short < patch or short % patch:
+        raise CachedsegError(f"--short-side {short} is not a multiple of the patch size {patch}; use e.g. "
+                             f"{max(patch, round(short / patch) * patch)}")
+    long = max(patch, round(short * max(width, height) / min(width, height) / patch) * patch)
+    return (short, long) if width >= height else (long, short)
 
 
 def dinov2_models() -> list[str]:
@@ -53,13 +80,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Backbone(torch.nn.Module):
-    """A frozen DINOv2 ViT returning the final-norm patch tokens as a [B, C, h, w] grid.
+    """A frozen DINOv2 ViT returning the final-norm patch tokens of its last blocks as a [B, L, C, h, w] grid.
 
     Attributes:
         config: The resolved `BackboneConfig` (image size filled in).
         preprocess: The preprocessing that matches this model (size, mean/std from `pretrained_cfg`).
         channels: Token channels C (768 for ViT-B).
-        grid: Token grid (h, w) (37x37 for a 518 input).
+        grid: Token grid (h, w) (37x37 for a 518x518 input, 37x66 for 924x518).
         fingerprint: Hash of the weights and preprocessing; it identifies the features for good.
     """
 
@@ -68,11 +95,11 @@ class Backbone(torch.nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.config = config
         cfg = model.pretrained_cfg
-        self.preprocess = Preprocess(image_size=config.image_size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                                     interpolation=cfg.get("interpolation", "bicubic"),
-                                     mask_size=mask_size_for(config.image_size))
         self.channels = model.num_features
         self.grid = tuple(model.patch_embed.grid_size)
+        self.preprocess = Preprocess(image_size=config.image_size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                                     interpolation=cfg.get("interpolation", "bicubic"),
+                                     mask_size=mask_size_for(self.grid))
         self.fingerprint = _fingerprint(model, self.preprocess, config.precision)
         self.eval()
 
@@ -82,15 +109,20 @@ class Backbone(torch.nn.Module):
 
     @torch.no_grad()  # not inference_mode: live training feeds these tensors to a decoder that autograd tracks
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, S, S] (preprocessed) -> patch tokens [B, C, h, w] in float32."""
+        """Images [B, 3, H, W] (preprocessed) -> patch tokens [B, L, C, h, w] in float32."""
         dtype = PRECISIONS[self.config.precision]
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            tokens = self.model.forward_features(x)  # [B, prefix + h*w, C], after the final norm
-        tokens = tokens[:, self.model.num_prefix_tokens:].float()  # drop class and register tokens
-        b, _, c = tokens.shape
+            if self.config.layers == 1:
+                layers = [self.model.forward_features(x)]  # [B, prefix + h*w, C], after the final norm
+            else:  # the last L blocks, each through the final norm (DINOv2's linear4 / +ms recipes)
+                layers = self.model.get_intermediate_layers(x, n=self.config.layers, norm=True,
+                                                            return_prefix_tokens=False)
+        n = self.model.num_prefix_tokens if self.config.layers == 1 else 0  # class and register tokens dropped
+        tokens = torch.stack([t[:, n:] for t in layers], 1).float()  # [B, L, h*w, C]
+        b, l, _, c = tokens.shape
         # contiguous: a strided view would send the decoder's convs down another kernel path (other rounding)
-        # than cached features take, breaking the cache == live guarantee.
-        return tokens.transpose(1, 2).reshape(b, c, *self.grid).contiguous()  # [B, C, h, w]
+        # than cached features take.
+        return tokens.transpose(2, 3).reshape(b, l, c, *self.grid).contiguous()  # [B, L, C, h, w]
 
 
 def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "auto",
@@ -114,14 +146,20 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
                              + ", ".join(dinov2_models()))
     if config.precision not in PRECISIONS:
         raise CachedsegError(f"unknown precision {config.precision!r}; use one of {', '.join(PRECISIONS)}")
-    if config.image_size is None:
-        size = timm.models.get_pretrained_cfg(config.name).input_size[-1]
-        config = BackboneConfig(config.name, size, config.precision)
-    kwargs = dict(img_size=config.image_size, num_classes=0)
+    pretrained = tuple(timm.models.get_pretrained_cfg(config.name).input_size[-2:])
+    size = config.image_size or pretrained
+    size = (size, size) if isinstance(size, int) else tuple(size)
     patch = 14
-    if config.image_size < patch or config.image_size % patch:
-        raise CachedsegError(f"--image-size {config.image_size} is not a multiple of the patch size {patch}; "
-                             f"use e.g. {max(patch, round(config.image_size / patch) * patch)}")
+    if any(s < patch or s % patch for s in size):
+        raise CachedsegError(f"--image-size {size[1]}x{size[0]} (width x height) is not a multiple of the patch "
+                             f"size {patch} on both sides; use e.g. "
+                             + "x".join(str(max(patch, round(s / patch) * patch)) for s in size[::-1]))
+    if not 1 <= config.layers:
+        raise CachedsegError(f"--layers {config.layers}: use 1 (the final output) up to the model's depth")
+    config = BackboneConfig(config.name, size, config.precision, config.layers)
+    # Built at the pretrained size, so the weights load as trained; the position embedding is then resized the
+    # way the official model of this variant resizes it (see `_resize_pos_embed`).
+    kwargs = dict(num_classes=0)
     if weights == "random":
         # A private, seeded RNG stream: the same random weights in every process, whatever ran before.
         with torch.random.fork_rng(devices=[]):
@@ -134,17 +172,78 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
         if not path.is_file():
             raise CachedsegError(f"--weights {weights}: no such file; give a .safetensors/.pth state dict, "
                                  "`auto` or `random`")
-        try:  # timm's own loader maps original DINOv2 checkpoints and resamples position embeddings
+        shapes = _file_shapes(path)
+        pos = next((s for k, s in shapes.items() if k.endswith("pos_embed")), None)
+        if pos is not None and pos[1] in (n := (size[0] // patch) * (size[1] // patch), n + 1):
+            kwargs["img_size"] = size  # saved at the target grid (e.g. by cachedseg): used as it is
+        try:  # timm's own loader maps original DINOv2 checkpoints
             model = timm.create_model(config.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
                                       **kwargs)
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
-            raise CachedsegError(f"--weights {path} does not fit {config.name}: {str(exc).splitlines()[0]}") from None
+            raise CachedsegError(_mismatch(path, shapes, config.name, exc)) from None
+    if config.layers > len(model.blocks):
+        raise CachedsegError(f"--layers {config.layers}: {config.name} has {len(model.blocks)} blocks")
+    _resize_pos_embed(model, (size[0] // patch, size[1] // patch))
     return Backbone(model, config).to(resolve_device(device) if isinstance(device, str) else device)
 
 
-def backbone_for(spec, weights: str, device: str | torch.device = "cpu") -> Backbone:
-    """Rebuild the backbone that made `spec`'s features (a `StoreSpec`), refusing one with another fingerprint."""
-    model = build_backbone(BackboneConfig(spec.backbone, spec.image_size, spec.precision), weights, device)
+def _resize_pos_embed(model: torch.nn.Module, grid: tuple[int, int]) -> None:
+    """Set the model to a `grid` of tokens, resizing the position embedding as the official DINOv2 code does.
+
+    The official models resize it on every forward pass, which is the same computation as doing it once here:
+    plain models with bicubic, antialias off and `scale_factor = (grid + 0.1) / M` (a historical offset), `_reg`
+    models with bicubic, antialias on and the target size. timm's load-time resize is the latter, so it is kept
+    for `_reg` models; for plain ones it would differ by up to 6% (the pretrained weights never saw that).
+    """
+    trained = tuple(model.patch_embed.grid_size)
+    if grid == trained:
+        return
+    plain = model.pos_embed.detach().clone()  # [1, 1 + M*M, C] for plain models
+    model.set_input_size(img_size=(grid[0] * 14, grid[1] * 14))  # timm: antialiased, size-based
+    if model.no_embed_class:  # `_reg` variants: timm's resize is the official one
+        return
+    m, c = trained[0], plain.shape[-1]
+    patches = plain[:, 1:].float().reshape(1, m, m, c).permute(0, 3, 1, 2)  # [1, C, M, M]
+    patches = torch.nn.functional.interpolate(patches, scale_factor=((grid[0] + 0.1) / m, (grid[1] + 0.1) / m),
+                                              mode="bicubic", antialias=False)  # [1, C, h, w]
+    resized = torch.cat([plain[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], c)], 1)
+    model.pos_embed = torch.nn.Parameter(resized.to(plain.dtype), requires_grad=False)
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes in a weights file (empty if it cannot be read: the loader then says why)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else {}
+        return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    except Exception:  # noqa: BLE001 - an unreadable file gets the loader's own message
+        return {}
+
+
+def _mismatch(path: Path, shapes: dict[str, tuple[int, ...]], name: str, exc: Exception) -> str:
+    """Why a weights file does not load into `name`, naming the variant the file holds when it can tell."""
+    dims = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
+    embed = next((s[0] for k, s in shapes.items() if k.endswith("patch_embed.proj.weight")), None)
+    if embed in dims:
+        registers = any("reg_token" in k or "register_tokens" in k for k in shapes)
+        held = f"vit_{dims[embed]}_patch14{'_reg4' if registers else ''}_dinov2"
+        if held != name:
+            return (f"--weights {path} holds a {held} checkpoint ({embed} channels, "
+                    f"{'with' if registers else 'no'} register tokens), not {name}; pass --backbone {held}")
+    return f"--weights {path} does not fit {name}: {str(exc).splitlines()[0]}"
+
+
+def backbone_for(spec, weights: str, device: str | torch.device = "cpu", layers: int | None = None) -> Backbone:
+    """Rebuild the backbone that made `spec`'s features (a `StoreSpec`), refusing one with another fingerprint.
+
+    `layers` asks for fewer of the last blocks than the store holds (what a decoder consumes).
+    """
+    config = BackboneConfig(spec.backbone, tuple(spec.input_size), spec.precision, layers or spec.layers)
+    model = build_backbone(config, weights, device)
     if model.fingerprint != spec.fingerprint:
         raise CachedsegError(f"the {spec.backbone} built with --weights {weights} has fingerprint {model.fingerprint}, "
                              f"but the decoder was trained on features with fingerprint {spec.fingerprint}; "

@@ -41,6 +41,13 @@ PRECISION_HELP = ("Backbone compute precision: float32, or bfloat16/float16 auto
                   "recorded in the store, and evaluate/predict run the backbone at the same precision.")
 WEIGHTS_HELP = ("'auto': pretrained via timm / the Hugging Face hub or its local cache; a .safetensors/.pth file; "
                 "or 'random': a seeded random init for tests and offline demos.")
+SIZE_HELP = ("Backbone input: one side (518: square) or WIDTH x HEIGHT (924x518), multiples of 14 (default: the "
+             "model's, 518).")
+SHORT_SIDE_HELP = ("Keep the dataset's aspect ratio: this short side (a multiple of 14), the long side the nearest "
+                   "multiple of 14 (1280x720 frames at 518 -> 924x518). Instead of --image-size.")
+VIEWS_HELP = "Extra cached views, comma-separated: flip (one more forward pass and as much storage per view)."
+DECODER_HELP = ("Decoder: upconv (transposed convs, aligned), conv (3x3 convs on the tokens), linear (BN + 1x1; "
+                "with 4 layers DINOv2's linear4), or seed (the seed design, with its center crop).")
 VERBOSE = ("--verbose", "-v")
 
 
@@ -132,6 +139,25 @@ class Reporter:
         return line
 
 
+def _backbone_config(backbone: str, image_size: Optional[str], short_side: Optional[int], precision: str,
+                     layers: int, data: Optional[Path]):
+    """A BackboneConfig from the size options (--short-side reads the dataset's first frame)."""
+    from cachedseg.backbone import BackboneConfig, parse_size, size_for_short_side
+    from cachedseg.data import frame_size
+
+    if image_size and short_side:
+        raise CachedsegError("give --image-size or --short-side, not both")
+    size = parse_size(image_size) if image_size else size_for_short_side(short_side, *frame_size(data)) if short_side \
+        else None
+    return BackboneConfig(backbone, size, precision, layers)
+
+
+def _views(views: str) -> tuple[str, ...]:
+    """'flip' -> ('identity', 'flip')."""
+    from cachedseg.views import check_views
+    return check_views(tuple(v.strip() for v in views.split(",") if v.strip()))
+
+
 def _light_checks(*checks: Callable[[], object]) -> None:
     """Run path checks before the heavy imports, so a typo costs milliseconds, not seconds of loading torch."""
     with user_errors():
@@ -174,7 +200,10 @@ def extract(
     data: Path = typer.Argument(..., help="Dataset folder: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt."),
     store: Optional[str] = typer.Option(None, help="Store folder to write (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
-    image_size: Optional[int] = typer.Option(None, help="Square input side in px, a multiple of 14 (default: the model's, 518)."),
+    image_size: Optional[str] = typer.Option(None, help=SIZE_HELP),
+    short_side: Optional[int] = typer.Option(None, help=SHORT_SIDE_HELP),
+    layers: int = typer.Option(1, help="Store the normed patch tokens of the last N blocks (4: DINOv2's linear4 / +ms recipes)."),
+    views: str = typer.Option("", help=VIEWS_HELP),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
     precision: str = typer.Option("float32", help=PRECISION_HELP),
     dtype: str = typer.Option("float16", help="Feature storage dtype: float16 (half the size) or float32."),
@@ -190,12 +219,11 @@ def extract(
     Rerunning the same command skips finished images, so an interrupted run resumes where it stopped.
     """
     _light_checks(lambda: paths.check_dataset(data), lambda: store and paths.check_local(store))
-    from cachedseg.backbone import BackboneConfig
-
     with user_errors():
-        return _extract(data, store, BackboneConfig(backbone, image_size, precision), weights=weights, dtype=dtype,
-                        batch_size=batch_size, device=device, workers=workers, overwrite=overwrite,
-                        skip_bad=skip_bad, redo=tuple(redo or ()))
+        config = _backbone_config(backbone, image_size, short_side, precision, layers, data)
+        return _extract(data, store, config, weights=weights, dtype=dtype, batch_size=batch_size, device=device,
+                        workers=workers, overwrite=overwrite, skip_bad=skip_bad, redo=tuple(redo or ()),
+                        views=_views(views))
 
 
 def _extract(data, store, backbone, **options):
@@ -236,14 +264,17 @@ def train(
     epochs: int = typer.Option(11, help="Epochs."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
     batch_size: int = typer.Option(2, help="Images per step."),
-    decoder: str = typer.Option("seed", help="Decoder: seed (transposed convs, the seed design) or linear (BN + 1x1 conv)."),
+    decoder: str = typer.Option("upconv", help=DECODER_HELP),
+    layers: Optional[int] = typer.Option(None, help="The decoder reads the last N cached layers (default: all the store holds; with --live: 1)."),
     seed: int = typer.Option(0, help="Seed for the decoder's initialisation and the shuffling."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM first (if it fits)."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint (from scratch if it has none yet)."),
     live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder instead of a store."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help="With --live: " + BACKBONE_HELP),
-    image_size: Optional[int] = typer.Option(None, help="With --live: input side in px (default: the model's)."),
+    image_size: Optional[str] = typer.Option(None, help="With --live: " + SIZE_HELP),
+    short_side: Optional[int] = typer.Option(None, help="With --live: " + SHORT_SIDE_HELP),
+    views: str = typer.Option("", help="With --live: " + VIEWS_HELP),
     weights: str = typer.Option("auto", help="With --live: " + WEIGHTS_HELP),
     precision: str = typer.Option("float32", help="With --live: " + PRECISION_HELP),
     dtype: str = typer.Option("float16", help="With --live: cast features to this dtype, as a cache would store them."),
@@ -258,20 +289,21 @@ def train(
             raise CachedsegError("give either a STORE or --live DATA")
         paths.check_store(store) if store is not None else paths.check_dataset(live)
     _light_checks(inputs)
-    from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
+    from cachedseg.backbone import build_backbone, resolve_device
     from cachedseg.checkpoint import TrainConfig
     from cachedseg.features import cached_source, live_source
 
     with user_errors():
         torch_device = resolve_device(device)
         if live is not None:
-            model = build_backbone(BackboneConfig(backbone, image_size, precision), weights, torch_device)
-            source = live_source(live, model, dtype, weights)
+            config = _backbone_config(backbone, image_size, short_side, precision, layers or 1, live)
+            source = live_source(live, build_backbone(config, weights, torch_device), dtype, weights, _views(views))
         else:
             source = cached_source(store, in_memory=in_memory)
         name = Path(store).name.removesuffix(".zarr") if store is not None else f"{Path(live).resolve().name}-live"
         run = run or Path("runs") / f"{name}-{decoder}"
-        config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, decoder=decoder, seed=seed, workers=workers)
+        config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, decoder=decoder, layers=layers, seed=seed,
+                             workers=workers)
         return _train(source, run, config, torch_device, resume, "live" if live else "cached")
 
 
@@ -315,6 +347,7 @@ def evaluate(
     split: str = typer.Option("val", help="trn or val."),
     compare_live: bool = typer.Option(False, "--compare-live", help="With --store: also run the backbone live and "
                                       "count the pixels whose predicted label differs from the cached prediction."),
+    tta: bool = typer.Option(False, "--tta", help="Average the logits of every cached view (e.g. flipped), mapped back."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the confusion matrix and scores here."),
     weights: Optional[str] = typer.Option(None, help="Live only: backbone weights (default: those the run was trained with)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -323,8 +356,8 @@ def evaluate(
     _light_checks(lambda: paths.checkpoint_path(run), lambda: store is not None and paths.check_store(store),
                   lambda: data is not None and paths.check_dataset(data))
     with user_errors():
-        return _evaluate(run, store=store, data=data, split=split, compare_live=compare_live, json_out=json_out,
-                         weights=weights, device=device)
+        return _evaluate(run, store=store, data=data, split=split, compare_live=compare_live, tta=tta,
+                         json_out=json_out, weights=weights, device=device)
 
 
 def _evaluate(run, json_out: Path | None = None, **options):
@@ -360,13 +393,14 @@ def predict(
     out: Path = typer.Option(Path("predictions"), help="Output folder."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights (default: those the run was trained with); "
                                           "they must give the run's backbone fingerprint."),
+    tta: bool = typer.Option(False, "--tta", help="Average the logits of every view the run's store cached (e.g. flipped)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Segment images live (backbone + decoder): writes <name>_label.png, and _color.png and _overlay.png with a
     legend of the classes shown, per image."""
     _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run))
     with user_errors():
-        return _predict(images, run, out, weights=weights, device=device)
+        return _predict(images, run, out, weights=weights, device=device, tta=tta)
 
 
 def _predict(images, run, out: Path, **options):
@@ -397,9 +431,12 @@ def info(path: str = typer.Argument(..., help="A feature store, or a run folder 
         table = Table(title=escape(path), show_header=False)
         if is_store(path):
             d = FeatureStore.open(path).describe()
-            rows = [("backbone", f"{d['backbone']} @ {d['image_size']} px, precision {d['precision']}"),
-                    ("features", f"[N, {d['channels']}, {d['grid'][0]}, {d['grid'][1]}] {d['dtype']}"),
-                    ("masks", f"{d['mask_size']}x{d['mask_size']} uint8"),
+            (h, w), (mh, mw) = d["input_size"], d["mask_size"]
+            rows = [("backbone", f"{d['backbone']} @ {w}x{h} px, precision {d['precision']}"),
+                    ("features", f"[N, {len(d['views'])}, {d['layers']}, {d['channels']}, {d['grid'][0]}, "
+                                 f"{d['grid'][1]}] {d['dtype']} (views: {', '.join(d['views'])}; last {d['layers']} "
+                                 "layer(s))"),
+                    ("masks", f"{mw}x{mh} uint8"),
                     ("images", f"{d['images']} ({d['trn']} trn, {d['val']} val): {d['done']} done, "
                                f"{d['pending']} pending, {d['skipped_bad']} skipped as bad"),
                     ("size on disk", f"{d['bytes_on_disk'] / 1e6:.1f} MB ({d['bytes_on_disk'] / 1e6 / max(d['images'], 1):.2f} MB/img)"),
@@ -415,7 +452,9 @@ def info(path: str = typer.Argument(..., help="A feature store, or a run folder 
             best = max(ckpt.metrics, key=lambda r: r["val_miou"])
             params = sum(p.numel() for p in ckpt.decoder().parameters())
             rows = [("decoder", f"{ckpt.decoder_config.name} ({params:,} parameters)"),
-                    ("features", f"{ckpt.spec.backbone} @ {ckpt.spec.image_size} px, {ckpt.spec.dtype}, "
+                    ("features", f"{ckpt.spec.backbone} @ {ckpt.spec.input_size[1]}x{ckpt.spec.input_size[0]} px, "
+                                 f"{ckpt.spec.dtype}, last {ckpt.decoder_config.layers} layer(s) of "
+                                 f"{ckpt.spec.layers}, views {', '.join(ckpt.spec.views)}, "
                                  f"fingerprint {ckpt.spec.fingerprint}"),
                     ("recipe", ", ".join(f"{k} {v}" for k, v in ckpt.train_config.__dict__.items())),
                     ("epochs trained", str(ckpt.epoch)),
@@ -450,8 +489,11 @@ def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the demo's data, store, run and predictions."),
     count: int = typer.Option(32, help="Generated images (a quarter go to val)."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
-    image_size: int = typer.Option(224, help="Backbone input side in px (518 is the seed's; slower on a CPU)."),
-    decoder: str = typer.Option("seed", help="seed or linear."),
+    image_size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default here: --short-side 224."),
+    short_side: Optional[int] = typer.Option(None, help=SHORT_SIDE_HELP + " (518 for the seed's resolution; slower on a CPU)"),
+    layers: int = typer.Option(1, help="Cache the last N blocks' tokens."),
+    views: str = typer.Option("", help=VIEWS_HELP),
+    decoder: str = typer.Option("upconv", help=DECODER_HELP),
     epochs: int = typer.Option(11, help="Training epochs."),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP + " 'auto' falls back to random when offline."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -465,12 +507,11 @@ def demo(
     from cachedseg.store import is_store
 
     data, store, run, preds = out / "data", out / "features.zarr", out / "run", out / "predictions"
-    bcfg = BackboneConfig(backbone, image_size)
     with user_errors():
         torch_device = resolve_device(device)
         if weights == "auto":
             try:
-                build_backbone(bcfg, "auto")
+                build_backbone(BackboneConfig(backbone), "auto")
             except CachedsegError as exc:
                 errors.print(f"[bold yellow]warning:[/] {escape(str(exc).split(';')[0])}.\n[bold yellow]Using random "
                              "backbone weights: the pipeline runs end to end, but its accuracy numbers mean little.[/]",
@@ -482,9 +523,11 @@ def demo(
         else:
             console.print(f"reusing {escape(str(data))}", soft_wrap=True)
         console.rule("2/5 extract")
-        # the demo's own store is rebuilt when it was made from other weights or by an older cachedseg
-        stale = is_store(store) and not _store_matches(store, weights)
-        _extract(data, store, bcfg, weights=weights, dtype="float16", batch_size=4, device=device, overwrite=stale)
+        bcfg = _backbone_config(backbone, image_size, short_side or (None if image_size else 224), "float32", layers,
+                                data)
+        # the demo's own store is rebuilt each time: its options (or the weights the hub gave) may have changed
+        _extract(data, store, bcfg, weights=weights, dtype="float16", batch_size=4, device=device,
+                 overwrite=is_store(store), views=_views(views))
         console.rule("3/5 train")
         if run.exists():
             shutil.rmtree(run)  # the demo's own previous run
@@ -496,22 +539,12 @@ def demo(
         val_images = [data / "JPEGImages" / f"{i}.jpg" for i in (data / "ImageSets" / "val.txt").read_text().split()[:4]]
         written = _predict(val_images, run, preds, device=device)
     console.rule("done")
-    console.print(_metrics_table(rows, f"{decoder} decoder, {backbone} at {image_size} px, weights: {weights}"))
+    size = f"{bcfg.image_size[1]}x{bcfg.image_size[0]}" if bcfg.image_size else "its pretrained size"
+    console.print(_metrics_table(rows, f"{decoder} decoder, {backbone} at {size} px, weights: {weights}"))
     console.print(f"val at native resolution: mIoU {result.miou:.4f}, pixel accuracy {result.pixel_acc:.4f}")
     for p in written:
         console.print(f"  {escape(str(p.overlay))}", soft_wrap=True)
     console.print(f"run folder (checkpoints, metrics, curves.png): [bold]{escape(str(run))}[/]", soft_wrap=True)
-
-
-def _store_matches(store: Path, weights: str) -> bool:
-    """Whether the demo's store opens with this cachedseg and was built from these weights."""
-    from cachedseg.backbone import weights_source
-    from cachedseg.store import FeatureStore
-
-    try:
-        return FeatureStore.open(store).weights == weights_source(weights)
-    except CachedsegError:
-        return False
 
 
 if __name__ == "__main__":

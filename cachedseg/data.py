@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_dataset
+from cachedseg.views import apply_view
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
@@ -27,23 +28,26 @@ class Preprocess:
     """How an image becomes a backbone input; read from the model's timm `pretrained_cfg`.
 
     Attributes:
-        image_size: Side of the square backbone input in pixels (a multiple of the patch size).
+        image_size: Backbone input (height, width) in pixels, multiples of the patch size.
         mean: Per-channel normalisation mean, RGB in [0, 1].
         std: Per-channel normalisation std.
         interpolation: PIL resampling filter for images (masks always use nearest).
-        mask_size: Side of the square label grid the decoder is trained against.
+        mask_size: (height, width) of the label grid stored for training.
     """
 
-    image_size: int
+    image_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
-    mask_size: int
+    mask_size: tuple[int, int]
 
 
-def mask_size_for(image_size: int) -> int:
-    """Training mask side: the input size rounded down to a multiple of 16 (518 -> 512, the seed's crop)."""
-    return image_size // 16 * 16
+def mask_size_for(grid: tuple[int, int]) -> tuple[int, int]:
+    """Training masks: 16 pixels per token, the output grid of the transposed-conv decoders (37x37 -> 592x592).
+
+    Masks and images both cover the whole frame, so mask pixel j sits under the decoder's output pixel j.
+    """
+    return grid[0] * 16, grid[1] * 16
 
 
 # Larger images would need gigabytes to decode at full resolution; refuse them with advice instead.
@@ -86,18 +90,27 @@ def load_mask(path: str | Path) -> Image.Image:
 
 
 def preprocess_image(img: Image.Image, pp: Preprocess) -> torch.Tensor:
-    """RGB image -> normalised float32 tensor [3, S, S]; shared by extract, live training and predict."""
-    img = img.convert("RGB").resize((pp.image_size, pp.image_size), _RESAMPLE[pp.interpolation])
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # [S, S, 3]
+    """RGB image -> normalised float32 tensor [3, H, W]; shared by extract, live training and predict."""
+    height, width = pp.image_size
+    img = img.convert("RGB").resize((width, height), _RESAMPLE[pp.interpolation])
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # [H, W, 3]
     mean = torch.tensor(pp.mean, dtype=torch.float32)
     std = torch.tensor(pp.std, dtype=torch.float32)
-    return ((x - mean) / std).permute(2, 0, 1).contiguous()  # [3, S, S]
+    return ((x - mean) / std).permute(2, 0, 1).contiguous()  # [3, H, W]
 
 
-def preprocess_mask(mask: Image.Image, size: int) -> torch.Tensor:
-    """Label image -> uint8 tensor [M, M] by nearest-neighbour resize."""
-    mask = mask.resize((size, size), Image.Resampling.NEAREST)
-    return torch.from_numpy(np.array(mask, dtype=np.uint8))  # [M, M]
+def preprocess_mask(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """Label image -> uint8 tensor [Mh, Mw] by nearest-neighbour resize to `size` (height, width)."""
+    mask = mask.resize((size[1], size[0]), Image.Resampling.NEAREST)
+    return torch.from_numpy(np.array(mask, dtype=np.uint8))  # [Mh, Mw]
+
+
+def frame_size(root: str | Path) -> tuple[int, int]:
+    """(width, height) of a dataset's first image, read from its header (for --short-side)."""
+    sample = read_dataset(root)[0]
+    with Image.open(sample.image) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.width, img.height
 
 
 @dataclass(frozen=True)
@@ -160,7 +173,8 @@ def collate(items: list[dict]) -> dict:
     """Stack the samples that loaded; pass on the ones a worker could not read, with the reason."""
     good = [it for it in items if "error" not in it]
     batch = {"errors": [(it["index"], it["error"]) for it in items if "error" in it],
-             "index": torch.tensor([it["index"] for it in good], dtype=torch.long)}
+             "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+             "view": torch.tensor([it.get("view", 0) for it in good], dtype=torch.long)}
     for key in ("image", "features", "mask"):
         if good and key in good[0]:
             batch[key] = torch.stack([it[key] for it in good])
@@ -168,30 +182,37 @@ def collate(items: list[dict]) -> dict:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses images and masks (in DataLoader workers), returning them by sample index."""
+    """Decodes and preprocesses images and masks (in DataLoader workers), returning them by sample index, or by
+    (index, view) in one of `views` (see `cachedseg.views`)."""
 
-    def __init__(self, samples: list[Sample], pp: Preprocess, with_masks: bool = True):
-        self.samples, self.pp, self.with_masks = samples, pp, with_masks
+    def __init__(self, samples: list[Sample], pp: Preprocess, with_masks: bool = True,
+                 views: tuple[str, ...] = ("identity",)):
+        self.samples, self.pp, self.with_masks, self.views = samples, pp, with_masks, views
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, view = key if isinstance(key, tuple) else (key, 0)
         try:
-            return self._load(index)
+            item = self._load(index)
         except CachedsegError as exc:  # reported by the main process, which knows what to do with it
-            return {"index": index, "error": str(exc)}
+            return {"index": index, "view": view, "error": str(exc)}
+        for name in ("image", "mask"):
+            if name in item:
+                item[name] = apply_view(item[name], self.views[view]).contiguous()
+        return {**item, "view": view}
 
     def _load(self, index: int) -> dict:
         """Decode, check and preprocess one sample."""
         sample = self.samples[index]
         image = load_image(sample.image)
-        item = {"index": index, "image": preprocess_image(image, self.pp)}  # [3, S, S]
+        item = {"index": index, "image": preprocess_image(image, self.pp)}  # [3, H, W]
         if self.with_masks:
             mask = load_mask(sample.mask)
             if mask.size != image.size:
                 raise CachedsegError(f"{sample.mask} is {mask.width}x{mask.height} but its image is "
                                      f"{image.width}x{image.height}; a mask must have its image's size")
             check_labels(np.asarray(mask), sample.mask)
-            item["mask"] = preprocess_mask(mask, self.pp.mask_size)  # [M, M]
+            item["mask"] = preprocess_mask(mask, self.pp.mask_size)  # [Mh, Mw]
         return item

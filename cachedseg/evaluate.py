@@ -16,7 +16,7 @@ from cachedseg.data import check_labels, load_image, load_mask, read_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.features import cached_source
 from cachedseg.metrics import confusion, scores
-from cachedseg.predict import labels_from_logits, segment
+from cachedseg.predict import labels_from_logits, mean_over_views, segment, tta_views
 from cachedseg.store import check_spec
 
 
@@ -56,7 +56,7 @@ class EvalResult:
 
 
 def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path | None = None, split: str = "val",
-             weights: str | None = None, device: str = "auto", compare_live: bool = False,
+             weights: str | None = None, device: str = "auto", compare_live: bool = False, tta: bool = False,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Evaluate a run on cached features (`store`) or live from the images (`data`), at native label resolution.
 
@@ -69,6 +69,7 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         device: `auto`, `cpu` or `cuda`.
         compare_live: With `store`: also run the backbone live on the same images and count the pixels whose
             predicted label differs between cached and live features (the identity check).
+        tta: Average the logits of every view the features were cached in (cached: read; live: computed).
         progress: Called as `progress(done, total)`.
 
     Returns:
@@ -87,18 +88,21 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
     ckpt = checkpoint.load_run(run)
     torch_device = resolve_device(device)
     decoder = ckpt.decoder().to(torch_device)
+    views = tta_views(ckpt.spec, tta)
     k = len(ckpt.spec.class_names)
     if store is not None:
         source = cached_source(store, data=data)
-        check_spec(store, source.spec, ckpt.spec, hint=f"the run {run} was trained on other features; evaluate it "
-                   "with the store it was trained from, or with --data to run its backbone live")
+        if not source.spec.serves(ckpt.spec) or not set(views) <= set(source.spec.views):
+            check_spec(store, source.spec, ckpt.spec, hint=f"the run {run} was trained on other features; evaluate "
+                       "it with the store it was trained from, or with --data to run its backbone live")
         indices = source.indices(split)
         ids, root = [source.ids[i] for i in indices], source.data_root
     else:
         ids, root = [s.id for s in read_dataset(data) if s.split == split], Path(data)
     if not ids:
         raise CachedsegError(f"the {split} split is empty")
-    backbone = backbone_for(ckpt.spec, weights or ckpt.weights, torch_device) if store is None or compare_live else None
+    backbone = (backbone_for(ckpt.spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
+                if store is None or compare_live else None)
 
     conf = torch.zeros(k, k, dtype=torch.long)
     differ = pixels = 0
@@ -106,11 +110,9 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         labels = _labels(root, id_, k)  # [H, W] at native resolution
         pred = live = None
         if store is not None:
-            with torch.no_grad():
-                logits = decoder(source.item(indices[n - 1])["features"][None].to(torch_device).float())  # [1, K, M, M]
-            pred = labels_from_logits(logits, labels.shape)
+            pred = _cached_labels(decoder, source, indices[n - 1], views, labels.shape, torch_device)
         if backbone is not None:
-            live = segment(_image(root, id_, labels.shape), backbone, ckpt.spec, decoder, labels.shape)
+            live = segment(_image(root, id_, labels.shape), backbone, ckpt.spec, decoder, labels.shape, views)
         if pred is not None and live is not None:
             differ, pixels = differ + int((pred != live).sum()), pixels + pred.size
         conf += confusion(torch.from_numpy(pred if pred is not None else live), torch.from_numpy(labels), k)
@@ -120,6 +122,15 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
     return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
                       class_names=ckpt.spec.class_names, images=len(ids),
                       differ=differ if compare_live else None, pixels=pixels if compare_live else None)
+
+
+@torch.no_grad()
+def _cached_labels(decoder: torch.nn.Module, source, index: int, views: tuple[str, ...], size: tuple[int, int],
+                   device: torch.device) -> np.ndarray:
+    """Class indices [H, W] of one cached image, averaging the logits of `views` mapped back to the frame."""
+    logits = [decoder(source.item((index, source.spec.views.index(v)))["features"][None].to(device).float())
+              for v in views]  # each [1, K, Mh, Mw], in its view
+    return labels_from_logits(mean_over_views(logits, views), size)
 
 
 def _labels(root: Path, id_: str, num_classes: int) -> np.ndarray:

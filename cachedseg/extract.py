@@ -23,6 +23,7 @@ from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_local
 from cachedseg.store import (BAD, DONE, PENDING, FeatureStore, StoreSpec, check_dtype, check_spec, disk_bytes, is_store,
                              remove_partials, remove_store, spec_for, writer_lock)
+from cachedseg.views import apply_view, check_views
 
 FLOAT16_MAX = 65504.0
 
@@ -60,22 +61,25 @@ class ExtractResult:
         return self.bytes_on_disk / 1e6 / max(self.images, 1)
 
 
-def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str) -> Path:
-    """cache/<dataset>-<backbone>-<size>-<dtype>.zarr, so different settings never share a store."""
-    size = backbone.image_size if backbone.image_size else "default"
-    return Path("cache") / f"{Path(data).resolve().name}-{backbone.name}-{size}-{dtype}.zarr"
+def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str,
+                       views: tuple[str, ...] = ("identity",)) -> Path:
+    """cache/<dataset>-<backbone>-<WxH>-<dtype>[-l<layers>][-<views>].zarr: different settings never share a store."""
+    size = f"{backbone.image_size[1]}x{backbone.image_size[0]}" if backbone.image_size else "default"
+    extra = (f"-l{backbone.layers}" if backbone.layers > 1 else "") + "".join(f"-{v}" for v in views[1:])
+    return Path("cache") / f"{Path(data).resolve().name}-{backbone.name}-{size}-{dtype}{extra}.zarr"
 
 
 def extract(data: str | Path, store: str | Path | None = None, backbone: BackboneConfig = BackboneConfig(),
             weights: str = "auto", dtype: str = "float16", batch_size: int = 4, device: str = "auto",
             workers: int | None = None, overwrite: bool = False, skip_bad: bool = False, redo: tuple[str, ...] = (),
+            views: tuple[str, ...] = ("identity",),
             progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract backbone features for every image of an AeroScapes-layout dataset into a Zarr store.
 
     Args:
         data: The dataset folder (JPEGImages/, SegmentationClass/, ImageSets/).
         store: Where to write the store; defaults to `cache/<dataset>-<backbone>-<size>-<dtype>.zarr`.
-        backbone: Backbone name, input size and precision.
+        backbone: Backbone name, input size, precision and how many of the last layers to store.
         weights: `auto`, a weights file, or `random` (see `build_backbone`).
         dtype: Storage dtype of the features, `float16` (half the size) or `float32`.
         batch_size: Images per backbone forward pass.
@@ -85,6 +89,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         skip_bad: Record unreadable images in the store (flag 2, reason in the `bad` attribute) and carry on,
             instead of stopping at the first one.
         redo: Image ids to compute again (e.g. after a checksum error in their cached chunk).
+        views: The views to cache (see `cachedseg.views`): the identity, plus e.g. `flip`. Each costs one more
+            forward pass per image and as much storage again.
         progress: Called as `progress(done, total)` at the start and after every batch of this call.
 
     Returns:
@@ -99,10 +105,11 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         raise CachedsegError("--batch-size must be at least 1")
     if store is not None:
         check_local(store)
+    views = check_views(views)
     samples = read_dataset(data)
-    store = Path(store) if store is not None else default_store_path(data, backbone, dtype)
+    store = Path(store) if store is not None else default_store_path(data, backbone, dtype, views)
     model = build_backbone(backbone, weights, device)
-    spec = spec_for(model, dtype)
+    spec = spec_for(model, dtype, views)
     ids, splits = [s.id for s in samples], [s.split for s in samples]
 
     with writer_lock(store):
@@ -145,7 +152,8 @@ def _compute(model: Backbone, fs: FeatureStore, dataset: SegmentationDataset, pe
                 bad[fs.ids[index]] = reason
                 writes.append(writer.submit(fs.mark, index, BAD))
             if len(batch["index"]):
-                feats = model(batch["image"].to(device, non_blocking=True))  # [B, C, h, w] float32
+                x = batch["image"].to(device, non_blocking=True)  # [B, 3, H, W]
+                feats = torch.stack([model(apply_view(x, v)) for v in fs.spec.views], 1)  # [B, V, L, C, h, w]
                 _check_finite(feats, [fs.ids[i] for i in batch["index"].tolist()], fs.spec.dtype)
                 feats = feats.to(getattr(torch, fs.spec.dtype)).cpu().numpy()
                 writes.append(writer.submit(_write_batch, fs, batch["index"].tolist(), feats, batch["mask"].numpy()))

@@ -17,6 +17,7 @@ from cachedseg.backbone import Backbone, weights_source
 from cachedseg.data import SegmentationDataset, read_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, spec_for
+from cachedseg.views import apply_view
 
 
 class StoreDataset(torch.utils.data.Dataset):
@@ -35,8 +36,9 @@ class StoreDataset(torch.utils.data.Dataset):
                 raise CachedsegError(f"--in-memory needs {store.nbytes / 1e9:.1f} GB but only "
                                      f"{_available_ram() / 1e9:.1f} GB of RAM is free; train without --in-memory to "
                                      "stream from disk")
-            features, masks = store.read_all()
-            self._memory = {"features": torch.from_numpy(features), "masks": torch.from_numpy(masks)}
+            features, masks = store.read_all()  # [N, V, L, C, h, w], [N, Mh, Mw]
+            self._memory = {"features": torch.from_numpy(features), "masks": torch.from_numpy(masks),
+                            "views": store.spec.views}
 
     @property
     def in_memory(self) -> bool:
@@ -52,14 +54,16 @@ class StoreDataset(torch.utils.data.Dataset):
             self._store = FeatureStore.open(self.path)
         return self._store
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, view = key if isinstance(key, tuple) else (key, 0)
         if self._memory is not None:
-            return {"index": index, "features": self._memory["features"][index], "mask": self._memory["masks"][index]}
+            mask = apply_view(self._memory["masks"][index], self._memory["views"][view])
+            return {"index": index, "view": view, "features": self._memory["features"][index, view], "mask": mask}
         try:
-            features, mask = self._open().read(index)  # [C, h, w] cache dtype, [M, M] uint8
+            features, mask = self._open().read(index, view)  # [L, C, h, w] cache dtype, [Mh, Mw] uint8
         except CachedsegError as exc:  # reported by the main process, which knows what to do with it
-            return {"index": index, "error": str(exc)}
-        return {"index": index, "features": torch.from_numpy(features), "mask": torch.from_numpy(mask)}
+            return {"index": index, "view": view, "error": str(exc)}
+        return {"index": index, "view": view, "features": torch.from_numpy(features), "mask": torch.from_numpy(mask)}
 
 
 def _available_ram() -> int:
@@ -99,17 +103,21 @@ class FeatureSource:
         return [i for i, s in enumerate(self.splits) if s == split]
 
     def features(self, batch: dict, device: torch.device) -> torch.Tensor:
-        """The decoder input [B, C, h, w] float32 for a collated batch: cached, or live and cast like the cache."""
+        """The decoder input [B, L, C, h, w] float32 for a collated batch: cached, or live and cast like the cache.
+
+        Live images arrive already in their view (the dataset applied it), as extraction computed them.
+        """
         if self.backbone is None:
             return batch["features"].to(device, non_blocking=True).float()
-        feats = self.backbone(batch["image"].to(device, non_blocking=True))  # [B, C, h, w] float32
+        feats = self.backbone(batch["image"].to(device, non_blocking=True))  # [B, L, C, h, w] float32
         return feats.to(getattr(torch, self.spec.dtype)).float()
 
-    def item(self, index: int) -> dict:
-        """One sample by index, raising the error that names its image if it cannot be read."""
-        item = self.dataset[index]
+    def item(self, key: int | tuple[int, int]) -> dict:
+        """One sample by index (or (index, view)), raising the error that names its image if it cannot be read."""
+        item = self.dataset[key]
         if "error" in item:
-            raise CachedsegError(item["error"] if self.backbone is None else f"image {self.ids[index]!r}: {item['error']}")
+            raise CachedsegError(item["error"] if self.backbone is None else
+                                 f"image {self.ids[item['index']]!r}: {item['error']}")
         return item
 
     def check(self, batch: dict) -> None:
@@ -132,9 +140,12 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
                          data_root=Path(data or fs.dataset), weights=fs.weights)
 
 
-def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str) -> FeatureSource:
-    """A source running `backbone` (built from `weights`) on the images of an AeroScapes-layout folder."""
+def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str,
+                views: tuple[str, ...] = ("identity",)) -> FeatureSource:
+    """A source running `backbone` (built from `weights`) on the images of an AeroScapes-layout folder, in the
+    same `views` a store would cache."""
     samples = read_dataset(data)
-    return FeatureSource(spec=spec_for(backbone, dtype), ids=[s.id for s in samples], splits=[s.split for s in samples],
-                         dataset=SegmentationDataset(samples, backbone.preprocess), data_root=Path(data),
-                         weights=weights_source(weights), backbone=backbone)
+    spec = spec_for(backbone, dtype, views)
+    return FeatureSource(spec=spec, ids=[s.id for s in samples], splits=[s.split for s in samples],
+                         dataset=SegmentationDataset(samples, backbone.preprocess, views=spec.views),
+                         data_root=Path(data), weights=weights_source(weights), backbone=backbone)

@@ -22,6 +22,7 @@ from cachedseg.data import load_image, preprocess_image
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_images
 from cachedseg.store import StoreSpec
+from cachedseg.views import apply_view
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 # One fixed colour per class (background, person, bike, car, drone, boat, animal, obstacle, construction,
@@ -32,20 +33,39 @@ PALETTE = np.array([(0, 0, 0), (220, 20, 60), (119, 11, 32), (0, 0, 142), (255, 
 
 
 def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Logits [1, K, M, M] -> class indices [H, W] at `size` (H, W): bilinear resize, then argmax."""
+    """Logits [1, K, Mh, Mw] -> class indices [H, W] at `size` (H, W): bilinear resize, then argmax."""
     logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)  # [1, K, H, W]
     return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()  # [H, W]
 
 
+def mean_over_views(logits: list[torch.Tensor], views: tuple[str, ...]) -> torch.Tensor:
+    """Logits [1, K, Mh, Mw] computed in each view -> their mean in the original frame (test-time augmentation)."""
+    total = apply_view(logits[0], views[0])
+    for view_logits, view in zip(logits[1:], views[1:]):
+        total = total + apply_view(view_logits, view)
+    return total / len(views)
+
+
+def tta_views(spec: StoreSpec, tta: bool) -> tuple[str, ...]:
+    """The views to average: all the features' views with `tta`, else the identity only."""
+    if tta and len(spec.views) == 1:
+        raise CachedsegError("--tta averages over the cached views, but these features have only the identity "
+                             "view; extract with --views flip (and train on that store) to use it")
+    return spec.views if tta else ("identity",)
+
+
 @torch.no_grad()
 def segment(image: Image.Image, backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
-            size: tuple[int, int] | None = None) -> np.ndarray:
-    """Class indices [H, W] for one RGB image, at its own size unless `size` (H, W) is given."""
+            size: tuple[int, int] | None = None, views: tuple[str, ...] = ("identity",)) -> np.ndarray:
+    """Class indices [H, W] for one RGB image, at its own size unless `size` (H, W) is given, averaging the logits
+    of `views` (each computed as extraction computes it, then mapped back to the frame)."""
     device = next(backbone.parameters()).device
-    x = preprocess_image(image, backbone.preprocess)[None].to(device)  # [1, 3, S, S]
-    feats = backbone(x).to(getattr(torch, spec.dtype)).float()  # [1, C, h, w], numbers as in the cache
-    logits = decoder.to(device)(feats)  # [1, K, M, M]
-    return labels_from_logits(logits, size or (image.height, image.width))
+    x = preprocess_image(image, backbone.preprocess)[None].to(device)  # [1, 3, H, W]
+    logits = []
+    for view in views:
+        feats = backbone(apply_view(x, view)).to(getattr(torch, spec.dtype)).float()  # [1, L, C, h, w], as cached
+        logits.append(decoder.to(device)(feats))  # [1, K, Mh, Mw], in the view
+    return labels_from_logits(mean_over_views(logits, views), size or (image.height, image.width))
 
 
 def colorize(labels: np.ndarray) -> Image.Image:
@@ -121,7 +141,8 @@ class Prediction:
 
 
 def predict(images: list[str | Path], run: str | Path, out: str | Path = "predictions", weights: str | None = None,
-            device: str = "auto", progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
+            device: str = "auto", tta: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
     """Segment images with a trained run, writing a label, a colour and an overlay PNG per image.
 
     Args:
@@ -131,6 +152,7 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         weights: Backbone weights (`auto`, a file, or `random`); by default those the run was trained with.
             They must give the fingerprint the run was trained on.
         device: `auto`, `cpu` or `cuda`.
+        tta: Average the logits of every view the run's features were cached in (e.g. flipped).
         progress: Called as `progress(done, total)`.
 
     Returns:
@@ -143,14 +165,15 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
     paths = find_images(images)
     _check_names(paths)
     ckpt = checkpoint.load_run(run)
-    backbone = backbone_for(ckpt.spec, weights or ckpt.weights, resolve_device(device))
+    views = tta_views(ckpt.spec, tta)
+    backbone = backbone_for(ckpt.spec, weights or ckpt.weights, resolve_device(device), ckpt.decoder_config.layers)
     decoder = ckpt.decoder()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for n, path in enumerate(paths, 1):
         image = load_image(path)
-        labels = segment(image, backbone, ckpt.spec, decoder)  # [H, W]
+        labels = segment(image, backbone, ckpt.spec, decoder, views=views)  # [H, W]
         files = [out / f"{path.stem}_{kind}.png" for kind in ("label", "color", "overlay")]
         pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
         color = colorize(labels)

@@ -1,9 +1,11 @@
 """The feature store: the one owner of its on-disk format, a plain Zarr v3 group (documented in the README).
 
     <store>.zarr/           attributes: format, format_version, the StoreSpec fields, dataset, weights, bad, ...
-        features  [N, C, h, w] float16|float32  one image per chunk; crc32c; fill NaN (a missing chunk is refused)
-        masks     [N, M, M]    uint8            class indices, 255 = ignore; one image per chunk; zstd + crc32c;
-                                                fill 254 (never a label, so a missing chunk is refused)
+        features  [N, V, L, C, h, w] float16|float32
+                                   views x last layers x channels x token grid; one (image, view) per chunk;
+                                   crc32c; fill NaN (so a missing chunk is refused)
+        masks     [N, Mh, Mw]  uint8            class indices of the identity view, 255 = ignore; one image per
+                                                chunk; zstd + crc32c; fill 254 (never a label: missing is refused)
         ids       [N, L]       uint8            image ids, UTF-8, zero-padded to L bytes; crc32c
         split     [N]          uint8            index into SPLITS: 0 trn, 1 val; crc32c
         done      [N]          uint8            0 pending, 1 written, 2 skipped as unreadable; one chunk per image; crc32c
@@ -21,7 +23,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +35,7 @@ from cachedseg import __version__
 from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_local
+from cachedseg.views import apply_view, check_views
 
 FORMAT = "cachedseg-features"
 FORMAT_VERSION = 2
@@ -43,6 +46,7 @@ MISSING_LABEL = 254  # fill value of `masks`: no label is ever 254, so it marks 
 
 # The array names, in one place.
 FEATURES, MASKS, IDS, SPLIT, FLAGS = "features", "masks", "ids", "split", "done"
+FEATURE_DIMS = ("image", "view", "layer", "channel", "token_y", "token_x")
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,8 @@ class StoreSpec:
 
     backbone: str
     fingerprint: str
-    image_size: int
-    mask_size: int
+    input_size: tuple[int, int]
+    mask_size: tuple[int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str
@@ -61,12 +65,20 @@ class StoreSpec:
     channels: int
     grid: tuple[int, int]
     class_names: tuple[str, ...]
+    layers: int = 1
+    views: tuple[str, ...] = ("identity",)
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> StoreSpec:
         """Rebuild the spec from Zarr attributes or a checkpoint (JSON lists back to tuples)."""
-        values = {f.name: attrs[f.name] for f in fields(cls)}
+        values = {f.name: attrs[f.name] for f in fields(cls) if f.name in attrs}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def serves(self, wanted: StoreSpec) -> bool:
+        """Whether these features can feed a decoder trained on `wanted`: the same in all that decides the
+        numbers, with at least as many layers (a decoder takes the last ones it needs); views may differ."""
+        return (self.layers >= wanted.layers
+                and replace(self, layers=wanted.layers, views=wanted.views) == wanted)
 
 
 def check_dtype(dtype: str) -> None:
@@ -75,14 +87,15 @@ def check_dtype(dtype: str) -> None:
         raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
 
 
-def spec_for(backbone, dtype: str) -> StoreSpec:
-    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`) and stored as `dtype`."""
+def spec_for(backbone, dtype: str, views: tuple[str, ...] = ("identity",)) -> StoreSpec:
+    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`), stored as `dtype`, for `views`."""
     check_dtype(dtype)
+    views = check_views(views)
     pp = backbone.preprocess
-    return StoreSpec(backbone=backbone.config.name, fingerprint=backbone.fingerprint, image_size=pp.image_size,
+    return StoreSpec(backbone=backbone.config.name, fingerprint=backbone.fingerprint, input_size=pp.image_size,
                      mask_size=pp.mask_size, mean=pp.mean, std=pp.std, interpolation=pp.interpolation,
                      precision=backbone.config.precision, dtype=dtype, channels=backbone.channels,
-                     grid=backbone.grid, class_names=CLASS_NAMES)
+                     grid=backbone.grid, class_names=CLASS_NAMES, layers=backbone.config.layers, views=views)
 
 
 def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec,
@@ -133,16 +146,17 @@ class FeatureStore:
                weights: str) -> FeatureStore:
         """Create an empty store for `ids` (every flag pending); `weights` records where the weights came from."""
         check_local(path)
-        n, (h, w), m = len(ids), spec.grid, spec.mask_size
+        n, (h, w), (mh, mw) = len(ids), spec.grid, spec.mask_size
+        feature_shape = (len(spec.views), spec.layers, spec.channels, h, w)
         attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec), "ignore_index": IGNORE_INDEX,
                  "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__, "bad": {}}
         group = zarr.open_group(str(path), mode="w", attributes=attrs)
         # One image per chunk keeps shuffled training reads fast; float features barely compress, so only a
         # checksum: a corrupted chunk fails loudly instead of decoding to wrong numbers.
-        group.create_array(FEATURES, shape=(n, spec.channels, h, w), chunks=(1, spec.channels, h, w),
+        group.create_array(FEATURES, shape=(n, *feature_shape), chunks=(1, 1, *feature_shape[1:]),
                            dtype=spec.dtype, compressors=[Crc32cCodec()], fill_value=float("nan"),
-                           dimension_names=("image", "channel", "token_y", "token_x"))
-        group.create_array(MASKS, shape=(n, m, m), chunks=(1, m, m), dtype="uint8",
+                           dimension_names=FEATURE_DIMS)
+        group.create_array(MASKS, shape=(n, mh, mw), chunks=(1, mh, mw), dtype="uint8",
                            compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=MISSING_LABEL,
                            dimension_names=("image", "mask_y", "mask_x"))
         _write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8))
@@ -222,37 +236,42 @@ class FeatureStore:
         self._arrays[FLAGS][index] = flag
 
     def write(self, index: int, features: np.ndarray, mask: np.ndarray) -> None:
-        """Write one image's features [C, h, w] and mask [M, M], then flag it done: a kill never flags half an image."""
+        """Write one image's features [V, L, C, h, w] and mask [Mh, Mw], then flag it done (a kill never flags half
+        an image)."""
         self._arrays[FEATURES][index] = features
         self._arrays[MASKS][index] = mask
         self._arrays[FLAGS][index] = DONE
 
-    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """One image's features [C, h, w] (store dtype) and mask [M, M] uint8.
+    def read(self, index: int, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """One view of one image: features [L, C, h, w] (store dtype) and its mask [Mh, Mw] uint8, transformed by
+        the view as the input was.
 
         Raises:
             CachedsegError: Naming the image and the command that repairs it, if a chunk is corrupt or missing.
         """
         try:
-            features = self._arrays[FEATURES][index]
+            features = self._arrays[FEATURES][index, view]
             mask = self._arrays[MASKS][index]
         except (ValueError, OSError) as exc:  # crc32c mismatch, truncated chunk, unreadable file
             raise self._damaged(index, f"is corrupt ({exc})") from None
         # A chunk is written whole or not at all, so one fill value at its start means the whole chunk is missing.
         if np.isnan(features.flat[0]) or mask.flat[0] == MISSING_LABEL:
             raise self._damaged(index, "is missing (a deleted chunk file?)")
-        return features, mask
+        return features, apply_view(mask, self.spec.views[view])
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """All features [N, C, h, w] and masks [N, M, M] in one read (for --in-memory), checked like `read`."""
+        """All features [N, V, L, C, h, w] and masks [N, Mh, Mw] (identity view) in one read (for --in-memory),
+        checked like `read`."""
         try:
             features, masks = self._arrays[FEATURES][:], self._arrays[MASKS][:]
         except (ValueError, OSError):  # find and name the corrupt image
             for i in range(len(self)):
-                self.read(i)
+                for v in range(len(self.spec.views)):
+                    self.read(i, v)
             raise
         flags = self.flags()
-        for i in np.flatnonzero(np.isnan(features[:, 0, 0, 0]) | (masks[:, 0, 0] == MISSING_LABEL)):
+        missing = np.isnan(features.reshape(*features.shape[:2], -1)[:, :, 0]).any(1) | (masks[:, 0, 0] == MISSING_LABEL)
+        for i in np.flatnonzero(missing):
             if flags[i] == DONE:
                 raise self._damaged(int(i), "is missing (a deleted chunk file?)")
         return features, masks
@@ -362,9 +381,10 @@ def upgrade(path: str | Path) -> dict:
     """Convert a version-1 store to this version in place, keeping every computed feature.
 
     Version 1 kept ids and splits as variable-length strings (no Zarr v3 spec: tensorstore cannot read them),
-    had no checksum on `ids`, `split` and `done`, and filled missing chunks with numbers that look real. The
-    feature and mask chunks are byte-identical in both versions; only metadata and the three small arrays change.
-    A kill at any moment leaves a store that a rerun of `upgrade` finishes.
+    had no checksum on `ids`, `split` and `done`, filled missing chunks with numbers that look real, and had no
+    view or layer dimension. The feature and mask chunks keep their bytes (feature chunks move two folders down);
+    only metadata and the three small arrays are rewritten. A kill at any moment leaves a store that a rerun of
+    `upgrade` finishes.
 
     Args:
         path: The store folder.
@@ -401,15 +421,37 @@ def upgrade(path: str | Path) -> dict:
         for name in (IDS, SPLIT, FLAGS):  # 2. swap them in (each step can be redone after a kill)
             if (root / f"{name}.v2").is_dir():
                 _swap_in(root / f"{name}.v2", root / name)
-        # 3. the big arrays keep their chunks: new fill values (missing chunks become detectable) and dimension names
-        _rewrite_metadata(root / FEATURES, fill_value="NaN", dimension_names=["image", "channel", "token_y", "token_x"])
+        # 3. the big arrays keep their chunk bytes: features [N, C, h, w] become [N, 1, 1, C, h, w] (one view, one
+        # layer; each chunk file moves two folders down), and new fill values make missing chunks detectable
+        meta = json.loads((root / FEATURES / "zarr.json").read_text())
+        if len(meta["shape"]) == 4:
+            for i in range(staged["images"]):
+                _deepen_chunk(root / FEATURES / "c" / str(i) / "0" / "0" / "0")
+            n, c, h, w = meta["shape"]
+            _rewrite_metadata(root / FEATURES, shape=[n, 1, 1, c, h, w], fill_value="NaN",
+                              chunk_grid={"name": "regular", "configuration": {"chunk_shape": [1, 1, 1, c, h, w]}},
+                              dimension_names=list(FEATURE_DIMS))
         _rewrite_metadata(root / MASKS, fill_value=MISSING_LABEL, dimension_names=["image", "mask_y", "mask_x"])
         group = zarr.open_group(str(root), mode="r+")
-        group.attrs.update({"format_version": FORMAT_VERSION, "package_version": __version__})
-        group.attrs.pop("upgrade_staged", None)
+        attrs = dict(group.attrs)
+        size, mask = attrs.pop("image_size"), attrs["mask_size"]
+        attrs.pop("upgrade_staged", None)
+        attrs.update(format_version=FORMAT_VERSION, package_version=__version__, input_size=[size, size],
+                     mask_size=[mask, mask], layers=1, views=["identity"])
+        group.attrs.put(attrs)  # one write: a kill leaves the old attributes or the new
         flags = group[FLAGS][:]
         return {"images": staged["images"], "done": int((flags == DONE).sum()), "reset": staged["reset"],
                 "upgraded": True}
+
+
+def _deepen_chunk(path: Path) -> None:
+    """Move the chunk file `path` to `path/0/0` (two leading dimensions of 1 added); redone safely after a kill."""
+    moving = path.with_name(path.name + ".v1")
+    if path.is_file():
+        os.replace(path, moving)
+    if moving.is_file():
+        (path / "0").mkdir(parents=True, exist_ok=True)
+        os.replace(moving, path / "0" / "0")
 
 
 def _swap_in(new: Path, old: Path) -> None:

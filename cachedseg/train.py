@@ -21,18 +21,28 @@ from cachedseg import checkpoint
 from cachedseg.checkpoint import Checkpoint, TrainConfig
 from cachedseg.classes import IGNORE_INDEX
 from cachedseg.data import collate
-from cachedseg.decoders import DecoderConfig, build_decoder
+from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource, worker_init
 from cachedseg.metrics import confusion, scores
 from cachedseg.store import StoreSpec
 
 
-def epoch_batches(indices: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """One epoch's shuffled batches of image indices; cached and live runs draw the very same ones."""
+def epoch_batches(indices: list[int], batch_size: int, generator: torch.Generator,
+                  views: int = 1) -> list[list[tuple[int, int]]]:
+    """One epoch's shuffled batches of (image index, view): each image once, in one of `views` views drawn at
+    random. Cached and live runs draw the very same ones."""
     order = torch.randperm(len(indices), generator=generator).tolist()
-    shuffled = [indices[i] for i in order]
+    drawn = torch.randint(views, (len(indices),), generator=generator).tolist() if views > 1 else [0] * len(indices)
+    shuffled = [(indices[i], v) for i, v in zip(order, drawn)]
     return [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
+
+
+def targets(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Labels [B, Mh, Mw] as int64 at the decoder's output `size` (nearest; only the seed decoder's crop differs)."""
+    if tuple(mask.shape[-2:]) != tuple(size):
+        mask = F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
+    return mask.long()
 
 
 class Batches:
@@ -64,8 +74,8 @@ def validate(decoder: torch.nn.Module, source: FeatureSource, batches: torch.uti
     conf = torch.zeros(k, k, dtype=torch.long)
     for batch in batches:
         source.check(batch)
-        logits = decoder(source.features(batch, device))  # [B, K, M, M]
-        conf += confusion(logits.argmax(1), batch["mask"].to(device), k)
+        logits = decoder(source.features(batch, device))  # [B, K, Mh, Mw]
+        conf += confusion(logits.argmax(1), targets(batch["mask"].to(device), logits.shape[-2:]), k)
     return conf
 
 
@@ -102,7 +112,7 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
         raise CachedsegError(f"{run} already holds a trained run; pass --resume to continue it, or another --run")
     device = torch.device(device)
     spec = source.spec
-    dec_cfg = DecoderConfig(config.decoder, spec.channels, len(spec.class_names), spec.mask_size)
+    dec_cfg = decoder_config(config.decoder, spec, config.layers or spec.layers)
     torch.manual_seed(config.seed)
     decoder = build_decoder(dec_cfg).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
@@ -119,7 +129,7 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
 
     for epoch in range(len(rows) + 1, config.epochs + 1):
         start = time.perf_counter()
-        trn_batches.batches = epoch_batches(trn, config.batch_size, generator)
+        trn_batches.batches = epoch_batches(trn, config.batch_size, generator, len(spec.views))
         train_loss = train_epoch(decoder, optimizer, source, trn_loader, device, progress)
         train_seconds = time.perf_counter() - start
         if not math.isfinite(train_loss):
@@ -154,9 +164,9 @@ def train_epoch(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, sour
         progress(0, len(batches))
     for step, batch in enumerate(batches, 1):
         source.check(batch)
-        feats = source.features(batch, device)  # [B, C, h, w]
-        target = batch["mask"].to(device).long()  # [B, M, M]
-        logits = decoder(feats)  # [B, K, M, M]
+        feats = source.features(batch, device)  # [B, L, C, h, w]
+        logits = decoder(feats)  # [B, K, Mh, Mw]
+        target = targets(batch["mask"].to(device), logits.shape[-2:])  # [B, Mh, Mw]
         valid = (target != IGNORE_INDEX).sum()
         # Summed then divided: an all-ignore batch contributes nothing instead of NaN.
         loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / valid.clamp(min=1)

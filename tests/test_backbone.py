@@ -20,12 +20,67 @@ def test_output_is_the_patch_token_grid(name):
     model = build_backbone(BackboneConfig(name, 112), "random")
     x = torch.randn(2, 3, 112, 112)
     out = model(x)
-    assert out.shape == (2, model.channels, 8, 8) and model.channels == 384 and model.grid == (8, 8)
+    assert out.shape == (2, 1, model.channels, 8, 8) and model.channels == 384 and model.grid == (8, 8)
     assert out.is_contiguous()  # same memory layout as cached features, so the decoder computes the same
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     # class and register tokens are dropped: the grid is exactly the patch tokens after the final norm
     tokens = model.model.forward_features(x)[:, model.model.num_prefix_tokens:]
-    torch.testing.assert_close(out, tokens.transpose(1, 2).reshape(2, 384, 8, 8), rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 0], tokens.transpose(1, 2).reshape(2, 384, 8, 8), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_several_layers_are_the_normed_tokens_of_the_last_blocks(name):
+    four = build_backbone(BackboneConfig(name, (112, 154), layers=4), "random")
+    x = torch.randn(1, 3, 112, 154)
+    out = four(x)
+    assert out.shape == (1, 4, 384, 8, 11)
+    vit = four.model
+    tokens, expected = vit.patch_drop(vit._pos_embed(vit.patch_embed(x))), []
+    for i, block in enumerate(vit.blocks):
+        tokens = block(tokens)
+        if i >= len(vit.blocks) - 4:
+            expected.append(vit.norm(tokens)[:, vit.num_prefix_tokens:].transpose(1, 2).reshape(1, 384, 8, 11))
+    torch.testing.assert_close(out, torch.stack(expected, 1), rtol=0, atol=0)
+    # the last of them is what a one-layer backbone returns
+    torch.testing.assert_close(out[:, -1:], build_backbone(BackboneConfig(name, (112, 154)), "random")(x),
+                               rtol=0, atol=0)
+
+
+def _official_pos_embed(trained: torch.Tensor, grid: tuple[int, int], registers: bool) -> torch.Tensor:
+    """The official DINOv2 resize, written out: plain models add 0.1 to the target size and give interpolate a
+    scale factor, antialias off; `_reg` models give it the size, antialias on (their pos_embed has no class entry)."""
+    prefix = 0 if registers else 1
+    m = int((trained.shape[1] - prefix) ** 0.5)
+    patches = trained[:, prefix:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    if registers:
+        patches = torch.nn.functional.interpolate(patches, size=grid, mode="bicubic", antialias=True)
+    else:
+        patches = torch.nn.functional.interpolate(patches, scale_factor=((grid[0] + 0.1) / m, (grid[1] + 0.1) / m),
+                                                  mode="bicubic", antialias=False)
+    return torch.cat([trained[:, :prefix], patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], 1)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+@pytest.mark.parametrize("size", [(224, 224), (112, 154), (518, 924)])
+def test_the_position_embedding_is_resized_as_the_official_model_does(name, size):
+    import timm
+    with torch.random.fork_rng(devices=[]):  # the weights `random` gives, at the pretrained 37x37 grid
+        torch.manual_seed(0)
+        trained = timm.create_model(name, pretrained=False, num_classes=0).pos_embed.detach()
+    model = build_backbone(BackboneConfig(name, size), "random")
+    grid = (size[0] // 14, size[1] // 14)
+    assert model.grid == grid
+    expected = _official_pos_embed(trained, grid, registers="reg4" in name)
+    torch.testing.assert_close(model.model.pos_embed.detach(), expected, rtol=0, atol=0)
+    assert model(torch.randn(1, 3, *size)).shape == (1, 1, 384, *grid)
+
+
+def test_a_checkpoint_of_another_variant_is_named(tmp_path):
+    from safetensors.torch import save_file
+    reg = build_backbone(BackboneConfig("vit_small_patch14_reg4_dinov2", 112), "random")
+    save_file({k: v.contiguous() for k, v in reg.model.state_dict().items()}, tmp_path / "reg.safetensors")
+    with pytest.raises(CachedsegError, match="--backbone vit_small_patch14_reg4_dinov2"):
+        build_backbone(SMALL_CFG, str(tmp_path / "reg.safetensors"))
 
 
 def test_random_weights_are_identical_in_every_process():
@@ -58,7 +113,7 @@ def test_another_batch_changes_features_only_by_float32_rounding():
     for i in range(4):
         assert_features_close(model(x[i:i + 1].clone())[0], batched[i])
     exact = model.model.double().forward_features(x.double())[:, model.model.num_prefix_tokens:]
-    exact = exact.transpose(1, 2).reshape(batched.shape)
+    exact = exact.transpose(1, 2).reshape(batched.shape)  # [4, 1, C, h, w]
     assert_features_close(batched, exact.float())
     assert (batched.double() - exact).abs().max() <= 2e-6 * exact.abs().max()  # the measured 1.1e-6 with margin
 
@@ -85,6 +140,10 @@ def test_weights_file_loads_the_same_model(tmp_path, suffix):
 def test_bad_backbone_settings_are_refused():
     with pytest.raises(CachedsegError, match="multiple of the patch size"):
         build_backbone(BackboneConfig("vit_small_patch14_dinov2", 100), "random")
+    with pytest.raises(CachedsegError, match="multiple of the patch size"):
+        build_backbone(BackboneConfig("vit_small_patch14_dinov2", (112, 150)), "random")
+    with pytest.raises(CachedsegError, match="--layers 13"):
+        build_backbone(BackboneConfig("vit_small_patch14_dinov2", 112, layers=13), "random")
     with pytest.raises(CachedsegError, match="unknown backbone"):
         build_backbone(BackboneConfig("resnet50", 112), "random")
     with pytest.raises(CachedsegError, match="no such file"):
@@ -109,5 +168,5 @@ def test_auto_weights_fail_fast_and_say_what_to_do_offline(dataset, tmp_path, en
 @pytest.mark.slow
 def test_full_size_vit_b_at_518():
     model = build_backbone(BackboneConfig(), "random")
-    assert model(torch.randn(1, 3, 518, 518)).shape == (1, 768, 37, 37)
-    assert model.preprocess.image_size == 518 and model.preprocess.mask_size == 512
+    assert model(torch.randn(1, 3, 518, 518)).shape == (1, 1, 768, 37, 37)
+    assert model.preprocess.image_size == (518, 518) and model.preprocess.mask_size == (592, 592)

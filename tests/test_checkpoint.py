@@ -6,18 +6,18 @@ import torch
 from cachedseg import checkpoint
 from cachedseg.checkpoint import Checkpoint, TrainConfig
 from cachedseg.classes import CLASS_NAMES
-from cachedseg.decoders import DecoderConfig, build_decoder
+from cachedseg.decoders import build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
 from cachedseg.store import StoreSpec
 
-SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, image_size=112, mask_size=112,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", precision="float32",
-                 dtype="float16", channels=48, grid=(8, 8), class_names=CLASS_NAMES)
+SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(112, 154),
+                 mask_size=(128, 176), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
+                 precision="float32", dtype="float16", channels=48, grid=(8, 11), class_names=CLASS_NAMES)
 
 
 def make_checkpoint() -> Checkpoint:
     """A small trained-looking checkpoint."""
-    cfg = DecoderConfig("linear", 48, len(CLASS_NAMES), 112)
+    cfg = decoder_config("linear", SPEC)
     torch.manual_seed(1)
     decoder = build_decoder(cfg)
     return Checkpoint(decoder_config=cfg, train_config=TrainConfig(epochs=3, lr=3e-4), spec=SPEC, weights="random",
@@ -33,7 +33,7 @@ def test_a_checkpoint_reads_back_whole_and_rebuilds_the_same_decoder(tmp_path):
     assert back.spec == SPEC and back.decoder_config == ckpt.decoder_config and back.train_config == ckpt.train_config
     assert back.weights == "random" and back.epoch == 2 and back.metrics == ckpt.metrics
     assert torch.equal(back.rng["torch"], ckpt.rng["torch"])
-    x = torch.randn(1, 48, 8, 8)
+    x = torch.randn(1, 1, 48, 8, 11)
     reference = build_decoder(ckpt.decoder_config)
     reference.load_state_dict(ckpt.decoder_state)
     assert torch.equal(back.decoder()(x), reference.eval()(x))

@@ -8,14 +8,14 @@ from PIL import Image
 from cachedseg.data import Preprocess, load_image, mask_size_for, preprocess_image, preprocess_mask, read_dataset
 from cachedseg.errors import CachedsegError
 
-PP = Preprocess(image_size=112, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                interpolation="bicubic", mask_size=112)
+PP = Preprocess(image_size=(112, 154), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                interpolation="bicubic", mask_size=(128, 176))
 
 
 def test_preprocess_image_resizes_and_normalises_with_the_configured_mean_and_std():
     mean_colour = tuple(round(m * 255) for m in PP.mean)
     x = preprocess_image(Image.new("RGB", (1280, 720), mean_colour), PP)
-    assert x.shape == (3, 112, 112) and x.dtype == torch.float32
+    assert x.shape == (3, 112, 154) and x.dtype == torch.float32  # (height, width)
     assert x.abs().max() < 0.01  # the mean colour maps to ~0
     white = preprocess_image(Image.new("RGB", (64, 48), (255, 255, 255)), PP)
     expected = torch.tensor([(1 - m) / s for m, s in zip(PP.mean, PP.std)])
@@ -24,19 +24,31 @@ def test_preprocess_image_resizes_and_normalises_with_the_configured_mean_and_st
 
 def test_preprocess_image_accepts_grayscale_and_rgba():
     for mode in ("L", "RGBA"):
-        assert preprocess_image(Image.new(mode, (50, 40)), PP).shape == (3, 112, 112)
+        assert preprocess_image(Image.new(mode, (50, 40)), PP).shape == (3, 112, 154)
 
 
 def test_preprocess_mask_is_nearest_neighbour():
     labels = np.random.default_rng(0).integers(0, 12, (120, 160), dtype=np.uint8)
     labels[:5, :5] = 255
-    m = preprocess_mask(Image.fromarray(labels), 64)
-    assert m.shape == (64, 64) and m.dtype == torch.uint8
+    m = preprocess_mask(Image.fromarray(labels), (48, 64))
+    assert m.shape == (48, 64) and m.dtype == torch.uint8
     assert set(m.unique().tolist()) <= set(np.unique(labels).tolist())  # no blended labels
 
 
-def test_mask_size_is_input_rounded_down_to_16():
-    assert mask_size_for(518) == 512 and mask_size_for(112) == 112 and mask_size_for(224) == 224
+def test_masks_have_16_pixels_per_token_the_decoders_output_grid():
+    assert mask_size_for((37, 37)) == (592, 592) and mask_size_for((37, 66)) == (592, 1056)
+
+
+def test_sizes_parse_as_width_x_height_and_short_side_keeps_the_aspect_ratio():
+    from cachedseg.backbone import parse_size, size_for_short_side
+    assert parse_size("518") == (518, 518) and parse_size("924x518") == (518, 924)
+    assert size_for_short_side(518, 1280, 720) == (518, 924)  # AeroScapes frames: a 37x66 token grid
+    assert size_for_short_side(518, 720, 1280) == (924, 518)
+    for bad in ("", "x", "1x2x3", "abc"):
+        with pytest.raises(CachedsegError, match="--image-size"):
+            parse_size(bad)
+    with pytest.raises(CachedsegError, match="--short-side"):
+        size_for_short_side(500, 1280, 720)
 
 
 def test_exif_rotation_is_applied(tmp_path):

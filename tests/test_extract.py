@@ -24,14 +24,15 @@ def test_store_layout_reads_back_with_plain_zarr(dataset, store32):
     n = len(samples)
     attrs = dict(g.attrs)
     assert attrs["format"] == "cachedseg-features" and attrs["format_version"] == 2
-    assert attrs["backbone"] == "vit_small_patch14_dinov2" and attrs["image_size"] == 112
+    assert attrs["backbone"] == "vit_small_patch14_dinov2" and attrs["input_size"] == [112, 112]
+    assert attrs["layers"] == 1 and attrs["views"] == ["identity"] and attrs["mask_size"] == [128, 128]
     assert attrs["dtype"] == "float32" and attrs["class_names"] == list(CLASS_NAMES)
     assert attrs["mean"] == [0.485, 0.456, 0.406] and attrs["std"] == [0.229, 0.224, 0.225]
     assert attrs["dataset"] == str(dataset.resolve()) and attrs["package_version"]
     assert len(attrs["fingerprint"]) == 32
-    assert g["features"].shape == (n, 384, 8, 8) and g["features"].chunks == (1, 384, 8, 8)
+    assert g["features"].shape == (n, 1, 1, 384, 8, 8) and g["features"].chunks == (1, 1, 1, 384, 8, 8)
     assert g["features"].dtype == np.float32 and np.isnan(g["features"].fill_value)
-    assert g["masks"].shape == (n, 112, 112) and g["masks"].dtype == np.uint8 and g["masks"].fill_value == 254
+    assert g["masks"].shape == (n, 128, 128) and g["masks"].dtype == np.uint8 and g["masks"].fill_value == 254
     assert decode_ids(g["ids"][:]) == [s.id for s in samples]
     assert [("trn", "val")[c] for c in g["split"][:]] == [s.split for s in samples]
     assert g["done"][:].tolist() == [1] * n
@@ -50,7 +51,7 @@ def test_the_store_round_trip_is_bit_exact_and_live_features_are_within_rounding
     for i, sample in enumerate(samples[:4]):
         features, mask = fs.read(i)
         assert np.array_equal(features, batch[i])
-        assert np.array_equal(mask, preprocess_mask(load_mask(sample.mask), 112).numpy())
+        assert np.array_equal(mask, preprocess_mask(load_mask(sample.mask), (128, 128)).numpy())
         assert_features_close(features, model(x[i:i + 1].clone())[0])  # batch of one: equal up to rounding
 
 
@@ -144,10 +145,10 @@ def test_dataset_errors_are_one_line_messages(dataset, tmp_path):
 
 def test_info_describes_a_store_and_a_run(store32, run32, tmp_path):
     out = run_cli("info", store32).output
-    assert "vit_small_patch14_dinov2 @ 112 px" in out and "8 done, 0 pending, 0 skipped as bad" in out
-    assert "[N, 384, 8, 8] float32" in out
+    assert "vit_small_patch14_dinov2 @ 112x112 px" in out and "8 done, 0 pending, 0 skipped as bad" in out
+    assert "[N, 1, 1, 384, 8, 8] float32" in out
     out = run_cli("info", run32).output
-    assert "seed (" in out and "mIoU" in out
+    assert "upconv (" in out and "mIoU" in out
 
 
 def test_info_names_what_it_found_instead(dataset, store32, tmp_path):

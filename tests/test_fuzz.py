@@ -13,8 +13,8 @@ from PIL import Image
 
 from cachedseg.data import Preprocess, Sample, SegmentationDataset
 
-PP = Preprocess(image_size=28, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
-                mask_size=16)
+PP = Preprocess(image_size=(28, 42), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
+                mask_size=(32, 48))
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -71,8 +71,8 @@ def check(item: dict, tmp_path) -> None:
     if "error" in item:
         assert str(tmp_path / "x.jpg") in item["error"] or str(tmp_path / "x.png") in item["error"]
     else:
-        assert item["image"].shape == (3, 28, 28) and bool(item["image"].isfinite().all())
-        assert item["mask"].shape == (16, 16)
+        assert item["image"].shape == (3, 28, 42) and bool(item["image"].isfinite().all())
+        assert item["mask"].shape == (32, 48)
         labels = item["mask"].numpy()
         assert ((labels < 12) | (labels == 255)).all()
 

@@ -111,7 +111,7 @@ def test_a_corrupt_cached_chunk_names_the_image_and_redo_repairs_it(dataset, sto
     shutil.copytree(store32, path)
     g = zarr.open_group(str(path))
     victim = 1
-    chunk = path / "features" / "c" / str(victim) / "0" / "0" / "0"
+    chunk = path / "features" / "c" / str(victim) / "0" / "0" / "0" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))

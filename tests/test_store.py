@@ -13,9 +13,9 @@ from cachedseg.errors import CachedsegError
 from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, decode_ids, encode_ids, upgrade
 from tests.conftest import one_line_error, run_cli
 
-SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, image_size=112, mask_size=16,
+SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(28, 42), mask_size=(32, 48),
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", precision="float32",
-                 dtype="float16", channels=6, grid=(2, 3), class_names=CLASS_NAMES)
+                 dtype="float16", channels=6, grid=(2, 3), class_names=CLASS_NAMES, layers=2, views=("identity", "flip"))
 IDS = ["000001_001", "a", "ünïcode_7", "x" * 40]
 
 
@@ -25,7 +25,7 @@ def small(tmp_path):
     fs = FeatureStore.create(tmp_path / "s.zarr", SPEC, IDS, ["trn", "trn", "val", "val"], dataset="/data",
                              weights="random")
     rng = np.random.default_rng(0)
-    data = [(rng.standard_normal((6, 2, 3)).astype(np.float16), rng.integers(0, 12, (16, 16), dtype=np.uint8))
+    data = [(rng.standard_normal((2, 2, 6, 2, 3)).astype(np.float16), rng.integers(0, 12, (32, 48), dtype=np.uint8))
             for _ in IDS]
     data[1][1][:] = 255  # an image with no labelled pixel is still an image
     for i in range(3):
@@ -45,8 +45,10 @@ def test_what_is_written_reads_back_exactly(small):
     assert again.spec == SPEC and again.ids == IDS and again.splits == ["trn", "trn", "val", "val"]
     assert again.flags().tolist() == [DONE, DONE, DONE, PENDING]
     for i in range(3):
-        features, mask = again.read(i)
-        assert np.array_equal(features, data[i][0]) and np.array_equal(mask, data[i][1])
+        features, mask = again.read(i)  # the identity view
+        assert np.array_equal(features, data[i][0][0]) and np.array_equal(mask, data[i][1])
+        features, mask = again.read(i, 1)  # flipped: its own features, and the mask flipped like the input
+        assert np.array_equal(features, data[i][0][1]) and np.array_equal(mask, data[i][1][:, ::-1])
     assert again.dataset == "/data" and again.weights == "random"
     d = again.describe()
     assert (d["images"], d["trn"], d["val"], d["done"], d["pending"]) == (4, 2, 2, 3, 1)
@@ -90,11 +92,12 @@ def test_xarray_opens_every_array_with_named_dimensions(small):
     xr = pytest.importorskip("xarray")
     fs, data = small
     ds = xr.open_zarr(fs.path, consolidated=False)
-    assert dict(ds.sizes) == {"image": 4, "channel": 6, "token_y": 2, "token_x": 3, "mask_y": 16, "mask_x": 16,
-                              "id_byte": 40}
+    assert dict(ds.sizes) == {"image": 4, "view": 2, "layer": 2, "channel": 6, "token_y": 2, "token_x": 3,
+                              "mask_y": 32, "mask_x": 48, "id_byte": 40}
     # the README's recipe: the ids as the `image` coordinate, then select by id
     ds = ds.assign_coords(image=decode_ids(ds["ids"].values))
     assert np.array_equal(ds["features"].sel(image="ünïcode_7").values, data[2][0])
+    assert np.array_equal(ds["features"].sel(image="a", view=1, layer=1).values, data[1][0][1, 1])
     assert np.array_equal(ds["masks"].sel(image="a").values, data[1][1])
     assert [SPLITS[c] for c in ds["split"].values] == fs.splits and ds["done"].values.tolist() == fs.flags().tolist()
 
@@ -111,7 +114,8 @@ def test_tensorstore_reads_every_array(small):
 
 
 def make_v1(store, path):
-    """A version-1 copy of a store, exactly as cachedseg 0.1.0 wrote them (chunks are the same bytes)."""
+    """A version-1 copy of a one-view, one-layer store, laid out as cachedseg 0.1.0 wrote them: [N, C, h, w]
+    features (chunk bytes as in version 2, two folders higher), string ids and splits, zero fill values."""
     shutil.copytree(store, path)
     g = zarr.open_group(str(path), mode="r+")
     ids, splits, done = decode_ids(g["ids"][:]), [SPLITS[c] for c in g["split"][:]], g["done"][:]
@@ -122,11 +126,26 @@ def make_v1(store, path):
     for name, values in (("ids", ids), ("split", splits)):
         g.create_array(name, shape=(n,), chunks=(n,), dtype=str)[:] = np.array(values, dtype=object)
     g.create_array("done", shape=(n,), chunks=(1,), dtype="uint8", fill_value=0)[:] = done
-    for name, fill, dims in (("features", 0, ["image", "channel", "y", "x"]), ("masks", 255, ["image", "y", "x"])):
-        meta = json.loads((path / name / "zarr.json").read_text())
-        meta.update(fill_value=fill, dimension_names=dims)
-        (path / name / "zarr.json").write_text(json.dumps(meta))
-    g.attrs["format_version"] = 1
+    for i in range(n):  # c/i/0/0/0/0/0 -> c/i/0/0/0
+        deep = path / "features" / "c" / str(i) / "0" / "0" / "0"
+        (deep / "0" / "0").rename(path / "features" / "c" / f"{i}.chunk")
+        shutil.rmtree(path / "features" / "c" / str(i))
+        deep.parent.mkdir(parents=True)
+        (path / "features" / "c" / f"{i}.chunk").rename(deep)
+    meta = json.loads((path / "features" / "zarr.json").read_text())
+    shape = [meta["shape"][0], *meta["shape"][3:]]
+    meta.update(shape=shape, fill_value=0, dimension_names=["image", "channel", "y", "x"],
+                chunk_grid={"name": "regular", "configuration": {"chunk_shape": [1, *shape[1:]]}})
+    (path / "features" / "zarr.json").write_text(json.dumps(meta))
+    meta = json.loads((path / "masks" / "zarr.json").read_text())
+    meta.update(fill_value=255, dimension_names=["image", "y", "x"])
+    (path / "masks" / "zarr.json").write_text(json.dumps(meta))
+    attrs = dict(g.attrs)
+    for key in ("input_size", "layers", "views"):
+        attrs.pop(key)
+    attrs.update(format_version=1, image_size=g.attrs["input_size"][0], mask_size=g.attrs["mask_size"][0])
+    g.attrs.put(attrs)
+    assert zarr.open_group(str(path))["features"].shape == (n, *shape[1:])
     return path
 
 
@@ -140,7 +159,8 @@ def test_upgrade_converts_a_version_1_store_in_place_keeping_every_feature(store
         assert np.array_equal(zarr.open_group(str(old))[name][:], zarr.open_group(str(store32))[name][:],
                               equal_nan=True), name
     assert dict(zarr.open_group(str(old)).attrs) == dict(zarr.open_group(str(store32)).attrs)
-    assert all((old / rel).read_bytes() == b for rel, b in chunks.items())  # features untouched: no recompute
+    # no feature recomputed: each chunk's bytes moved two folders down ([N, C, h, w] -> [N, 1, 1, C, h, w])
+    assert all((old / rel / "0" / "0").read_bytes() == b for rel, b in chunks.items())
     run_cli("upgrade", old)  # a second upgrade has nothing to do
     run_cli("train", old, "--run", tmp_path / "r", "--epochs", "1", "--workers", "0")
 

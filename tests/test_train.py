@@ -10,16 +10,44 @@ from PIL import Image
 from cachedseg import checkpoint
 from cachedseg.backbone import backbone_for
 from cachedseg.data import load_image, load_mask
-from cachedseg.decoders import DecoderConfig, build_decoder
+from cachedseg.decoders import build_decoder, decoder_config
 from cachedseg.predict import PALETTE, labels_from_logits, segment
-from cachedseg.store import FeatureStore
+from cachedseg.store import FeatureStore, StoreSpec
 from tests.conftest import MIN_AGREEMENT, SMALL, TRAIN, one_line_error, run_cli
 
 
-@pytest.mark.parametrize("name,grid,mask", [("seed", 8, 112), ("seed", 37, 512), ("linear", 37, 512)])
-def test_decoders_map_the_token_grid_to_mask_size_logits(name, grid, mask):
-    decoder = build_decoder(DecoderConfig(name, 48, 12, mask))
-    assert decoder(torch.randn(2, 48, grid, grid)).shape == (2, 12, mask, mask)
+@pytest.mark.parametrize("name", ["seed", "upconv", "linear", "conv"])
+@pytest.mark.parametrize("input_size,grid", [((112, 112), (8, 8)), ((518, 924), (37, 66))])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_decoders_map_the_token_grid_to_logits_over_the_whole_frame(name, input_size, grid, layers):
+    spec = StoreSpec(backbone="b", fingerprint="f", input_size=input_size, mask_size=(16 * grid[0], 16 * grid[1]),
+                     mean=(0, 0, 0), std=(1, 1, 1), interpolation="bicubic", precision="float32", dtype="float16",
+                     channels=8, grid=grid, class_names=tuple("abc"), layers=2)
+    decoder = build_decoder(decoder_config(name, spec, layers))
+    out = decoder(torch.randn(2, 2, 8, *grid))
+    # the seed decoder crops to the input size rounded down to 16 (518 -> 512); the others cover the mask grid
+    expected = tuple(s // 16 * 16 for s in input_size) if name == "seed" else spec.mask_size
+    assert out.shape == (2, 3, *expected)
+
+
+def test_the_upconv_output_sits_over_the_labels_and_the_seed_crop_does_not():
+    # A token grid whose left half is class 1: the aligned decoder's 16x output puts the edge exactly at the
+    # middle of the frame, like the masks (each token is one 16x16 output patch); the seed's crop shifts it.
+    spec = StoreSpec(backbone="b", fingerprint="f", input_size=(518, 518), mask_size=(592, 592), mean=(0, 0, 0),
+                     std=(1, 1, 1), interpolation="bicubic", precision="float32", dtype="float16", channels=2,
+                     grid=(37, 37), class_names=("a", "b"))
+    x = torch.zeros(1, 1, 2, 37, 37)
+    x[..., :18] = 1.0
+    for name, edge in (("upconv", 18 * 16), ("seed", 18 * 16 - (592 - 512) // 2)):
+        decoder = build_decoder(decoder_config(name, spec))
+        with torch.no_grad():
+            for m in decoder.modules():  # an identity-like decoder: pass channel 0 through every block
+                if isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.Conv2d)):
+                    m.weight.zero_()
+                    m.bias.zero_()
+                    m.weight[0, 0] = 1.0
+            out = decoder.eval()(x)
+        assert out[0, 0, 0, edge - 1] > 0 and out[0, 0, 0, edge] == 0, name
 
 
 def test_train_writes_a_complete_run_folder(run32):
@@ -31,7 +59,7 @@ def test_train_writes_a_complete_run_folder(run32):
     assert Image.open(run32 / "curves.png").size[0] > 100
     ckpt = checkpoint.load_run(run32)  # no flags: everything comes from the checkpoint
     assert ckpt.spec.backbone == "vit_small_patch14_dinov2" and ckpt.spec.dtype == "float32"
-    assert ckpt.decoder_config.name == "seed" and ckpt.decoder_config.in_channels == 384
+    assert ckpt.decoder_config.name == "upconv" and ckpt.decoder_config.in_channels == 384
     assert ckpt.train_config.lr == 1e-4 and ckpt.weights == "random" and ckpt.epoch in (1, 2)
 
 
