@@ -35,7 +35,9 @@ class TrainConfig:
         batch_size: Images per step.
         decoder: Decoder name (`seed`, `upconv`, `linear` or `conv`).
         layers: How many of the last cached layers the decoder reads (None: all the features hold).
-        seed: Seeds the decoder's initialisation and the shuffling, identically for cached and live runs.
+        seed: Seeds the decoder's initialisation and (unless `data_seed` is given) the shuffling and view draws,
+            identically for cached and live runs.
+        data_seed: Seeds the shuffling and view draws on its own (heads trained in one pass share it).
         workers: DataLoader worker processes (None: 0 on a CPU, where reads are cheap next to the decoder and
             workers only compete for cores; min(4, CPUs) on a GPU).
     """
@@ -46,6 +48,7 @@ class TrainConfig:
     decoder: str = "upconv"
     layers: int | None = None
     seed: int = 0
+    data_seed: int | None = None
     workers: int | None = None
 
 

@@ -4,6 +4,7 @@ loads), then calls one library function; Rich (progress, tables) lives here only
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,10 +28,14 @@ app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+RANK = int(os.environ.get("RANK", "0"))  # under torchrun: only rank 0 reports
+
+
 def _console(stderr: bool = False) -> Console:
-    """A console that, when piped into a log, does not wrap long paths at 80 columns."""
+    """A console that, when piped into a log, does not wrap long paths at 80 columns (and is quiet on the ranks
+    other than 0 of a torchrun job, except for errors)."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 240)
+    return Console(stderr=stderr, width=None if stream.isatty() else 240, quiet=RANK > 0 and not stderr)
 
 
 console, errors = _console(), _console(stderr=True)
@@ -72,7 +77,9 @@ def user_errors() -> Iterator[None]:
     except CachedsegError as exc:
         if _state["verbose"]:
             raise
-        errors.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        if RANK == 0 or not getattr(exc, "shared", False):  # a job-wide error is told once, by rank 0
+            prefix = f"[rank {RANK}] " if RANK else ""
+            errors.print(f"[bold red]{prefix}error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         errors.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to continue")
@@ -198,7 +205,7 @@ def _synth(out: Path, count: int, width: int, height: int, seed: int) -> None:
 @app.command()
 def extract(
     data: Path = typer.Argument(..., help="Dataset folder: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt."),
-    store: Optional[str] = typer.Option(None, help="Store folder to write (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
+    store: Optional[str] = typer.Option(None, help="Store to write: a folder or a URL such as s3://bucket/x.zarr (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
     image_size: Optional[str] = typer.Option(None, help=SIZE_HELP),
     short_side: Optional[int] = typer.Option(None, help=SHORT_SIDE_HELP),
@@ -213,17 +220,19 @@ def extract(
     overwrite: bool = typer.Option(False, help="Rebuild a store made with other settings instead of refusing it."),
     skip_bad: bool = typer.Option(False, help="Record unreadable images in the store, with the reason, and carry on."),
     redo: Optional[list[str]] = typer.Option(None, help="Recompute this image id (repeatable), e.g. after a checksum error."),
+    images_per_shard: int = typer.Option(1, help="Pack N images into each file (zarr shards) of a new store: fewer "
+                                         "files; a shard is then the unit of work (an unfinished one is redone whole)."),
 ):
     """Run the frozen backbone once per image and cache its token grids in a Zarr store.
 
     Rerunning the same command skips finished images, so an interrupted run resumes where it stopped.
     """
-    _light_checks(lambda: paths.check_dataset(data), lambda: store and paths.check_local(store))
+    _light_checks(lambda: paths.check_dataset(data))
     with user_errors():
         config = _backbone_config(backbone, image_size, short_side, precision, layers, data)
         return _extract(data, store, config, weights=weights, dtype=dtype, batch_size=batch_size, device=device,
                         workers=workers, overwrite=overwrite, skip_bad=skip_bad, redo=tuple(redo or ()),
-                        views=_views(views))
+                        views=_views(views), images_per_shard=images_per_shard)
 
 
 def _extract(data, store, backbone, **options):
@@ -260,10 +269,10 @@ def _metrics_table(rows: list[dict], title: str) -> Table:
 @app.command()
 def train(
     store: Optional[str] = typer.Argument(None, help="Feature store from `cachedseg extract` (omit with --live)."),
-    run: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<store or data>-<decoder>)."),
+    run: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="Run folder (default: runs/<store or data>-<decoder>). Under torchrun write --run-dir: torchrun takes --run for its own --run-path."),
     epochs: int = typer.Option(11, help="Epochs."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
-    batch_size: int = typer.Option(2, help="Images per step."),
+    batch_size: int = typer.Option(2, help="Images per step, in all (under torchrun split over the processes)."),
     decoder: str = typer.Option("upconv", help=DECODER_HELP),
     layers: Optional[int] = typer.Option(None, help="The decoder reads the last N cached layers (default: all the store holds; with --live: 1)."),
     seed: int = typer.Option(0, help="Seed for the decoder's initialisation and the shuffling."),
@@ -389,7 +398,7 @@ def _evaluate(run, json_out: Path | None = None, **options):
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
-    run: Path = typer.Option(..., help="Run folder (uses best.pt) or a checkpoint file."),
+    run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (uses best.pt) or a checkpoint file."),
     out: Path = typer.Option(Path("predictions"), help="Output folder."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights (default: those the run was trained with); "
                                           "they must give the run's backbone fingerprint."),
@@ -416,11 +425,10 @@ def _predict(images, run, out: Path, **options):
 
 
 @app.command()
-def info(path: str = typer.Argument(..., help="A feature store, or a run folder / checkpoint file.")) -> None:
+def info(path: str = typer.Argument(..., help="A feature store (folder or URL), or a run folder / checkpoint file.")) -> None:
     """Show what a feature store holds (settings, images done/pending/bad, size) or what a run was trained on."""
     def exists() -> None:
-        paths.check_local(path)
-        if not Path(path).exists():
+        if not paths.is_url(path) and not Path(path).exists():
             raise CachedsegError(f"nothing at {path} (expected a feature store or a run folder)"
                                  f"{paths.did_you_mean(Path(path))}")
     _light_checks(exists)

@@ -14,11 +14,34 @@ from cachedseg.errors import CachedsegError
 CHECKPOINTS = ("best.pt", "last.pt")
 
 
-def check_local(path: str | Path) -> None:
-    """Refuse a URL: stores are local folders (a `Path` would turn `s3://b/x` into the folder `s3:/b/x`)."""
-    if "://" in str(path):
-        raise CachedsegError(f"{path}: remote stores (URLs) are not supported yet; give a local folder, e.g. copy "
-                             "the store down first")
+def is_url(path: str | Path) -> bool:
+    """Whether a store argument is a URL (`s3://bucket/x.zarr`, `gs://...`, any fsspec URL), not a local path."""
+    return "://" in str(path)
+
+
+def check_local(path: str | Path, what: str = "this command") -> None:
+    """Refuse a URL where only a local folder will do (a `Path` would turn `s3://b/x` into the folder `s3:/b/x`)."""
+    if is_url(path):
+        raise CachedsegError(f"{path}: {what} works on local folders only; copy the store down first")
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path inside it) for a URL; credentials and endpoint come from the usual environment
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), as every S3 tool reads them."""
+    import fsspec
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise CachedsegError(f"{url}: {exc}; for s3:// install s3fs (`pip install 'cachedseg[s3]'`), for gs:// "
+                             "gcsfs") from None
+
+
+def exists(path: str | Path) -> bool:
+    """Whether a local path or a URL exists (for a URL prefix: whether any object is under it)."""
+    if not is_url(path):
+        return Path(path).exists()
+    fs, inner = filesystem(str(path))
+    return fs.exists(inner)
 
 
 def did_you_mean(path: Path) -> str:
@@ -45,8 +68,10 @@ def check_dataset(root: str | Path) -> Path:
 
 
 def check_store(path: str | Path) -> None:
-    """A store argument: a local path that exists (a missing one gets near misses and the command that builds it)."""
-    check_local(path)
+    """A store argument that exists (a missing local one gets near misses and the command that builds it; a URL is
+    checked when the store is opened)."""
+    if is_url(path):
+        return
     path = Path(path)
     if not path.exists():
         raise CachedsegError(f"no feature store at {path}{did_you_mean(path)}; build one with "

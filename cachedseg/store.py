@@ -10,22 +10,20 @@
         split     [N]          uint8            index into SPLITS: 0 trn, 1 val; crc32c
         done      [N]          uint8            0 pending, 1 written, 2 skipped as unreadable; one chunk per image; crc32c
 
-Only core Zarr v3 data types, so zarr, xarray, dask and tensorstore all read every array. Every other module
-goes through `FeatureStore` (or the helpers here) instead of touching arrays or attributes itself.
+Only core Zarr v3 data types, so zarr, xarray, dask and tensorstore all read every array. With
+`images_per_shard` N > 1, features, masks and flags are stored in shards of N images (one file each, zarr's
+sharding codec): a shard is written whole, so the shard is the unit of work. A store is a local folder or any
+fsspec URL (s3://bucket/x.zarr). Every other module goes through `FeatureStore` (or the helpers here) instead of
+touching arrays or attributes itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
-import socket
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import zarr
@@ -34,7 +32,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from cachedseg import __version__
 from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
 from cachedseg.errors import CachedsegError
-from cachedseg.paths import check_local
+from cachedseg.locks import writer_lock
+from cachedseg.paths import check_local, exists, filesystem, is_url
 from cachedseg.views import apply_view, check_views
 
 FORMAT = "cachedseg-features"
@@ -143,23 +142,27 @@ class FeatureStore:
 
     @classmethod
     def create(cls, path: str | Path, spec: StoreSpec, ids: list[str], splits: list[str], dataset: str,
-               weights: str) -> FeatureStore:
-        """Create an empty store for `ids` (every flag pending); `weights` records where the weights came from."""
-        check_local(path)
-        n, (h, w), (mh, mw) = len(ids), spec.grid, spec.mask_size
+               weights: str, images_per_shard: int = 1) -> FeatureStore:
+        """Create an empty store for `ids` (every flag pending); `weights` records where the weights came from;
+        `images_per_shard` > 1 packs that many images into each file."""
+        n, (h, w), (mh, mw), per = len(ids), spec.grid, spec.mask_size, images_per_shard
+        if per < 1:
+            raise CachedsegError("--images-per-shard must be at least 1")
         feature_shape = (len(spec.views), spec.layers, spec.channels, h, w)
         attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec), "ignore_index": IGNORE_INDEX,
-                 "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__, "bad": {}}
+                 "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__, "bad": {},
+                 "images_per_shard": per}
         group = zarr.open_group(str(path), mode="w", attributes=attrs)
-        # One image per chunk keeps shuffled training reads fast; float features barely compress, so only a
-        # checksum: a corrupted chunk fails loudly instead of decoding to wrong numbers.
+        # One image (and view) per chunk keeps shuffled training reads fast; float features barely compress, so
+        # only a checksum: a corrupted chunk fails loudly instead of decoding to wrong numbers.
+        shards = (lambda *chunk: (per, *chunk[1:])) if per > 1 else (lambda *chunk: None)
         group.create_array(FEATURES, shape=(n, *feature_shape), chunks=(1, 1, *feature_shape[1:]),
-                           dtype=spec.dtype, compressors=[Crc32cCodec()], fill_value=float("nan"),
-                           dimension_names=FEATURE_DIMS)
-        group.create_array(MASKS, shape=(n, mh, mw), chunks=(1, mh, mw), dtype="uint8",
+                           shards=shards(1, *feature_shape), dtype=spec.dtype, compressors=[Crc32cCodec()],
+                           fill_value=float("nan"), dimension_names=FEATURE_DIMS)
+        group.create_array(MASKS, shape=(n, mh, mw), chunks=(1, mh, mw), shards=shards(1, mh, mw), dtype="uint8",
                            compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=MISSING_LABEL,
                            dimension_names=("image", "mask_y", "mask_x"))
-        _write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8))
+        _write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8), flags_per_chunk=per)
         return cls(path, group)
 
     @classmethod
@@ -173,8 +176,7 @@ class FeatureStore:
         Raises:
             CachedsegError: If there is no store there, or it has another format version.
         """
-        check_local(path)
-        if not Path(path).exists():
+        if not exists(path):
             raise CachedsegError(f"no feature store at {path}; build one with `cachedseg extract DATA --store {path}`")
         if not is_store(path):
             raise CachedsegError(f"{path} is not a cachedseg feature store (no {FORMAT} attributes in a Zarr group)")
@@ -200,6 +202,11 @@ class FeatureStore:
     def weights(self) -> str:
         """Where the backbone's weights came from: `auto`, `random` or a file."""
         return self.group.attrs.get("weights", "auto")
+
+    @property
+    def images_per_shard(self) -> int:
+        """Images per shard file: the unit of work (1: no shards, one file per image)."""
+        return int(self.group.attrs.get("images_per_shard", 1))
 
     @property
     def bad(self) -> dict[str, str]:
@@ -237,10 +244,16 @@ class FeatureStore:
 
     def write(self, index: int, features: np.ndarray, mask: np.ndarray) -> None:
         """Write one image's features [V, L, C, h, w] and mask [Mh, Mw], then flag it done (a kill never flags half
-        an image)."""
-        self._arrays[FEATURES][index] = features
-        self._arrays[MASKS][index] = mask
-        self._arrays[FLAGS][index] = DONE
+        an image). In a sharded store use `write_block` for whole shards."""
+        self.write_block(index, features[None], mask[None], np.array([DONE], dtype=np.uint8))
+
+    def write_block(self, start: int, features: np.ndarray, masks: np.ndarray, flags: np.ndarray) -> None:
+        """Write images start.. (whole shards in a sharded store): features [n, V, L, C, h, w] (NaN for a skipped
+        image), masks [n, Mh, Mw], then their flags [n] (DONE or BAD), last."""
+        end = start + len(flags)
+        self._arrays[FEATURES][start:end] = features
+        self._arrays[MASKS][start:end] = masks
+        self._arrays[FLAGS][start:end] = flags
 
     def read(self, index: int, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """One view of one image: features [L, C, h, w] (store dtype) and its mask [Mh, Mw] uint8, transformed by
@@ -297,7 +310,7 @@ class FeatureStore:
 
 
 def _write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], flags: np.ndarray,
-                        suffix: str = "") -> None:
+                        suffix: str = "", flags_per_chunk: int = 1) -> None:
     """Create and fill `ids`, `split` and `done` (names with `suffix`), each checksummed."""
     n = len(ids)
     unknown = sorted(set(splits) - set(SPLITS))
@@ -311,8 +324,10 @@ def _write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], fl
     group.create_array(SPLIT + suffix, shape=(n,), chunks=(max(n, 1),), dtype="uint8", compressors=[Crc32cCodec()],
                        fill_value=0, dimension_names=("image",),
                        attributes={"flag_values": list(range(len(SPLITS))), "flag_meanings": " ".join(SPLITS)})[:] = codes
-    # One chunk per flag: writers never rewrite each other's flags, and a flag lands only after its data.
-    done = group.create_array(FLAGS + suffix, shape=(n,), chunks=(1,), dtype="uint8", compressors=[Crc32cCodec()],
+    # One chunk per unit of work (an image, or a shard): writers never rewrite each other's flags, and a flag
+    # lands only after its data.
+    done = group.create_array(FLAGS + suffix, shape=(n,), chunks=(flags_per_chunk,), dtype="uint8",
+                              compressors=[Crc32cCodec()],
                               fill_value=PENDING, dimension_names=("image",),
                               attributes={"flag_values": [PENDING, DONE, BAD], "flag_meanings": " ".join(FLAG_NAMES)})
     if (flags != PENDING).any():
@@ -329,52 +344,40 @@ def is_store(path: str | Path) -> bool:
 
 def remove_store(path: str | Path) -> None:
     """Delete a store, refusing anything that is not one (so --overwrite never deletes user data)."""
-    path = Path(path)
-    if path.exists():
+    if exists(path):
         if not is_store(path):
             raise CachedsegError(f"{path} exists and is not a cachedseg feature store; refusing to overwrite it")
-        shutil.rmtree(path)
+        if is_url(path):
+            fs, inner = filesystem(str(path))
+            fs.rm(inner, recursive=True)
+        else:
+            shutil.rmtree(path)
 
 
 def remove_partials(path: str | Path) -> int:
-    """Delete the temporary chunk files a killed writer leaves behind; returns how many."""
+    """Delete the temporary chunk files a killed local writer leaves behind (an object PUT leaves none)."""
+    if is_url(path):
+        return 0
     orphans = list(Path(path).rglob("*.partial"))
     for orphan in orphans:
         orphan.unlink(missing_ok=True)
     return len(orphans)
 
 
-@contextlib.contextmanager
-def writer_lock(path: str | Path) -> Iterator[None]:
-    """Hold `<store>.lock` while writing a store; a second writer is refused with the holder's pid and host.
-
-    An flock dies with its process, so a killed writer never leaves a stale lock behind.
-    """
-    lock_path = Path(f"{Path(path).resolve()}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise CachedsegError(f"the store {path} is being written by {holder}; wait for it to finish (or stop "
-                                 "it), then rerun to continue") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def disk_bytes(path: str | Path) -> int:
-    """Bytes used by the files under `path`."""
+    """Bytes used by the files (or objects) under `path`."""
+    if is_url(path):
+        fs, inner = filesystem(str(path))
+        return int(fs.du(inner))
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def file_count(path: str | Path) -> int:
+    """Files (or objects) under `path`, folders included for a local store (both cost inodes)."""
+    if is_url(path):
+        fs, inner = filesystem(str(path))
+        return len(fs.find(inner))
+    return sum(1 for _ in Path(path).rglob("*"))
 
 
 def upgrade(path: str | Path) -> dict:
@@ -395,11 +398,11 @@ def upgrade(path: str | Path) -> dict:
     Raises:
         CachedsegError: If `path` is not a store, or is of an unknown version.
     """
-    check_local(path)
+    check_local(path, "upgrade")  # version-1 stores were local folders
     root = Path(path)
     if not is_store(root):
         raise CachedsegError(f"{path} is not a cachedseg feature store")
-    with writer_lock(root):
+    with writer_lock(root, f"upgrade-{os.getpid()}"):
         group = zarr.open_group(str(root), mode="r+")
         version = group.attrs.get("format_version")
         if version == FORMAT_VERSION:

@@ -1,7 +1,10 @@
 """Stage two: train only the decoder, from cached features (or live, as the baseline), validating every epoch.
 
-The run folder holds `last.pt` and `best.pt` (decoder weights plus every config, so loading needs no flags),
-`metrics.csv`, `metrics.json` and `curves.png`.
+Several decoders ("heads") can train in one pass: every batch is read once and fed to each head, as DINOv2's
+linear evaluation trains its grid of classifiers. Under torchrun each rank takes its part of every global batch;
+gradients, batch-norm statistics and validation counts are summed over ranks, so W ranks train as one process
+with the whole batch would. Each run folder holds `last.pt` and `best.pt` (decoder weights plus every config),
+`metrics.csv`, `metrics.json` and `curves.png`, written by rank 0.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from cachedseg import checkpoint
+from cachedseg import checkpoint, distributed
 from cachedseg.checkpoint import Checkpoint, TrainConfig
 from cachedseg.classes import IGNORE_INDEX
 from cachedseg.data import collate
@@ -48,7 +52,7 @@ def targets(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class Batches:
     """A batch sampler whose batches are replaced every epoch, so one DataLoader (and its workers) lasts the run."""
 
-    def __init__(self, batches: list[list[int]] | None = None):
+    def __init__(self, batches: list[list] | None = None):
         self.batches = batches or []
 
     def __iter__(self):
@@ -65,18 +69,23 @@ def loader(source: FeatureSource, batches: Batches, workers: int, device: torch.
                                        pin_memory=device.type == "cuda")
 
 
-@torch.no_grad()
-def validate(decoder: torch.nn.Module, source: FeatureSource, batches: torch.utils.data.DataLoader,
-             device: torch.device) -> torch.Tensor:
-    """Dataset-level confusion matrix [K, K] over all pixels the loader yields, at the mask size."""
-    decoder.eval()
-    k = len(source.spec.class_names)
-    conf = torch.zeros(k, k, dtype=torch.long)
-    for batch in batches:
-        source.check(batch)
-        logits = decoder(source.features(batch, device))  # [B, K, Mh, Mw]
-        conf += confusion(logits.argmax(1), targets(batch["mask"].to(device), logits.shape[-2:]), k)
-    return conf
+@dataclass
+class Head:
+    """One decoder being trained: its recipe, run folder, model, optimizer and history."""
+
+    run: Path
+    config: TrainConfig
+    decoder_config: DecoderConfig
+    decoder: torch.nn.Module  # wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    rows: list[dict] = field(default_factory=list)
+    loss: torch.Tensor | None = None  # this epoch's summed loss and labelled pixels, kept on the device
+    pixels: torch.Tensor | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The decoder itself (unwrapped)."""
+        return getattr(self.decoder, "module", self.decoder)
 
 
 def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainConfig(), device: str = "cpu",
@@ -87,7 +96,7 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
     Args:
         source: Cached or live features (see `cachedseg.features`).
         run: The run folder for checkpoints and metrics.
-        config: The training recipe.
+        config: The training recipe; `batch_size` is the global batch (split over the ranks under torchrun).
         device: Where the decoder (and a live backbone) runs.
         resume: Continue from `run/last.pt` (decoder, optimizer, epoch and RNG state); with no `last.pt` yet (a
             kill in epoch 1), start from scratch and say so through `log`.
@@ -101,100 +110,190 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
     Raises:
         CachedsegError: For an unusable run folder, an empty split, or a non-finite loss.
     """
-    run = Path(run)
+    return train_heads(source, [(Path(run), config)], device, resume, progress,
+                       (lambda run_, row: on_epoch(row)) if on_epoch else None, log)[0]
+
+
+def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], device: str = "cpu",
+                resume: bool = False, progress: Callable[[int, int], None] | None = None,
+                on_epoch: Callable[[Path, dict], None] | None = None,
+                log: Callable[[str], None] | None = None) -> list[list[dict]]:
+    """Train several decoders in one pass over `source`: each batch is read once and fed to every head.
+
+    The heads share the batches, so they must share epochs, batch size, views and data seed (`data_seed`, else
+    `seed` of the first); each keeps its own initialisation seed, learning rate, decoder and run folder. A head
+    trained here ends with exactly the weights it gets trained alone with the same config (on one CPU).
+
+    Returns:
+        Each head's metrics rows, in the order of `plans`.
+
+    Raises:
+        CachedsegError: For unusable run folders, configs that cannot share a pass, an empty split, or a
+            non-finite loss.
+    """
+    first = plans[0][1]
     trn, val = source.indices("trn"), source.indices("val")
     if not trn or not val:
         raise CachedsegError("training needs images in both the trn and the val split; the data has "
                              f"{len(trn)} trn and {len(val)} val images")
-    if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
-        raise CachedsegError("--epochs and --batch-size must be at least 1 and --lr positive")
-    if (run / "last.pt").exists() and not resume:
-        raise CachedsegError(f"{run} already holds a trained run; pass --resume to continue it, or another --run")
-    device = torch.device(device)
-    spec = source.spec
+    for run, config in plans:
+        if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
+            raise CachedsegError("--epochs and --batch-size must be at least 1 and --lr positive")
+        if (config.epochs, config.batch_size, _data_seed(config)) != (first.epochs, first.batch_size,
+                                                                      _data_seed(first)):
+            raise CachedsegError("heads trained in one pass share the batches: give them the same --epochs, "
+                                 "--batch-size and data seed")
+        if (run / "last.pt").exists() and not resume:
+            raise CachedsegError(f"{run} already holds a trained run; pass --resume to continue it, or another --run")
+    ctx = distributed.context(str(device))
+    device = torch.device(distributed.device_for(ctx, str(device)))
+    if first.batch_size % ctx.world:
+        raise CachedsegError(f"--batch-size {first.batch_size} is the global batch, split over {ctx.world} "
+                             f"processes; give a multiple of {ctx.world}")
+    log = log or (lambda message: None)
+    generator = torch.Generator().manual_seed(_data_seed(first))
+    heads = [_head(run, config, source.spec, device, ctx) for run, config in plans]
+    if resume:
+        _restore_all(heads, source.spec, generator, log)
+    if ctx.main:
+        for head in heads:
+            head.run.mkdir(parents=True, exist_ok=True)
+    workers = _workers(first, device, source)
+    trn_batches = Batches()
+    trn_loader = loader(source, trn_batches, workers, device)
+    val_loader = loader(source, Batches(ctx.share([val[i:i + first.batch_size]
+                                                   for i in range(0, len(val), first.batch_size)])), workers, device)
+
+    for epoch in range(min(len(h.rows) for h in heads) + 1, first.epochs + 1):
+        start = time.perf_counter()
+        batches = epoch_batches(trn, first.batch_size, generator, len(source.spec.views))
+        # each rank its part of every global batch; a last batch smaller than the job leaves no part to some rank
+        trn_batches.batches = [ctx.share(b) for b in batches if len(b) >= ctx.world]
+        active = [h for h in heads if len(h.rows) < epoch]  # after a kill between two heads' saves, some are ahead
+        train_epoch(active, source, trn_loader, device, ctx, progress)
+        train_seconds = time.perf_counter() - start
+        confusions = validate([h.decoder for h in active], source, val_loader, device, ctx)
+        for head, conf in zip(active, confusions):
+            loss = float(head.loss / head.pixels.clamp(min=1))
+            if not math.isfinite(loss):
+                raise CachedsegError(f"the loss of {head.run} became {loss} in epoch {epoch}; the last good "
+                                     f"checkpoint is kept there; check the features, or try a lower --lr")
+            metrics = scores(conf)
+            head.rows.append({"epoch": epoch, "train_loss": loss, "val_miou": metrics["miou"],
+                              "val_pixel_acc": metrics["pixel_acc"], "train_seconds": train_seconds,
+                              "seconds": time.perf_counter() - start})
+        if ctx.main:
+            for head in active:
+                _save(head, source, generator)
+                if on_epoch:
+                    on_epoch(head.run, head.rows[-1])
+        ctx.barrier()  # no rank reads a checkpoint rank 0 is still writing
+    return [h.rows for h in heads]
+
+
+def _data_seed(config: TrainConfig) -> int:
+    """The seed of the shuffling (and view draws)."""
+    return config.seed if config.data_seed is None else config.data_seed
+
+
+def _head(run: Path, config: TrainConfig, spec: StoreSpec, device: torch.device, ctx: distributed.Context) -> Head:
+    """A freshly initialised head (seeded as when trained alone), synchronised over ranks under torchrun."""
     dec_cfg = decoder_config(config.decoder, spec, config.layers or spec.layers)
     torch.manual_seed(config.seed)
     decoder = build_decoder(dec_cfg).to(device)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    rows: list[dict] = []
-    if resume:
-        rows = _restore(run, spec, dec_cfg, decoder, optimizer, generator, log or (lambda message: None))
-    run.mkdir(parents=True, exist_ok=True)
-    workers = _workers(config, device, source)
-    trn_batches = Batches()
-    trn_loader = loader(source, trn_batches, workers, device)
-    val_loader = loader(source, Batches([val[i:i + config.batch_size] for i in range(0, len(val), config.batch_size)]),
-                        workers, device)
-
-    for epoch in range(len(rows) + 1, config.epochs + 1):
-        start = time.perf_counter()
-        trn_batches.batches = epoch_batches(trn, config.batch_size, generator, len(spec.views))
-        train_loss = train_epoch(decoder, optimizer, source, trn_loader, device, progress)
-        train_seconds = time.perf_counter() - start
-        if not math.isfinite(train_loss):
-            raise CachedsegError(f"the loss became {train_loss} in epoch {epoch}; the last good checkpoint is kept "
-                                 f"in {run}; check the features, or try a lower --lr")
-        metrics = scores(validate(decoder, source, val_loader, device))
-        rows.append({"epoch": epoch, "train_loss": train_loss, "val_miou": metrics["miou"],
-                     "val_pixel_acc": metrics["pixel_acc"], "train_seconds": train_seconds,
-                     "seconds": time.perf_counter() - start})
-        ckpt = Checkpoint(decoder_config=dec_cfg, train_config=config, spec=spec, weights=source.weights, epoch=epoch,
-                          metrics=rows, decoder_state=decoder.state_dict(), optimizer_state=optimizer.state_dict(),
-                          rng={"sampler": generator.get_state(), "torch": torch.get_rng_state()})
-        # last.pt first: a kill between the two leaves a resumable run, never a best.pt without a last.pt
-        checkpoint.save(ckpt, run / "last.pt")
-        if rows[-1]["val_miou"] >= max(r["val_miou"] for r in rows):
-            checkpoint.save(ckpt, run / "best.pt")
-        _write_metrics(rows, run)
-        if on_epoch:
-            on_epoch(rows[-1])
-    return rows
+    if ctx.world > 1:
+        decoder = torch.nn.parallel.DistributedDataParallel(
+            distributed.sync_batchnorm(decoder), device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # batch-norm buffers stay equal: their statistics are already synchronised
+    return Head(run, config, dec_cfg, decoder, torch.optim.Adam(decoder.parameters(), lr=config.lr))
 
 
-def train_epoch(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, source: FeatureSource,
-                batches: torch.utils.data.DataLoader, device: torch.device,
-                progress: Callable[[int, int], None] | None = None) -> float:
-    """One pass over the training batches; returns the mean loss per labelled pixel."""
-    decoder.train()
-    # Sums stay on the device: no host sync per step, one check per epoch (before anything is saved).
-    total_loss = torch.zeros((), device=device)
-    total_pixels = torch.zeros((), device=device, dtype=torch.long)
+def train_epoch(heads: list[Head], source: FeatureSource, batches: torch.utils.data.DataLoader, device: torch.device,
+                ctx: distributed.Context = distributed.Context(),
+                progress: Callable[[int, int], None] | None = None) -> None:
+    """One pass over the training batches, each batch read once and fed to every head."""
+    for head in heads:
+        head.decoder.train()
+        # Sums stay on the device: no host sync per step, one check per epoch (before anything is saved).
+        head.loss = torch.zeros((), device=device)
+        head.pixels = torch.zeros((), device=device, dtype=torch.long)
     if progress:
         progress(0, len(batches))
     for step, batch in enumerate(batches, 1):
         source.check(batch)
-        feats = source.features(batch, device)  # [B, L, C, h, w]
-        logits = decoder(feats)  # [B, K, Mh, Mw]
-        target = targets(batch["mask"].to(device), logits.shape[-2:])  # [B, Mh, Mw]
-        valid = (target != IGNORE_INDEX).sum()
-        # Summed then divided: an all-ignore batch contributes nothing instead of NaN.
-        loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / valid.clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.detach() * valid
-        total_pixels += valid
+        feats = source.features(batch, device)  # [b, L, C, h, w], this rank's part of the batch
+        mask = batch["mask"].to(device)  # [b, Mh, Mw]
+        for head in heads:
+            logits = head.decoder(feats)  # [b, K, Mh, Mw]
+            target = targets(mask, logits.shape[-2:])
+            valid = (target != IGNORE_INDEX).sum()
+            total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+            if ctx.world == 1:  # summed then divided: an all-ignore batch contributes nothing instead of NaN
+                loss = total / valid.clamp(min=1)
+            else:  # DDP averages gradients over ranks; this makes them those of the whole batch's mean loss
+                loss = total * ctx.world / ctx.sum(valid.clone()).clamp(min=1)
+            head.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            head.optimizer.step()
+            head.loss += total.detach()
+            head.pixels += valid
         if progress:
             progress(step, len(batches))
-    return float(total_loss / total_pixels.clamp(min=1))
+    for head in heads:
+        ctx.sum(head.loss)
+        ctx.sum(head.pixels)
 
 
-def _restore(run: Path, spec: StoreSpec, dec_cfg: DecoderConfig, decoder: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, generator: torch.Generator, log: Callable[[str], None]) -> list[dict]:
-    """Load `run/last.pt` into the decoder, optimizer and RNGs; returns its metrics (none if there is nothing yet)."""
-    if not (run / "last.pt").is_file():
-        log(f"nothing to resume in {run} (no last.pt yet): starting from scratch")
-        return []
-    ckpt = checkpoint.load(run / "last.pt")
-    if ckpt.spec != spec or ckpt.decoder_config != dec_cfg:
-        raise CachedsegError(f"{run}/last.pt was trained on other features or another decoder; "
-                             "resume it with the same store and --decoder, or start another --run")
-    decoder.load_state_dict(ckpt.decoder_state)
-    optimizer.load_state_dict(ckpt.optimizer_state)
-    generator.set_state(ckpt.rng["sampler"])
-    torch.set_rng_state(ckpt.rng["torch"])
-    return list(ckpt.metrics)
+@torch.no_grad()
+def validate(decoders: list[torch.nn.Module], source: FeatureSource, batches: torch.utils.data.DataLoader,
+             device: torch.device, ctx: distributed.Context = distributed.Context()) -> list[torch.Tensor]:
+    """Dataset-level confusion matrices [K, K] (one per decoder) over every rank's val images, at the output size."""
+    k = len(source.spec.class_names)
+    for decoder in decoders:
+        decoder.eval()
+    confs = [torch.zeros(k, k, dtype=torch.long) for _ in decoders]
+    for batch in batches:
+        source.check(batch)
+        feats = source.features(batch, device)
+        mask = batch["mask"].to(device)
+        for conf, decoder in zip(confs, decoders):
+            logits = getattr(decoder, "module", decoder)(feats)  # [B, K, Mh, Mw]
+            conf += confusion(logits.argmax(1), targets(mask, logits.shape[-2:]), k)
+    return [ctx.sum(conf) for conf in confs]
+
+
+def _save(head: Head, source: FeatureSource, generator: torch.Generator) -> None:
+    """Write a head's checkpoints (last.pt first: a kill between the two leaves a resumable run, never a best.pt
+    without a last.pt) and its metrics."""
+    ckpt = Checkpoint(decoder_config=head.decoder_config, train_config=head.config, spec=source.spec,
+                      weights=source.weights, epoch=len(head.rows), metrics=list(head.rows),
+                      decoder_state=head.module.state_dict(), optimizer_state=head.optimizer.state_dict(),
+                      rng={"sampler": generator.get_state(), "torch": torch.get_rng_state()})
+    checkpoint.save(ckpt, head.run / "last.pt")
+    if head.rows[-1]["val_miou"] >= max(r["val_miou"] for r in head.rows):
+        checkpoint.save(ckpt, head.run / "best.pt")
+    _write_metrics(head.rows, head.run)
+
+
+def _restore_all(heads: list[Head], spec: StoreSpec, generator: torch.Generator, log: Callable[[str], None]) -> None:
+    """Load each head's `last.pt`; the shared batches continue from the head that is furthest behind."""
+    rng = {}
+    for head in heads:
+        if not (head.run / "last.pt").is_file():
+            log(f"nothing to resume in {head.run} (no last.pt yet): starting it from scratch")
+            continue
+        ckpt = checkpoint.load(head.run / "last.pt")
+        if ckpt.spec != spec or ckpt.decoder_config != head.decoder_config:
+            raise CachedsegError(f"{head.run}/last.pt was trained on other features or another decoder; "
+                                 "resume it with the same store and --decoder, or start another --run")
+        head.module.load_state_dict(ckpt.decoder_state)
+        head.optimizer.load_state_dict(ckpt.optimizer_state)
+        head.rows = list(ckpt.metrics)
+        rng[ckpt.epoch] = ckpt.rng
+    lowest = min(len(h.rows) for h in heads)
+    if lowest:  # else epoch 1 starts from the freshly seeded generator
+        generator.set_state(rng[lowest]["sampler"])
+        torch.set_rng_state(rng[lowest]["torch"])
 
 
 def _workers(config: TrainConfig, device: torch.device, source: FeatureSource) -> int:

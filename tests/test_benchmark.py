@@ -27,3 +27,17 @@ def test_benchmark_quick_writes_every_figure(tmp_path):
     assert result["settings"]["decoder"] == "linear" and result["settings"]["image_size"] == "56x56"
     table = next((tmp_path / "results").glob("*.md")).read_text()
     assert "| linear | float16 |" in table
+
+
+def test_quality_benchmark_quick_scores_every_recipe_asked(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "quality.py"
+    out = tmp_path / "q.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--recipes", "seed,conv-aspect-flip-tta",
+                           "--json", str(out), "--results", str(tmp_path / "results")],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["recipes"]) == {"seed", "conv-aspect-flip-tta"}
+    assert all(0 <= v <= 1 for row in result["recipes"].values() for v in row["miou"])
+    assert result["recipes"]["conv-aspect-flip-tta"]["input"] == "70x56"  # 160x120 frames, short side 56
+    assert len(result["costs"]) == 2 and "| conv-aspect-flip-tta |" in (tmp_path / "results" / "quality.md").read_text()
