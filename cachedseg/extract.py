@@ -117,6 +117,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     views = check_views(views)
     samples = read_dataset(data)
     store = str(store) if store is not None else str(default_store_path(data, backbone, dtype, views))
+    exists(store)  # a bucket that does not answer is told now, not after the backbone is built
     model = build_backbone(backbone, weights, distributed.device_for(ctx, device))
     spec = spec_for(model, dtype, views)
     ids, splits = [s.id for s in samples], [s.split for s in samples]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cachedseg.errors import CachedsegError
-from cachedseg.paths import filesystem, is_url
+from cachedseg.paths import filesystem, is_url, unreachable
 
 LEASE_S = 120.0
 
@@ -81,7 +81,12 @@ def writer_lock(path: str | Path, job: str) -> Iterator[None]:
 def _lease(url: str, job: str) -> Iterator[None]:
     """The bucket lease (see the module docstring)."""
     fs, key = filesystem(f"{url.rstrip('/')}.lock")
-    etag = _acquire(fs, key, url, job)
+    try:
+        etag = _acquire(fs, key, url, job)
+    except CachedsegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the client library's own errors
+        raise unreachable(url, exc) from None
     stop = threading.Event()
     state = {"etag": etag}
 

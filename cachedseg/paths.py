@@ -41,7 +41,17 @@ def exists(path: str | Path) -> bool:
     if not is_url(path):
         return Path(path).exists()
     fs, inner = filesystem(str(path))
-    return fs.exists(inner)
+    try:
+        return fs.exists(inner)
+    except Exception as exc:  # noqa: BLE001 - every client library has its own errors; all mean "cannot reach it"
+        raise unreachable(path, exc) from None
+
+
+def unreachable(path: str | Path, exc: Exception) -> CachedsegError:
+    """The error for a URL whose storage does not answer, or refuses us."""
+    return CachedsegError(f"cannot reach {path} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); check "
+                          "the URL, and the endpoint and credentials in the environment (for S3: AWS_ENDPOINT_URL, "
+                          "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or an AWS profile)")
 
 
 def did_you_mean(path: Path) -> str:
@@ -68,9 +78,10 @@ def check_dataset(root: str | Path) -> Path:
 
 
 def check_store(path: str | Path) -> None:
-    """A store argument that exists (a missing local one gets near misses and the command that builds it; a URL is
-    checked when the store is opened)."""
+    """A store argument that exists (a missing local one gets near misses and the command that builds it)."""
     if is_url(path):
+        if not exists(path):
+            raise CachedsegError(f"no feature store at {path}; build one with `cachedseg extract DATA --store {path}`")
         return
     path = Path(path)
     if not path.exists():

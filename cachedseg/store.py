@@ -46,6 +46,8 @@ MISSING_LABEL = 254  # fill value of `masks`: no label is ever 254, so it marks 
 # The array names, in one place.
 FEATURES, MASKS, IDS, SPLIT, FLAGS = "features", "masks", "ids", "split", "done"
 FEATURE_DIMS = ("image", "view", "layer", "channel", "token_y", "token_x")
+# Chunk keys c.<i>.0.0...: one file per chunk, no nested folders (a folder per dimension would cost an inode each)
+FLAT_KEYS = {"name": "default", "separator": "."}
 
 
 @dataclass(frozen=True)
@@ -158,10 +160,10 @@ class FeatureStore:
         shards = (lambda *chunk: (per, *chunk[1:])) if per > 1 else (lambda *chunk: None)
         group.create_array(FEATURES, shape=(n, *feature_shape), chunks=(1, 1, *feature_shape[1:]),
                            shards=shards(1, *feature_shape), dtype=spec.dtype, compressors=[Crc32cCodec()],
-                           fill_value=float("nan"), dimension_names=FEATURE_DIMS)
+                           fill_value=float("nan"), dimension_names=FEATURE_DIMS, chunk_key_encoding=FLAT_KEYS)
         group.create_array(MASKS, shape=(n, mh, mw), chunks=(1, mh, mw), shards=shards(1, mh, mw), dtype="uint8",
                            compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=MISSING_LABEL,
-                           dimension_names=("image", "mask_y", "mask_x"))
+                           dimension_names=("image", "mask_y", "mask_x"), chunk_key_encoding=FLAT_KEYS)
         _write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8), flags_per_chunk=per)
         return cls(path, group)
 
@@ -319,15 +321,15 @@ def _write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], fl
     codes = np.array([SPLITS.index(s) for s in splits], dtype=np.uint8)
     raw = encode_ids(ids)
     group.create_array(IDS + suffix, shape=raw.shape, chunks=raw.shape, dtype="uint8", compressors=[Crc32cCodec()],
-                       fill_value=0, dimension_names=("image", "id_byte"),
+                       fill_value=0, dimension_names=("image", "id_byte"), chunk_key_encoding=FLAT_KEYS,
                        attributes={"encoding": "utf-8, zero-padded"})[:] = raw
     group.create_array(SPLIT + suffix, shape=(n,), chunks=(max(n, 1),), dtype="uint8", compressors=[Crc32cCodec()],
-                       fill_value=0, dimension_names=("image",),
+                       fill_value=0, dimension_names=("image",), chunk_key_encoding=FLAT_KEYS,
                        attributes={"flag_values": list(range(len(SPLITS))), "flag_meanings": " ".join(SPLITS)})[:] = codes
     # One chunk per unit of work (an image, or a shard): writers never rewrite each other's flags, and a flag
     # lands only after its data.
     done = group.create_array(FLAGS + suffix, shape=(n,), chunks=(flags_per_chunk,), dtype="uint8",
-                              compressors=[Crc32cCodec()],
+                              compressors=[Crc32cCodec()], chunk_key_encoding=FLAT_KEYS,
                               fill_value=PENDING, dimension_names=("image",),
                               attributes={"flag_values": [PENDING, DONE, BAD], "flag_meanings": " ".join(FLAG_NAMES)})
     if (flags != PENDING).any():

@@ -1,6 +1,7 @@
 """Shared fixtures: generated data, a small random backbone, and a CLI runner. Nothing here touches the network."""
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
 
@@ -31,6 +32,12 @@ def assert_features_close(a, b) -> None:
     assert a.shape == b.shape
     bound = FEATURE_RTOL * max(float(np.abs(a).max()), float(np.abs(b).max()), 1e-12)
     assert float(np.abs(a - b).max()) <= bound, f"max |a - b| = {np.abs(a - b).max():.3g} > {bound:.3g}"
+
+
+def chunk_file(store, array: str, index: int):
+    """The file holding image `index`'s chunk (or shard) of an array (keys c.<index>.0...: one file each)."""
+    folder = Path(store) / array
+    return next(p for p in folder.iterdir() if p.name == f"c.{index}" or p.name.startswith(f"c.{index}."))
 
 
 def run_cli(*args: str, ok: bool = True):

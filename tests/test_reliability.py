@@ -14,9 +14,9 @@ import zarr
 from PIL import Image
 
 from cachedseg import checkpoint
-from cachedseg.store import writer_lock
+from cachedseg.locks import writer_lock
 from cachedseg.store import decode_ids
-from tests.conftest import SMALL, TRAIN, assert_features_close, one_line_error, run_cli
+from tests.conftest import SMALL, TRAIN, assert_features_close, chunk_file, one_line_error, run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -74,7 +74,7 @@ def test_sigkill_at_any_image_then_rerun_equals_an_uninterrupted_store(dataset, 
 
 def test_a_second_writer_is_refused_with_the_holders_name(dataset, tmp_path):
     path = tmp_path / "s.zarr"
-    with writer_lock(path):
+    with writer_lock(path, "test"):
         result = run_cli("extract", dataset, "--store", path, *SMALL, ok=False)
     one_line_error(result, f"pid {os.getpid()}")
     assert not path.exists()  # the refused writer wrote nothing
@@ -111,7 +111,7 @@ def test_a_corrupt_cached_chunk_names_the_image_and_redo_repairs_it(dataset, sto
     shutil.copytree(store32, path)
     g = zarr.open_group(str(path))
     victim = 1
-    chunk = path / "features" / "c" / str(victim) / "0" / "0" / "0" / "0" / "0"
+    chunk = chunk_file(path, "features", victim)
     data = bytearray(chunk.read_bytes())
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -136,7 +136,7 @@ def test_a_deleted_chunk_is_an_error_naming_the_image_not_fill_values(dataset, s
     g = zarr.open_group(str(path))
     val = [i for i, s in enumerate(g["split"][:]) if s == 1]
     victim_id = decode_ids(g["ids"][:])[val[0]]
-    shutil.rmtree(path / array / "c" / str(val[0]))
+    chunk_file(path, array, val[0]).unlink()
     redo = f"--redo {victim_id}"
     one_line_error(run_cli("evaluate", run32, "--store", path, ok=False), victim_id, redo)
     one_line_error(run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False), victim_id, redo)
@@ -149,7 +149,7 @@ def test_a_deleted_chunk_is_an_error_naming_the_image_not_fill_values(dataset, s
 def test_a_flipped_byte_in_a_small_array_is_detected(dataset, store32, tmp_path, array):
     path = tmp_path / "s.zarr"
     shutil.copytree(store32, path)
-    chunk = next(p for p in (path / array / "c").rglob("*") if p.is_file())
+    chunk = chunk_file(path, array, 0)
     data = bytearray(chunk.read_bytes())
     data[0] ^= 0x01  # e.g. a done flag 1 -> 0, an id character to its neighbour
     chunk.write_bytes(bytes(data))
@@ -319,9 +319,9 @@ def test_external_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_
     cmd = [sys.executable, "-m", "cachedseg.cli", "extract", str(dataset), "--store", str(path), *SMALL,
            "--dtype", "float32", "--batch-size", "1", "--workers", "0"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    flags = path / "done" / "c"
+    flags = path / "done"
     deadline = time.monotonic() + 60
-    while proc.poll() is None and not (flags.is_dir() and any(flags.iterdir())) and time.monotonic() < deadline:
+    while proc.poll() is None and not (flags.is_dir() and any(flags.glob("c.*"))) and time.monotonic() < deadline:
         time.sleep(0.001)
     time.sleep(delay_ms / 1000)
     proc.kill()

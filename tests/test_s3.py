@@ -1,0 +1,103 @@
+"""Stores in object storage, against a real S3 API: moto's server on 127.0.0.1, reached the way every S3 tool is
+configured (AWS_ENDPOINT_URL and credentials in the environment)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from cachedseg.locks import writer_lock
+from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
+from tests.test_distributed import torchrun
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """A moto S3 server on a free local port with one bucket; the environment points every client at it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses clients made under an earlier environment
+    try:
+        import boto3
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="cachedseg-test")
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield "s3://cachedseg-test"
+    finally:
+        server.terminate()
+        server.wait()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def assert_same_store(url, local) -> None:
+    """Every array of a bucket store equal to a local one's."""
+    a, b = zarr.open_group(url, mode="r"), zarr.open_group(str(local), mode="r")
+    for name in ("features", "masks", "done", "ids", "split"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+
+
+def test_extract_train_evaluate_and_info_work_on_a_bucket(bucket, dataset, store32, run32, tmp_path):
+    url = f"{bucket}/small.zarr"
+    run_cli("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--workers", "0")
+    assert_same_store(url, store32)  # the same computation as the local store's (batches of 4)
+    assert "8 done, 0 pending" in run_cli("info", url).output
+    run_cli("train", url, "--run", tmp_path / "run", *TRAIN)
+    run_cli("evaluate", run32, "--store", url, "--json", tmp_path / "bucket.json")
+    run_cli("evaluate", run32, "--store", store32, "--json", tmp_path / "local.json")
+    assert json.loads((tmp_path / "bucket.json").read_text()) == json.loads((tmp_path / "local.json").read_text())
+    # a rerun finds everything done and writes nothing
+    before = run_cli("info", url).output
+    run_cli("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--workers", "0")
+    assert run_cli("info", url).output == before
+
+
+def test_two_ranks_write_a_sharded_store_to_a_bucket(bucket, dataset, store32_single):
+    url = f"{bucket}/sharded.zarr"
+    torchrun("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--batch-size", "1", "--workers", "0",
+             "--images-per-shard", "4")
+    assert_same_store(url, store32_single)
+
+
+def test_the_bucket_lease_refuses_a_second_job_and_expires(bucket, dataset):
+    import s3fs
+    url = f"{bucket}/leased.zarr"
+    with writer_lock(url, "the-other-job"):
+        result = run_cli("extract", dataset, "--store", url, *SMALL, "--workers", "0", ok=False)
+        one_line_error(result, "the-other-job", f"pid {os.getpid()}")
+        with pytest.raises(Exception, match="the-other-job"):
+            with writer_lock(url, "a-third-job"):
+                pass
+    # a job killed with its lease held: the lease expires, and the next job takes it over
+    fs = s3fs.S3FileSystem()
+    fs.pipe_file(f"{url.removeprefix('s3://')}.lock",
+                 json.dumps({"pid": 1, "host": "gone", "job": "killed", "expires": time.time() - 1}).encode())
+    run_cli("extract", dataset, "--store", url, *SMALL, "--workers", "0")
+    assert not fs.exists(f"{url.removeprefix('s3://')}.lock")  # released at the end
