@@ -75,6 +75,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--weights", default="random")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="8 tiny images, 2 epochs, one seed: a smoke run")
+    p.add_argument("--costs-only", action="store_true", help="extract the stores and report their costs; no training")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--results", type=Path, nargs="?", const=RESULTS, default=None,
                    help=f"append a Markdown section to quality.md in this folder [bare: {RESULTS}]")
@@ -110,7 +111,7 @@ def main() -> None:
             "extract_s_per_image": (time.perf_counter() - start) / result.images, "mb_per_image": result.mb_per_image}
         print(f"extracted {path.name}: {result.mb_per_image:.3f} MB/img")
     rows = {}
-    for name in names:
+    for name in ([] if args.costs_only else names):
         key, decoder, layers, tta = RECIPES[name]
         runs = []
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -157,6 +158,8 @@ def append_markdown(r: dict, path: Path) -> None:
     lines += ["", "| store | extract s/img | MB/img |", "|---|---|---|"]
     for name, cost in r["costs"].items():
         lines.append(f"| {name} | {cost['extract_s_per_image']:.3f} | {cost['mb_per_image']:.3f} |")
+    if not r["recipes"]:
+        lines = [lines[0], *lines[-len(r["costs"]) - 2:]]
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         path.write_text("# Recipe quality\n\nAppended by `benchmarks/quality.py`. Random-weight backbones on generated "

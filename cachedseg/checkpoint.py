@@ -27,7 +27,7 @@ FORMAT = "cachedseg-checkpoint"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe: the seed design's (Adam 1e-4, 11 epochs, batch 2), with an aligned decoder by default.
+    """The training recipe: the seed design's (Adam 1e-4, 11 epochs, batch 2), with the best measured decoder.
 
     Attributes:
         epochs: Passes over the trn images.
@@ -45,7 +45,7 @@ class TrainConfig:
     epochs: int = 11
     lr: float = 1e-4
     batch_size: int = 2
-    decoder: str = "upconv"
+    decoder: str = "conv"
     layers: int | None = None
     seed: int = 0
     data_seed: int | None = None

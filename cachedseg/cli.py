@@ -46,13 +46,14 @@ PRECISION_HELP = ("Backbone compute precision: float32, or bfloat16/float16 auto
                   "recorded in the store, and evaluate/predict run the backbone at the same precision.")
 WEIGHTS_HELP = ("'auto': pretrained via timm / the Hugging Face hub or its local cache; a .safetensors/.pth file; "
                 "or 'random': a seeded random init for tests and offline demos.")
-SIZE_HELP = ("Backbone input: one side (518: square) or WIDTH x HEIGHT (924x518), multiples of 14 (default: the "
-             "model's, 518).")
+SIZE_HELP = ("Backbone input: one side (518: a square, as the seed design) or WIDTH x HEIGHT (924x518), multiples "
+             "of 14. Default: --short-side at the model's size.")
 SHORT_SIDE_HELP = ("Keep the dataset's aspect ratio: this short side (a multiple of 14), the long side the nearest "
-                   "multiple of 14 (1280x720 frames at 518 -> 924x518). Instead of --image-size.")
+                   "multiple of 14 (1280x720 frames at 518 -> 924x518). Default: the model's size, 518.")
 VIEWS_HELP = "Extra cached views, comma-separated: flip (one more forward pass and as much storage per view)."
-DECODER_HELP = ("Decoder: upconv (transposed convs, aligned), conv (3x3 convs on the tokens), linear (BN + 1x1; "
-                "with 4 layers DINOv2's linear4), or seed (the seed design, with its center crop).")
+DECODER_HELP = ("Decoder: conv (3x3 convs on the token grid; the best recipe measured), upconv (transposed convs, "
+                "aligned), linear (BN + 1x1; with 4 layers DINOv2's linear4), or seed (the seed design's, with its "
+                "center crop: the reproduction).")
 VERBOSE = ("--verbose", "-v")
 
 
@@ -149,14 +150,19 @@ class Reporter:
 def _backbone_config(backbone: str, image_size: Optional[str], short_side: Optional[int], precision: str,
                      layers: int, data: Optional[Path]):
     """A BackboneConfig from the size options (--short-side reads the dataset's first frame)."""
+    import timm
+
     from cachedseg.backbone import BackboneConfig, parse_size, size_for_short_side
     from cachedseg.data import frame_size
 
     if image_size and short_side:
         raise CachedsegError("give --image-size or --short-side, not both")
-    size = parse_size(image_size) if image_size else size_for_short_side(short_side, *frame_size(data)) if short_side \
-        else None
-    return BackboneConfig(backbone, size, precision, layers)
+    if image_size:
+        return BackboneConfig(backbone, parse_size(image_size), precision, layers)
+    if not short_side:  # the default: the model's own size as the short side, the dataset's aspect ratio kept
+        cfg = timm.models.get_pretrained_cfg(backbone) if backbone in timm.list_models("*dinov2*") else None
+        short_side = cfg.input_size[-1] if cfg else 518
+    return BackboneConfig(backbone, size_for_short_side(short_side, *frame_size(data)), precision, layers)
 
 
 def _views(views: str) -> tuple[str, ...]:
@@ -273,7 +279,7 @@ def train(
     epochs: int = typer.Option(11, help="Epochs."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
     batch_size: int = typer.Option(2, help="Images per step, in all (under torchrun split over the processes)."),
-    decoder: str = typer.Option("upconv", help=DECODER_HELP),
+    decoder: str = typer.Option("conv", help=DECODER_HELP),
     layers: Optional[int] = typer.Option(None, help="The decoder reads the last N cached layers (default: all the store holds; with --live: 1)."),
     seed: int = typer.Option(0, help="Seed for the decoder's initialisation and the shuffling."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
@@ -501,7 +507,7 @@ def demo(
     short_side: Optional[int] = typer.Option(None, help=SHORT_SIDE_HELP + " (518 for the seed's resolution; slower on a CPU)"),
     layers: int = typer.Option(1, help="Cache the last N blocks' tokens."),
     views: str = typer.Option("", help=VIEWS_HELP),
-    decoder: str = typer.Option("upconv", help=DECODER_HELP),
+    decoder: str = typer.Option("conv", help=DECODER_HELP),
     epochs: int = typer.Option(11, help="Training epochs."),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP + " 'auto' falls back to random when offline."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

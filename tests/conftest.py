@@ -93,7 +93,7 @@ def store16(dataset, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def run32(store32, tmp_path_factory):
-    """A seed decoder trained for 2 epochs on the float32 store."""
-    run = tmp_path_factory.mktemp("runs") / "seed32"
+    """The default (conv) decoder trained for 2 epochs on the float32 store."""
+    run = tmp_path_factory.mktemp("runs") / "conv32"
     run_cli("train", store32, "--run", run, *TRAIN)
     return run

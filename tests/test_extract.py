@@ -147,7 +147,7 @@ def test_info_describes_a_store_and_a_run(store32, run32, tmp_path):
     assert "vit_small_patch14_dinov2 @ 112x112 px" in out and "8 done, 0 pending, 0 skipped as bad" in out
     assert "[N, 1, 1, 384, 8, 8] float32" in out
     out = run_cli("info", run32).output
-    assert "upconv (" in out and "mIoU" in out
+    assert "conv (" in out and "mIoU" in out
 
 
 def test_info_names_what_it_found_instead(dataset, store32, tmp_path):

@@ -59,7 +59,7 @@ def test_train_writes_a_complete_run_folder(run32):
     assert Image.open(run32 / "curves.png").size[0] > 100
     ckpt = checkpoint.load_run(run32)  # no flags: everything comes from the checkpoint
     assert ckpt.spec.backbone == "vit_small_patch14_dinov2" and ckpt.spec.dtype == "float32"
-    assert ckpt.decoder_config.name == "upconv" and ckpt.decoder_config.in_channels == 384
+    assert ckpt.decoder_config.name == "conv" and ckpt.decoder_config.in_channels == 384
     assert ckpt.train_config.lr == 1e-4 and ckpt.weights == "random" and ckpt.epoch in (1, 2)
 
 
@@ -248,7 +248,7 @@ def test_stage_two_errors_are_clear(dataset, store32, run32, tmp_path):
 
 
 def test_a_mistyped_run_folder_is_named_with_what_was_meant(dataset, run32):
-    typo = run32.with_name(run32.name[:-1])  # runs/seed32 -> runs/seed3
+    typo = run32.with_name(run32.name[:-1])  # runs/conv32 -> runs/conv3
     out = one_line_error(run_cli("predict", dataset / "JPEGImages", "--run", typo, ok=False), typo, run32)
     assert f"--run {typo}" in out  # the command that would create it names the path the user gave
 
