@@ -38,6 +38,9 @@ class TrainConfig:
         seed: Seeds the decoder's initialisation and (unless `data_seed` is given) the shuffling and view draws,
             identically for cached and live runs.
         data_seed: Seeds the shuffling and view draws on its own (heads trained in one pass share it).
+        decoder_precision: `float32`, or `bfloat16` autocast for the decoder's forward pass (for GPUs).
+        channels_last: Run the decoder in channels-last memory layout (faster convolutions on GPUs).
+        compile: Compile the decoder with `torch.compile` (pays off on long GPU runs).
         workers: DataLoader worker processes (None: 0 on a CPU, where reads are cheap next to the decoder and
             workers only compete for cores; min(4, CPUs) on a GPU).
     """
@@ -49,6 +52,9 @@ class TrainConfig:
     layers: int | None = None
     seed: int = 0
     data_seed: int | None = None
+    decoder_precision: str = "float32"
+    channels_last: bool = False
+    compile: bool = False
     workers: int | None = None
 
 

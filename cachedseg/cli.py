@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -275,13 +276,17 @@ def _metrics_table(rows: list[dict], title: str) -> Table:
 @app.command()
 def train(
     store: Optional[str] = typer.Argument(None, help="Feature store from `cachedseg extract` (omit with --live)."),
-    run: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="Run folder (default: runs/<store or data>-<decoder>). Under torchrun write --run-dir: torchrun takes --run for its own --run-path."),
+    run: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="Run folder, or sweep folder (default: runs/<store or data>-<decoder or sweep>). Under torchrun write --run-dir: torchrun takes --run for its own --run-path."),
     epochs: int = typer.Option(11, help="Epochs."),
-    lr: float = typer.Option(1e-4, help="Adam learning rate."),
+    lr: str = typer.Option("1e-4", help="Adam learning rate. A comma list (1e-4,3e-4) sweeps: every combination of the listed values trains in one pass over the cache, each in its own sub-run."),
     batch_size: int = typer.Option(2, help="Images per step, in all (under torchrun split over the processes)."),
-    decoder: str = typer.Option("conv", help=DECODER_HELP),
-    layers: Optional[int] = typer.Option(None, help="The decoder reads the last N cached layers (default: all the store holds; with --live: 1)."),
-    seed: int = typer.Option(0, help="Seed for the decoder's initialisation and the shuffling."),
+    decoder: str = typer.Option("conv", help=DECODER_HELP + " A comma list sweeps."),
+    layers: Optional[str] = typer.Option(None, help="The decoder reads the last N cached layers (default: all the store holds; with --live: 1). A comma list sweeps."),
+    seed: str = typer.Option("0", help="Seed for the decoder's initialisation and the shuffling. A comma list sweeps (the shuffling then follows the first)."),
+    data_seed: Optional[int] = typer.Option(None, help="Seed for the shuffling alone (default: --seed); a sweep's sub-runs record theirs."),
+    decoder_precision: str = typer.Option("float32", help="Decoder compute: float32, or bfloat16 autocast (GPUs)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Run the decoder channels-last (faster convolutions on GPUs)."),
+    compile_: bool = typer.Option(False, "--compile", help="Compile the decoder with torch.compile (pays off on long GPU runs)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM first (if it fits)."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint (from scratch if it has none yet)."),
@@ -307,19 +312,64 @@ def train(
     from cachedseg.backbone import build_backbone, resolve_device
     from cachedseg.checkpoint import TrainConfig
     from cachedseg.features import cached_source, live_source
+    from cachedseg.sweep import grid
 
     with user_errors():
+        lrs, decoders = _values(lr, float, "--lr"), _values(decoder, str, "--decoder")
+        seeds, layer_counts = _values(seed, int, "--seed"), _values(layers, int, "--layers") if layers else [None]
         torch_device = resolve_device(device)
         if live is not None:
-            config = _backbone_config(backbone, image_size, short_side, precision, layers or 1, live)
+            config = _backbone_config(backbone, image_size, short_side, precision, max(layer_counts, key=lambda n: n or 1)
+                                      or 1, live)
             source = live_source(live, build_backbone(config, weights, torch_device), dtype, weights, _views(views))
         else:
             source = cached_source(store, in_memory=in_memory)
+        base = TrainConfig(epochs=epochs, batch_size=batch_size, data_seed=data_seed, workers=workers,
+                           decoder_precision=decoder_precision, channels_last=channels_last, compile=compile_)
+        configs = grid(base, lrs, decoders, layer_counts, seeds)
         name = Path(store).name.removesuffix(".zarr") if store is not None else f"{Path(live).resolve().name}-live"
-        run = run or Path("runs") / f"{name}-{decoder}"
-        config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, decoder=decoder, layers=layers, seed=seed,
-                             workers=workers)
-        return _train(source, run, config, torch_device, resume, "live" if live else "cached")
+        kind = "live" if live else "cached"
+        if len(configs) == 1:
+            config = configs[0] if data_seed is not None else replace(configs[0], data_seed=None)
+            return _train(source, run or Path("runs") / f"{name}-{config.decoder}", config, torch_device, resume, kind)
+        return _sweep(source, run or Path("runs") / f"{name}-sweep", configs, torch_device, resume, kind)
+
+
+def _values(text: str, kind: type, option: str) -> list:
+    """A comma list of values of one kind ('1e-4,3e-4' -> [0.0001, 0.0003])."""
+    try:
+        values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise CachedsegError(f"{option} {text!r}: give a value, or a comma list of them")
+    return values
+
+
+def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
+    """Run `cachedseg.sweep.sweep` with progress, then print the configs, best first."""
+    from cachedseg.sweep import sweep as run_sweep
+
+    console.print(f"sweeping {len(configs)} configs in one pass over {kind} {source.spec.backbone} features -> "
+                  f"{escape(str(run))}", soft_wrap=True)
+    with Reporter("batch") as reporter:
+        def on_epoch(sub: Path, r: dict) -> None:
+            reporter.print(f"{escape(sub.name):>28} epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  "
+                           f"val mIoU {r['val_miou']:.4f}  pixel acc {r['val_pixel_acc']:.4f}")
+
+        result = run_sweep(source, run, configs, device, resume=resume, on_epoch=on_epoch,
+                           progress=reporter.callback("epoch") if reporter.bar else None,
+                           log=lambda message: reporter.print(f"[yellow]note:[/] {escape(message)}"))
+    table = Table(title=f"sweep {run} (best first)")
+    for column in ("run", "best val mIoU", "epoch", "pixel acc", "final loss"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for row in result.runs:
+        table.add_row(escape(row["name"]), f"{row['best_val_miou']:.4f}", str(row["best_epoch"]),
+                      f"{row['best_val_pixel_acc']:.4f}", f"{row['final_train_loss']:.4f}")
+    console.print(table)
+    console.print(f"best: [bold]{escape(result.best['run'])}[/]; summary in {escape(str(run / 'sweep.json'))}",
+                  soft_wrap=True)
+    return result
 
 
 def _train(source, run: Path, config, device, resume: bool, kind: str) -> list[dict]:

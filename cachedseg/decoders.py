@@ -57,10 +57,16 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.layers, self.out_size = cfg.layers, tuple(cfg.out_size)
+        self.memory_format = torch.contiguous_format
+
+    def channels_last(self) -> Decoder:
+        """Run in channels-last memory layout (faster convolutions on GPUs); the numbers stay within rounding."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L', C, h, w] (L' >= layers) -> [B, layers * C, h, w]."""
-        return x[:, -self.layers:].flatten(1, 2)
+        return x[:, -self.layers:].flatten(1, 2).contiguous(memory_format=self.memory_format)
 
     def upsample(self, x: torch.Tensor) -> torch.Tensor:
         """Bilinear resize to the output size; align_corners=False keeps pixel centres over the same frame points."""

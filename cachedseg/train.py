@@ -152,6 +152,8 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
                              f"processes; give a multiple of {ctx.world}")
     log = log or (lambda message: None)
     generator = torch.Generator().manual_seed(_data_seed(first))
+    check_memory([(run, decoder_config(c.decoder, source.spec, c.layers or source.spec.layers)) for run, c in plans],
+                 source.spec, first.batch_size // ctx.world, device)
     heads = [_head(run, config, source.spec, device, ctx) for run, config in plans]
     if resume:
         _restore_all(heads, source.spec, generator, log)
@@ -172,7 +174,7 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
         active = [h for h in heads if len(h.rows) < epoch]  # after a kill between two heads' saves, some are ahead
         train_epoch(active, source, trn_loader, device, ctx, progress)
         train_seconds = time.perf_counter() - start
-        confusions = validate([h.decoder for h in active], source, val_loader, device, ctx)
+        confusions = validate(active, source, val_loader, device, ctx)
         for head, conf in zip(active, confusions):
             loss = float(head.loss / head.pixels.clamp(min=1))
             if not math.isfinite(loss):
@@ -191,6 +193,39 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
     return [h.rows for h in heads]
 
 
+def head_bytes(cfg: DecoderConfig, spec: StoreSpec, batch: int) -> int:
+    """Bytes one head needs to train: weights, gradients and Adam's two moments (4 copies of the parameters), and
+    one step's activations and their gradients (traced on the meta device: shapes only, no memory)."""
+    with torch.device("meta"):
+        decoder = build_decoder(cfg).train()
+        sizes: list[int] = []
+        hooks = [m.register_forward_hook(lambda m, i, out: sizes.append(out.numel()))
+                 for m in decoder.modules() if not list(m.children())]
+        decoder(torch.empty(batch, cfg.layers, spec.channels, *spec.grid))
+        for hook in hooks:
+            hook.remove()
+    return 4 * (4 * sum(p.numel() for p in decoder.parameters()) + 2 * sum(sizes))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device (RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(heads: list[tuple[Path, DecoderConfig]], spec: StoreSpec, batch: int, device: torch.device) -> None:
+    """Refuse, before any training, heads that would not fit next to each other in the device's free memory."""
+    free, total = 0.9 * free_memory(device), 0
+    for run, cfg in heads:
+        need = head_bytes(cfg, spec, batch)
+        total += need
+        if total > free:
+            raise CachedsegError(f"the head {run} ({cfg.name}) needs {need / 1e9:.2f} GB to train, {total / 1e9:.2f} "
+                                 f"GB with the heads before it, but {free / 1e9:.2f} GB of {device} memory is free; "
+                                 "train fewer heads per pass, or a smaller --batch-size")
+
+
 def _data_seed(config: TrainConfig) -> int:
     """The seed of the shuffling (and view draws)."""
     return config.seed if config.data_seed is None else config.data_seed
@@ -199,8 +234,14 @@ def _data_seed(config: TrainConfig) -> int:
 def _head(run: Path, config: TrainConfig, spec: StoreSpec, device: torch.device, ctx: distributed.Context) -> Head:
     """A freshly initialised head (seeded as when trained alone), synchronised over ranks under torchrun."""
     dec_cfg = decoder_config(config.decoder, spec, config.layers or spec.layers)
+    if config.decoder_precision not in AUTOCAST:
+        raise CachedsegError(f"--decoder-precision {config.decoder_precision!r}: use {' or '.join(AUTOCAST)}")
     torch.manual_seed(config.seed)
     decoder = build_decoder(dec_cfg).to(device)
+    if config.channels_last:
+        decoder.channels_last()
+    if config.compile:
+        decoder.compile()  # in place: the state dict keeps its keys, so checkpoints load without compiling
     if ctx.world > 1:
         decoder = torch.nn.parallel.DistributedDataParallel(
             distributed.sync_batchnorm(decoder), device_ids=[device.index] if device.type == "cuda" else None,
@@ -224,7 +265,8 @@ def train_epoch(heads: list[Head], source: FeatureSource, batches: torch.utils.d
         feats = source.features(batch, device)  # [b, L, C, h, w], this rank's part of the batch
         mask = batch["mask"].to(device)  # [b, Mh, Mw]
         for head in heads:
-            logits = head.decoder(feats)  # [b, K, Mh, Mw]
+            with _autocast(head, device):
+                logits = head.decoder(feats).float()  # [b, K, Mh, Mw]
             target = targets(mask, logits.shape[-2:])
             valid = (target != IGNORE_INDEX).sum()
             total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -245,21 +287,31 @@ def train_epoch(heads: list[Head], source: FeatureSource, batches: torch.utils.d
 
 
 @torch.no_grad()
-def validate(decoders: list[torch.nn.Module], source: FeatureSource, batches: torch.utils.data.DataLoader,
+def validate(heads: list[Head], source: FeatureSource, batches: torch.utils.data.DataLoader,
              device: torch.device, ctx: distributed.Context = distributed.Context()) -> list[torch.Tensor]:
-    """Dataset-level confusion matrices [K, K] (one per decoder) over every rank's val images, at the output size."""
+    """Dataset-level confusion matrices [K, K] (one per head) over every rank's val images, at the output size."""
     k = len(source.spec.class_names)
-    for decoder in decoders:
-        decoder.eval()
-    confs = [torch.zeros(k, k, dtype=torch.long) for _ in decoders]
+    for head in heads:
+        head.decoder.eval()
+    confs = [torch.zeros(k, k, dtype=torch.long) for _ in heads]
     for batch in batches:
         source.check(batch)
         feats = source.features(batch, device)
         mask = batch["mask"].to(device)
-        for conf, decoder in zip(confs, decoders):
-            logits = getattr(decoder, "module", decoder)(feats)  # [B, K, Mh, Mw]
+        for conf, head in zip(confs, heads):
+            with _autocast(head, device):
+                logits = head.module(feats).float()  # [B, K, Mh, Mw]
             conf += confusion(logits.argmax(1), targets(mask, logits.shape[-2:]), k)
     return [ctx.sum(conf) for conf in confs]
+
+
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _autocast(head: Head, device: torch.device):
+    """The head's decoder precision: bfloat16 autocast, or none."""
+    dtype = AUTOCAST[head.config.decoder_precision]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def _save(head: Head, source: FeatureSource, generator: torch.Generator) -> None:

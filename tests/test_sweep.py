@@ -1,0 +1,66 @@
+"""Sweeps: many heads trained in one pass over the cache, each equal to the same config trained alone."""
+
+import json
+
+import pytest
+import torch
+
+from cachedseg import checkpoint
+from cachedseg.features import cached_source
+from cachedseg.train import train_heads
+from tests.conftest import one_line_error, run_cli
+
+SWEEP = ["--epochs", "2", "--workers", "0", "--device", "cpu"]
+
+
+def test_a_sweep_trains_every_combination_and_ranks_them(store32, tmp_path):
+    run = tmp_path / "sweep"
+    run_cli("train", store32, "--run-dir", run, "--decoder", "conv,linear", "--lr", "1e-4,1e-3", "--seed", "0,1",
+            *SWEEP)
+    summary = json.loads((run / "sweep.json").read_text())
+    assert len(summary["runs"]) == 8 and summary["best"] == summary["runs"][0]["name"]
+    mious = [r["best_val_miou"] for r in summary["runs"]]
+    assert mious == sorted(mious, reverse=True)
+    for row in summary["runs"]:
+        history = json.loads((run / row["name"] / "metrics.json").read_text())
+        assert len(history) == 2 and max(r["val_miou"] for r in history) == row["best_val_miou"]
+        assert row["config"]["data_seed"] == 0  # all shuffled alike: they shared the batches
+    # a config inside the sweep ends exactly where the same config trained alone ends (same batches, one CPU)
+    alone = tmp_path / "alone"
+    run_cli("train", store32, "--run-dir", alone, "--decoder", "linear", "--lr", "1e-3", "--seed", "1",
+            "--data-seed", "0", *SWEEP)
+    a, b = checkpoint.load_run(alone, "last"), checkpoint.load_run(run / "linear-l0-lr0.001-s1", "last")
+    assert a.metrics == [{**r, "seconds": a.metrics[i]["seconds"], "train_seconds": a.metrics[i]["train_seconds"]}
+                         for i, r in enumerate(b.metrics)]
+    assert all(torch.equal(a.decoder_state[k], b.decoder_state[k]) for k in a.decoder_state)
+
+
+def test_a_killed_sweep_resumes(store32, tmp_path):
+    run = tmp_path / "sweep"
+    run_cli("train", store32, "--run-dir", run, "--decoder", "linear", "--lr", "1e-4,1e-3", "--epochs", "1",
+            "--workers", "0")
+    # as after a kill between two heads' checkpoints: one head is an epoch behind the other
+    (run / "linear-l0-lr0.001-s0" / "last.pt").unlink()
+    run_cli("train", store32, "--run-dir", run, "--decoder", "linear", "--lr", "1e-4,1e-3", "--resume", *SWEEP)
+    straight = tmp_path / "straight"
+    run_cli("train", store32, "--run-dir", straight, "--decoder", "linear", "--lr", "1e-4,1e-3", *SWEEP)
+    for name in ("linear-l0-lr0.0001-s0", "linear-l0-lr0.001-s0"):
+        a, b = checkpoint.load_run(run / name, "last"), checkpoint.load_run(straight / name, "last")
+        assert a.epoch == b.epoch == 2
+        assert all(torch.equal(a.decoder_state[k], b.decoder_state[k]) for k in a.decoder_state), name
+
+
+def test_heads_that_do_not_fit_are_refused_up_front_with_the_numbers(store32, tmp_path, monkeypatch):
+    import cachedseg.train
+    monkeypatch.setattr(cachedseg.train, "free_memory", lambda device: 100e6)  # 0.1 GB free
+    result = run_cli("train", store32, "--run-dir", tmp_path / "s", "--decoder", "linear,upconv", *SWEEP, ok=False)
+    one_line_error(result, "upconv", "GB")
+    assert not (tmp_path / "s").exists()
+
+
+def test_configs_that_cannot_share_batches_are_refused(store32, tmp_path):
+    from cachedseg.checkpoint import TrainConfig
+    plans = [(tmp_path / "a", TrainConfig(epochs=1)), (tmp_path / "b", TrainConfig(epochs=2))]
+    with pytest.raises(Exception, match="--epochs"):
+        train_heads(cached_source(store32), plans)
+    one_line_error(run_cli("train", store32, "--run-dir", tmp_path / "c", "--lr", "1e-4,x", ok=False), "--lr")
