@@ -413,6 +413,8 @@ def evaluate(
     compare_live: bool = typer.Option(False, "--compare-live", help="With --store: also run the backbone live and "
                                       "count the pixels whose predicted label differs from the cached prediction."),
     tta: bool = typer.Option(False, "--tta", help="Average the logits of every cached view (e.g. flipped), mapped back."),
+    batch_size: int = typer.Option(4, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding labels and images (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the confusion matrix and scores here."),
     weights: Optional[str] = typer.Option(None, help="Live only: backbone weights (default: those the run was trained with)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -422,7 +424,7 @@ def evaluate(
                   lambda: data is not None and paths.check_dataset(data))
     with user_errors():
         return _evaluate(run, store=store, data=data, split=split, compare_live=compare_live, tta=tta,
-                         json_out=json_out, weights=weights, device=device)
+                         json_out=json_out, weights=weights, device=device, batch_size=batch_size, workers=workers)
 
 
 def _evaluate(run, json_out: Path | None = None, **options):
@@ -459,13 +461,16 @@ def predict(
     weights: Optional[str] = typer.Option(None, help="Backbone weights (default: those the run was trained with); "
                                           "they must give the run's backbone fingerprint."),
     tta: bool = typer.Option(False, "--tta", help="Average the logits of every view the run's store cached (e.g. flipped)."),
+    batch_size: int = typer.Option(4, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding images (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Segment images live (backbone + decoder): writes <name>_label.png, and _color.png and _overlay.png with a
     legend of the classes shown, per image."""
     _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run))
     with user_errors():
-        return _predict(images, run, out, weights=weights, device=device, tta=tta)
+        return _predict(images, run, out, weights=weights, device=device, tta=tta, batch_size=batch_size,
+                        workers=workers)
 
 
 def _predict(images, run, out: Path, **options):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -12,12 +12,12 @@ import torch
 from cachedseg import checkpoint
 from cachedseg.backbone import backbone_for, resolve_device
 from cachedseg.classes import SPLITS
-from cachedseg.data import check_labels, load_image, load_mask, read_dataset
+from cachedseg.data import check_labels, load_image, load_mask, preprocess_image, read_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.features import cached_source
 from cachedseg.metrics import confusion, scores
-from cachedseg.predict import labels_from_logits, mean_over_views, segment, tta_views
-from cachedseg.store import check_spec
+from cachedseg.predict import batches, failed, labels_from_logits, mean_over_views, segment_batch, tta_views
+from cachedseg.store import FeatureStore, check_spec
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class EvalResult:
 
 def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path | None = None, split: str = "val",
              weights: str | None = None, device: str = "auto", compare_live: bool = False, tta: bool = False,
+             batch_size: int = 4, workers: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Evaluate a run on cached features (`store`) or live from the images (`data`), at native label resolution.
 
@@ -70,6 +71,8 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         compare_live: With `store`: also run the backbone live on the same images and count the pixels whose
             predicted label differs between cached and live features (the identity check).
         tta: Average the logits of every view the features were cached in (cached: read; live: computed).
+        batch_size: Images per forward pass.
+        workers: DataLoader processes that decode labels and images (default: 0 on a CPU, min(4, CPUs) on a GPU).
         progress: Called as `progress(done, total)`.
 
     Returns:
@@ -79,6 +82,30 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         CachedsegError: For a store that does not fit the run, a corrupt cached image, missing labels, or a
             mismatched backbone.
     """
+    ckpt = checkpoint.load_run(run)
+    k = len(ckpt.spec.class_names)
+    conf = torch.zeros(k, k, dtype=torch.long)
+    differ = pixels = images = 0
+    for _, labels, pred, live in predictions(run, store, data, split, weights, device, compare_live, tta,
+                                             batch_size, workers, progress):
+        if pred is not None and live is not None:
+            differ, pixels = differ + int((pred != live).sum()), pixels + pred.size
+        conf += confusion(torch.from_numpy(pred if pred is not None else live), torch.from_numpy(labels), k)
+        images += 1
+    s = scores(conf)
+    return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
+                      class_names=ckpt.spec.class_names, images=images,
+                      differ=differ if compare_live else None, pixels=pixels if compare_live else None)
+
+
+def predictions(run: str | Path, store: str | Path | None = None, data: str | Path | None = None,
+                split: str = "val", weights: str | None = None, device: str = "auto", compare_live: bool = False,
+                tta: bool = False, batch_size: int = 4, workers: int | None = None,
+                progress: Callable[[int, int], None] | None = None, limit: int | None = None,
+                ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]]:
+    """A run's predictions on a split, image by image: (id, labels, cached prediction, live prediction), each
+    [H, W] at the labels' native size; the cached one with `store`, the live one without it or with
+    `compare_live`. Arguments as for `evaluate`; `limit` stops after that many images."""
     if split not in SPLITS:
         raise CachedsegError(f"--split {split!r}: use {' or '.join(SPLITS)}")
     if store is None and data is None:
@@ -89,7 +116,6 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
     torch_device = resolve_device(device)
     decoder = ckpt.decoder().to(torch_device)
     views = tta_views(ckpt.spec, tta)
-    k = len(ckpt.spec.class_names)
     if store is not None:
         source = cached_source(store, data=data)
         if not source.spec.serves(ckpt.spec) or not set(views) <= set(source.spec.views):
@@ -97,40 +123,68 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
                        "it with the store it was trained from, or with --data to run its backbone live")
         indices = source.indices(split)
         ids, root = [source.ids[i] for i in indices], source.data_root
+        cached = (str(store), indices, [source.spec.views.index(v) for v in views])
     else:
-        ids, root = [s.id for s in read_dataset(data) if s.split == split], Path(data)
+        ids, root, cached = [s.id for s in read_dataset(data) if s.split == split], Path(data), None
+    ids = ids[:limit]
     if not ids:
         raise CachedsegError(f"the {split} split is empty")
     backbone = (backbone_for(ckpt.spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
                 if store is None or compare_live else None)
-
-    conf = torch.zeros(k, k, dtype=torch.long)
-    differ = pixels = 0
-    for n, id_ in enumerate(ids, 1):
-        labels = _labels(root, id_, k)  # [H, W] at native resolution
-        pred = live = None
-        if store is not None:
-            pred = _cached_labels(decoder, source, indices[n - 1], views, labels.shape, torch_device)
+    items = _Scoring(ids, root, len(ckpt.spec.class_names), cached, backbone.preprocess if backbone else None)
+    done = 0
+    for batch in batches(items, batch_size, workers, torch_device):
+        failed(batch)
+        sizes = [item["labels"].shape for item in batch]
+        preds = live = [None] * len(batch)
+        if cached:
+            preds = _cached_labels(decoder, torch.stack([item["features"] for item in batch]), views, sizes,
+                                   torch_device)
         if backbone is not None:
-            live = segment(_image(root, id_, labels.shape), backbone, ckpt.spec, decoder, labels.shape, views)
-        if pred is not None and live is not None:
-            differ, pixels = differ + int((pred != live).sum()), pixels + pred.size
-        conf += confusion(torch.from_numpy(pred if pred is not None else live), torch.from_numpy(labels), k)
+            live = segment_batch(torch.stack([item["x"] for item in batch]), sizes, backbone, ckpt.spec, decoder,
+                                 views)
+        for item, pred, live_pred in zip(batch, preds, live):
+            yield ids[item["n"]], item["labels"], pred, live_pred
+        done += len(batch)
         if progress:
-            progress(n, len(ids))
-    s = scores(conf)
-    return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
-                      class_names=ckpt.spec.class_names, images=len(ids),
-                      differ=differ if compare_live else None, pixels=pixels if compare_live else None)
+            progress(done, len(ids))
+
+
+class _Scoring(torch.utils.data.Dataset):
+    """What scoring one image needs, loaded in DataLoader workers: its native labels, and its cached features
+    (the views asked for) or its preprocessed image, or both."""
+
+    def __init__(self, ids: list[str], root: Path, num_classes: int, cached: tuple | None, pp):
+        self.ids, self.root, self.num_classes, self.cached, self.pp = ids, root, num_classes, cached, pp
+        self._store = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, n: int) -> dict:
+        try:
+            labels = _labels(self.root, self.ids[n], self.num_classes)  # [H, W] at native resolution
+            item = {"n": n, "labels": labels}
+            if self.cached:
+                path, indices, views = self.cached
+                self._store = self._store or FeatureStore.open(path)
+                item["features"] = torch.stack([torch.from_numpy(self._store.read(indices[n], v)[0])
+                                                for v in views])  # [V, L, C, h, w]
+            if self.pp is not None:
+                item["x"] = preprocess_image(_image(self.root, self.ids[n], labels.shape), self.pp)  # [3, H', W']
+            return item
+        except CachedsegError as exc:
+            return {"n": n, "error": str(exc)}
 
 
 @torch.no_grad()
-def _cached_labels(decoder: torch.nn.Module, source, index: int, views: tuple[str, ...], size: tuple[int, int],
-                   device: torch.device) -> np.ndarray:
-    """Class indices [H, W] of one cached image, averaging the logits of `views` mapped back to the frame."""
-    logits = [decoder(source.item((index, source.spec.views.index(v)))["features"][None].to(device).float())
-              for v in views]  # each [1, K, Mh, Mw], in its view
-    return labels_from_logits(mean_over_views(logits, views), size)
+def _cached_labels(decoder: torch.nn.Module, features: torch.Tensor, views: tuple[str, ...],
+                   sizes: list[tuple[int, int]], device: torch.device) -> list[np.ndarray]:
+    """Class indices [H, W] per image from cached features [B, V, L, C, h, w], averaging the views' logits mapped
+    back to the frame."""
+    features = features.to(device).float()
+    mean = mean_over_views([decoder(features[:, v]) for v in range(len(views))], views)  # [B, K, Mh, Mw]
+    return [labels_from_logits(mean[i:i + 1], size) for i, size in enumerate(sizes)]
 
 
 def _labels(root: Path, id_: str, num_classes: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Live inference: image -> shared preprocessing -> backbone -> cast to the cache dtype -> decoder -> labels.
 
-`evaluate --data` and `predict` both go through `segment`, so their labels are the same by construction.
+`evaluate --data` and `predict` both go through `segment_batch`, batching images in the order given, so for the
+same images in the same order and batch size their labels are the same by construction.
 """
 
 from __future__ import annotations
@@ -55,17 +56,60 @@ def tta_views(spec: StoreSpec, tta: bool) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def segment(image: Image.Image, backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
-            size: tuple[int, int] | None = None, views: tuple[str, ...] = ("identity",)) -> np.ndarray:
-    """Class indices [H, W] for one RGB image, at its own size unless `size` (H, W) is given, averaging the logits
-    of `views` (each computed as extraction computes it, then mapped back to the frame)."""
+def segment_batch(x: torch.Tensor, sizes: list[tuple[int, int]], backbone: Backbone, spec: StoreSpec,
+                  decoder: torch.nn.Module, views: tuple[str, ...] = ("identity",)) -> list[np.ndarray]:
+    """Class indices [H, W] at each size (H, W) for a batch of preprocessed images [B, 3, H', W'], averaging the
+    logits of `views` (each computed as extraction computes it, then mapped back to the frame)."""
     device = next(backbone.parameters()).device
-    x = preprocess_image(image, backbone.preprocess)[None].to(device)  # [1, 3, H, W]
+    x = x.to(device, non_blocking=True)
     logits = []
     for view in views:
-        feats = backbone(apply_view(x, view)).to(getattr(torch, spec.dtype)).float()  # [1, L, C, h, w], as cached
-        logits.append(decoder.to(device)(feats))  # [1, K, Mh, Mw], in the view
-    return labels_from_logits(mean_over_views(logits, views), size or (image.height, image.width))
+        feats = backbone(apply_view(x, view)).to(getattr(torch, spec.dtype)).float()  # [B, L, C, h, w], as cached
+        logits.append(decoder.to(device)(feats))  # [B, K, Mh, Mw], in the view
+    mean = mean_over_views(logits, views)
+    return [labels_from_logits(mean[i:i + 1], size) for i, size in enumerate(sizes)]
+
+
+def segment(image: Image.Image, backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
+            size: tuple[int, int] | None = None, views: tuple[str, ...] = ("identity",)) -> np.ndarray:
+    """Class indices [H, W] for one RGB image, at its own size unless `size` (H, W) is given."""
+    x = preprocess_image(image, backbone.preprocess)[None]  # [1, 3, H', W']
+    return segment_batch(x, [size or (image.height, image.width)], backbone, spec, decoder, views)[0]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images decoded and preprocessed in DataLoader workers: the backbone's input and the image itself."""
+
+    def __init__(self, paths: list[Path], pp):
+        self.paths, self.pp = paths, pp
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, n: int) -> dict:
+        try:
+            image = load_image(self.paths[n])
+        except CachedsegError as exc:
+            return {"n": n, "error": str(exc)}
+        return {"n": n, "x": preprocess_image(image, self.pp), "image": image}
+
+
+def batches(dataset: torch.utils.data.Dataset, batch_size: int, workers: int | None,
+            device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches (lists of items) of `dataset` in order, loaded by `workers` processes (default: none on a CPU, where
+    the backbone dwarfs decoding, min(4, CPUs) on a GPU)."""
+    if batch_size < 1:
+        raise CachedsegError("--batch-size must be at least 1")
+    if workers is None:
+        workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+
+
+def failed(items: list[dict]) -> None:
+    """Raise the first error a worker reported."""
+    for item in items:
+        if "error" in item:
+            raise CachedsegError(item["error"])
 
 
 def colorize(labels: np.ndarray) -> Image.Image:
@@ -141,7 +185,7 @@ class Prediction:
 
 
 def predict(images: list[str | Path], run: str | Path, out: str | Path = "predictions", weights: str | None = None,
-            device: str = "auto", tta: bool = False,
+            device: str = "auto", tta: bool = False, batch_size: int = 4, workers: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
     """Segment images with a trained run, writing a label, a colour and an overlay PNG per image.
 
@@ -153,6 +197,8 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             They must give the fingerprint the run was trained on.
         device: `auto`, `cpu` or `cuda`.
         tta: Average the logits of every view the run's features were cached in (e.g. flipped).
+        batch_size: Images per backbone forward pass.
+        workers: DataLoader processes that decode images (default: 0 on a CPU, min(4, CPUs) on a GPU).
         progress: Called as `progress(done, total)`.
 
     Returns:
@@ -166,21 +212,25 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
     _check_names(paths)
     ckpt = checkpoint.load_run(run)
     views = tta_views(ckpt.spec, tta)
-    backbone = backbone_for(ckpt.spec, weights or ckpt.weights, resolve_device(device), ckpt.decoder_config.layers)
+    torch_device = resolve_device(device)
+    backbone = backbone_for(ckpt.spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
     decoder = ckpt.decoder()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for n, path in enumerate(paths, 1):
-        image = load_image(path)
-        labels = segment(image, backbone, ckpt.spec, decoder, views=views)  # [H, W]
-        files = [out / f"{path.stem}_{kind}.png" for kind in ("label", "color", "overlay")]
-        pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
-        color = colorize(labels)
-        _save_png(Image.fromarray(labels, mode="L"), pred.label)
-        _save_png(with_legend(color, labels, ckpt.spec.class_names), pred.color)
-        _save_png(with_legend(Image.blend(image, color, 0.5), labels, ckpt.spec.class_names), pred.overlay)
-        written.append(pred)
+    for items in batches(ImageFiles(paths, backbone.preprocess), batch_size, workers, torch_device):
+        failed(items)
+        x = torch.stack([item["x"] for item in items])  # [B, 3, H', W']
+        sizes = [(item["image"].height, item["image"].width) for item in items]
+        for item, labels in zip(items, segment_batch(x, sizes, backbone, ckpt.spec, decoder, views)):  # [H, W]
+            path, image = paths[item["n"]], item["image"]
+            files = [out / f"{path.stem}_{kind}.png" for kind in ("label", "color", "overlay")]
+            pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
+            color = colorize(labels)
+            _save_png(Image.fromarray(labels, mode="L"), pred.label)
+            _save_png(with_legend(color, labels, ckpt.spec.class_names), pred.color)
+            _save_png(with_legend(Image.blend(image, color, 0.5), labels, ckpt.spec.class_names), pred.overlay)
+            written.append(pred)
         if progress:
-            progress(n, len(paths))
+            progress(len(written), len(paths))
     return written

@@ -265,3 +265,13 @@ def test_backbone_precision_is_recorded_and_reused_live(dataset, tmp_path):
     cached = _evaluate(run, "--store", store, "--compare-live", tmp_path=tmp_path, name="cached")
     live = _evaluate(run, "--data", dataset, tmp_path=tmp_path, name="live")
     _assert_cached_and_live_agree(cached, live)
+
+
+def test_evaluate_and_predict_decode_in_workers_with_the_same_results(dataset, store32, run32, tmp_path):
+    a = _evaluate(run32, "--store", store32, "--workers", "2", "--batch-size", "3", tmp_path=tmp_path, name="w")
+    b = _evaluate(run32, "--store", store32, tmp_path=tmp_path, name="nw")
+    assert a == b  # batching only groups the decoder's work; each image's numbers are its own
+    run_cli("predict", dataset / "JPEGImages", "--run", run32, "--out", tmp_path / "w", "--workers", "2")
+    run_cli("predict", dataset / "JPEGImages", "--run", run32, "--out", tmp_path / "nw")
+    for label in (tmp_path / "nw").glob("*_label.png"):
+        assert np.array_equal(np.asarray(Image.open(label)), np.asarray(Image.open(tmp_path / "w" / label.name)))
