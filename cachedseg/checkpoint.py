@@ -72,6 +72,8 @@ class Checkpoint:
         decoder_state: The decoder's weights.
         optimizer_state: Adam's state, for `--resume`.
         rng: The sampler's and torch's RNG states, for `--resume`.
+        source: Where the features came from: the store's path or URL, or `live:DATA`.
+        versions: Package versions at training time (cachedseg, torch, timm, zarr, python).
     """
 
     decoder_config: DecoderConfig
@@ -83,6 +85,8 @@ class Checkpoint:
     decoder_state: dict[str, torch.Tensor]
     optimizer_state: dict | None = None
     rng: dict | None = field(default=None, repr=False)
+    source: str = ""
+    versions: dict = field(default_factory=dict)
 
     def decoder(self) -> nn.Module:
         """The trained decoder, in eval mode on the CPU."""
@@ -91,13 +95,24 @@ class Checkpoint:
         return decoder.eval()
 
 
+def versions() -> dict:
+    """The versions that decide the numbers: cachedseg, torch, timm, zarr, python."""
+    import platform
+
+    import timm
+    import zarr
+    return {"cachedseg": __version__, "torch": str(torch.__version__), "timm": timm.__version__, "zarr": zarr.__version__,
+            "python": platform.python_version()}
+
+
 def save(ckpt: Checkpoint, path: str | Path) -> None:
     """Write a checkpoint through a temporary file, fsync, then rename: a kill leaves the old file or the new."""
     path = Path(path)
     state = {"format": FORMAT, "package_version": __version__, "epoch": ckpt.epoch,
              "decoder_config": asdict(ckpt.decoder_config), "train_config": asdict(ckpt.train_config),
              "spec": asdict(ckpt.spec), "weights": ckpt.weights, "metrics": ckpt.metrics,
-             "decoder": ckpt.decoder_state, "optimizer": ckpt.optimizer_state, "rng": ckpt.rng}
+             "decoder": ckpt.decoder_state, "optimizer": ckpt.optimizer_state, "rng": ckpt.rng,
+             "source": ckpt.source, "versions": ckpt.versions or versions()}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -133,7 +148,8 @@ def load(path: str | Path) -> Checkpoint:
                           train_config=TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known}),
                           spec=StoreSpec.from_attrs(state["spec"]), weights=state["weights"], epoch=state["epoch"],
                           metrics=state["metrics"], decoder_state=state["decoder"],
-                          optimizer_state=state.get("optimizer"), rng=state.get("rng"))
+                          optimizer_state=state.get("optimizer"), rng=state.get("rng"),
+                          source=state.get("source", ""), versions=state.get("versions", {}))
     except (KeyError, TypeError) as exc:
         raise CachedsegError(f"{path} was written by cachedseg {state.get('package_version')} and lacks {exc}; "
                              f"use that version, or retrain with this one ({__version__})") from None

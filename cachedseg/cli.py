@@ -536,6 +536,30 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
 
 
 @app.command()
+def report(
+    path: Path = typer.Argument(..., help="A run folder, or a sweep folder (with sweep.json)."),
+    out: Optional[Path] = typer.Option(None, help="The HTML file (default: report.html in that folder)."),
+    store: Optional[str] = typer.Option(None, help="Score from this store (default: the one the run was trained on)."),
+    data: Optional[Path] = typer.Option(None, help="Run the backbone live on this dataset instead."),
+    samples: int = typer.Option(4, help="Val images to show with their prediction and label."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Write one self-contained HTML page for a run (curves, per-class IoU, confusion matrix, val images with
+    predictions, provenance) or for a sweep (all configs compared, each linked to its own page)."""
+    def inputs() -> None:
+        if not path.is_dir():
+            raise CachedsegError(f"no run or sweep folder at {path}{paths.did_you_mean(path)}")
+        if not (path / "sweep.json").is_file():
+            paths.checkpoint_path(path)
+    _light_checks(inputs)
+    from cachedseg.report import report as run_report
+
+    with user_errors():
+        written = run_report(path, out, store, data, samples, device)
+    console.print(f"wrote [bold]{escape(str(written))}[/]", soft_wrap=True)
+
+
+@app.command()
 def upgrade(store: str = typer.Argument(..., help="A feature store written by an earlier cachedseg.")) -> None:
     """Convert an older feature store to the current format in place, keeping every computed feature."""
     _light_checks(lambda: paths.check_store(store))

@@ -88,6 +88,7 @@ class FeatureSource:
         data_root: The image dataset's folder (for native-resolution labels).
         weights: Where the backbone's weights came from (`auto`, `random` or a file), for later live use.
         backbone: The live backbone, or None for a cache.
+        location: The store's path or URL, or `live:DATA`.
     """
 
     spec: StoreSpec
@@ -97,6 +98,7 @@ class FeatureSource:
     data_root: Path
     weights: str
     backbone: Backbone | None = None
+    location: str = ""
 
     def indices(self, split: str) -> list[int]:
         """Image indices of one split, in store order."""
@@ -137,7 +139,7 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
     # images skipped as unreadable (`extract --skip-bad`) belong to no split
     splits = [s if f == DONE else "skipped" for s, f in zip(fs.splits, flags)]
     return FeatureSource(spec=fs.spec, ids=fs.ids, splits=splits, dataset=StoreDataset(store, in_memory),
-                         data_root=Path(data or fs.dataset), weights=fs.weights)
+                         data_root=Path(data or fs.dataset), weights=fs.weights, location=str(store))
 
 
 def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str,
@@ -148,4 +150,5 @@ def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str,
     spec = spec_for(backbone, dtype, views)
     return FeatureSource(spec=spec, ids=[s.id for s in samples], splits=[s.split for s in samples],
                          dataset=SegmentationDataset(samples, backbone.preprocess, views=spec.views),
-                         data_root=Path(data), weights=weights_source(weights), backbone=backbone)
+                         data_root=Path(data), weights=weights_source(weights), backbone=backbone,
+                         location=f"live:{Path(data).resolve()}")

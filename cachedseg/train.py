@@ -320,7 +320,8 @@ def _save(head: Head, source: FeatureSource, generator: torch.Generator) -> None
     ckpt = Checkpoint(decoder_config=head.decoder_config, train_config=head.config, spec=source.spec,
                       weights=source.weights, epoch=len(head.rows), metrics=list(head.rows),
                       decoder_state=head.module.state_dict(), optimizer_state=head.optimizer.state_dict(),
-                      rng={"sampler": generator.get_state(), "torch": torch.get_rng_state()})
+                      rng={"sampler": generator.get_state(), "torch": torch.get_rng_state()},
+                      source=source.location)
     checkpoint.save(ckpt, head.run / "last.pt")
     if head.rows[-1]["val_miou"] >= max(r["val_miou"] for r in head.rows):
         checkpoint.save(ckpt, head.run / "best.pt")
