@@ -288,7 +288,7 @@ def train(
     channels_last: bool = typer.Option(False, "--channels-last", help="Run the decoder channels-last (faster convolutions on GPUs)."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decoder with torch.compile (pays off on long GPU runs)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
-    in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM first (if it fits)."),
+    in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache first: onto the GPU when it fits there, else into RAM (if it fits)."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint (from scratch if it has none yet)."),
     live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder instead of a store."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help="With --live: " + BACKBONE_HELP),
@@ -323,7 +323,9 @@ def train(
                                       or 1, live)
             source = live_source(live, build_backbone(config, weights, torch_device), dtype, weights, _views(views))
         else:
-            source = cached_source(store, in_memory=in_memory)
+            source = cached_source(store, in_memory=in_memory, device=torch_device)
+            if in_memory:
+                console.print(f"features {source.dataset.where}")
         base = TrainConfig(epochs=epochs, batch_size=batch_size, data_seed=data_seed, workers=workers,
                            decoder_precision=decoder_precision, channels_last=channels_last, compile=compile_)
         configs = grid(base, lrs, decoders, layer_counts, seeds)

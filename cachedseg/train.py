@@ -64,9 +64,9 @@ class Batches:
 
 def loader(source: FeatureSource, batches: Batches, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
     """A DataLoader over `batches`; its workers persist across epochs instead of starting anew each time."""
+    pin = device.type == "cuda" and not getattr(source.dataset, "on_device", False)
     return torch.utils.data.DataLoader(source.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                                       worker_init_fn=worker_init, persistent_workers=workers > 0,
-                                       pin_memory=device.type == "cuda")
+                                       worker_init_fn=worker_init, persistent_workers=workers > 0, pin_memory=pin)
 
 
 @dataclass
