@@ -44,6 +44,7 @@ from cachedseg.extract import extract
 from cachedseg.features import cached_source
 from cachedseg.synth import synthesize
 from cachedseg.train import train
+from results_md import append
 
 RESULTS = Path(__file__).parent / "results"
 # name: (store, decoder, head layers, tta); stores are keyed (input shape, layers, views)
@@ -160,13 +161,8 @@ def append_markdown(r: dict, path: Path) -> None:
         lines.append(f"| {name} | {cost['extract_s_per_image']:.3f} | {cost['mb_per_image']:.3f} |")
     if not r["recipes"]:
         lines = [lines[0], *lines[-len(r["costs"]) - 2:]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text("# Recipe quality\n\nAppended by `benchmarks/quality.py`. Random-weight backbones on generated "
-                        "scenes show the mechanics and the effect of alignment and resolution, not DINOv2's accuracy.\n")
-    with open(path, "a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {path}")
+    append(path, "# Recipe quality\n\nAppended by `benchmarks/quality.py`. Random-weight backbones on generated scenes "
+                 "show the mechanics and the effect of alignment and resolution, not DINOv2's accuracy.", lines)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from cachedseg.backbone import BackboneConfig
 from cachedseg.extract import extract
 from cachedseg.store import FeatureStore, disk_bytes, file_count
 from cachedseg.synth import synthesize
+from results_md import append
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -146,11 +147,7 @@ def main() -> None:
             lines.append(f"| {per} | {row['files_per_image']:.3f} | {row['bytes_per_image']:.0f} | "
                          f"{row['read_img_s']:.0f} | {row.get('read_s3_img_s', float('nan')):.0f} | "
                          f"{row.get('s3_objects_per_image', float('nan')):.3f} |")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.write_text("# Store layouts\n\nAppended by `benchmarks/store_io.py`.\n")
-        with open(path, "a") as f:
-            f.write("\n".join(lines) + "\n")
+        append(path, "# Store layouts\n\nAppended by `benchmarks/store_io.py`.", lines)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -30,6 +30,7 @@ from cachedseg.extract import extract
 from cachedseg.features import cached_source
 from cachedseg.synth import synthesize
 from cachedseg.train import train, train_heads
+from results_md import append
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -95,11 +96,7 @@ def main() -> None:
                  "| decoder | heads | one pass s | separate runs s | separate / one pass |", "|---|---|---|---|---|"]
         lines += [f"| {r['decoder']} | {r['heads']} | {r['one_pass_s']:.1f} | {r['separate_s']:.1f} | "
                   f"{r['ratio']:.2f} |" for r in rows]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.write_text("# One pass, many heads\n\nAppended by `benchmarks/sweep.py`.\n")
-        with open(path, "a") as f:
-            f.write("\n".join(lines) + "\n")
+        append(path, "# One pass, many heads\n\nAppended by `benchmarks/sweep.py`.", lines)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

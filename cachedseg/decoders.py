@@ -85,23 +85,6 @@ def _upconv_blocks(channels: int, widths=(512, 256, 128, 64)) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-class SeedDecoder(Decoder):
-    """The seed design: 16x transposed-conv upsampling, center crop to the output size, 1x1 conv."""
-
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__(cfg)
-        self.up = _upconv_blocks(cfg.in_channels * cfg.layers)
-        self.classifier = nn.Conv2d(64, cfg.num_classes, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.up(self.tokens(x))  # [B, 64, 16h, 16w]  (37 -> 592)
-        (mh, mw), (h, w) = self.out_size, x.shape[-2:]
-        if h < mh or w < mw:
-            raise ValueError(f"decoder output {(h, w)} is smaller than the output size {self.out_size}")
-        top, left = (h - mh) // 2, (w - mw) // 2
-        return self.classifier(x[..., top:top + mh, left:left + mw])  # [B, K, Mh, Mw]  (592 -> 512)
-
-
 class UpconvDecoder(Decoder):
     """The seed's blocks without the crop: the 16x map covers the whole frame, like the masks."""
 
@@ -113,6 +96,18 @@ class UpconvDecoder(Decoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.upsample(self.up(self.tokens(x)))  # [B, 64, Mh, Mw] (16h x 16w: a resize only for other mask sizes)
         return self.classifier(x)  # [B, K, Mh, Mw]
+
+
+class SeedDecoder(UpconvDecoder):
+    """The seed design: the same 16x transposed-conv upsampling, then a center crop to the output size, 1x1 conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(self.tokens(x))  # [B, 64, 16h, 16w]  (37 -> 592)
+        (mh, mw), (h, w) = self.out_size, x.shape[-2:]
+        if h < mh or w < mw:
+            raise ValueError(f"decoder output {(h, w)} is smaller than the output size {self.out_size}")
+        top, left = (h - mh) // 2, (w - mw) // 2
+        return self.classifier(x[..., top:top + mh, left:left + mw])  # [B, K, Mh, Mw]  (592 -> 512)
 
 
 class LinearDecoder(Decoder):

@@ -21,6 +21,7 @@ from cachedseg.evaluate import EvalResult, evaluate, predictions
 from cachedseg.paths import exists
 from cachedseg.predict import PALETTE, colorize, with_legend
 from cachedseg.sweep import read_summary
+from cachedseg.train import curves_figure
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1d2329; }
@@ -102,7 +103,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
     return _page(f"Run {run.name}", [
         f"<p class=muted>best val mIoU <b id=best-miou>{top['val_miou']:.4f}</b> at epoch {top['epoch']} of "
         f"{len(rows)}; scored below at the labels' native resolution on {result.images} val images with best.pt</p>",
-        "<h2>Training</h2>", _svg(_curves(rows)), _metrics_table(rows),
+        "<h2>Training</h2>", _svg(curves_figure(rows)), _metrics_table(rows),
         "<h2>Per-class IoU (val, native resolution)</h2>", _class_table(result), _svg(_iou_bars(result)),
         "<h2>Confusion matrix</h2><p class=muted>rows: labelled class, columns: predicted; each row normalised</p>",
         _png(_confusion_figure(result)),
@@ -207,22 +208,6 @@ def _plt():
 
 def _close(figure) -> None:
     _plt().close(figure)
-
-
-def _curves(rows: list[dict]):
-    plt = _plt()
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o")
-    ax1.set(xlabel="epoch", ylabel="train loss", title="Training loss")
-    ax2.plot(epochs, [r["val_miou"] for r in rows], marker="o", label="val mIoU")
-    ax2.plot(epochs, [r["val_pixel_acc"] for r in rows], marker="s", label="val pixel accuracy")
-    ax2.set(xlabel="epoch", ylim=(0, 1), title="Validation (decoder output size)")
-    ax2.legend()
-    from matplotlib.ticker import MaxNLocator
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return fig
 
 
 def _iou_bars(result: EvalResult):
