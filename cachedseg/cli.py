@@ -593,7 +593,7 @@ def demo(
     weights: str = typer.Option("auto", help=WEIGHTS_HELP + " 'auto' falls back to random when offline."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
-    """The whole pipeline on generated data: synth -> extract -> train -> evaluate -> predict."""
+    """The whole pipeline on generated data: synth -> extract -> train -> evaluate -> predict -> report."""
     import shutil
 
     from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
@@ -612,27 +612,30 @@ def demo(
                              "backbone weights: the pipeline runs end to end, but its accuracy numbers mean little.[/]",
                              soft_wrap=True)
                 weights = "random"
-        console.rule("1/5 synth")
+        console.rule("1/6 synth")
         if not (data / "ImageSets" / "val.txt").is_file():
             _synth(data, count, 1280, 720, 0)
         else:
             console.print(f"reusing {escape(str(data))}", soft_wrap=True)
-        console.rule("2/5 extract")
+        console.rule("2/6 extract")
         bcfg = _backbone_config(backbone, image_size, short_side or (None if image_size else 224), "float32", layers,
                                 data)
         # the demo's own store is rebuilt each time: its options (or the weights the hub gave) may have changed
         _extract(data, store, bcfg, weights=weights, dtype="float16", batch_size=4, device=device,
                  overwrite=is_store(store), views=_views(views))
-        console.rule("3/5 train")
+        console.rule("3/6 train")
         if run.exists():
             shutil.rmtree(run)  # the demo's own previous run
         rows = _train(cached_source(store), run, TrainConfig(epochs=epochs, decoder=decoder), torch_device, False,
                       "cached")
-        console.rule("4/5 evaluate (native label resolution)")
+        console.rule("4/6 evaluate (native label resolution)")
         result = _evaluate(run, store=store, split="val", json_out=out / "evaluation.json", device=device)
-        console.rule("5/5 predict")
+        console.rule("5/6 predict")
         val_images = [data / "JPEGImages" / f"{i}.jpg" for i in (data / "ImageSets" / "val.txt").read_text().split()[:4]]
         written = _predict(val_images, run, preds, device=device)
+        console.rule("6/6 report")
+        from cachedseg.report import report as run_report
+        page = run_report(run, device=device)
     console.rule("done")
     size = f"{bcfg.image_size[1]}x{bcfg.image_size[0]}" if bcfg.image_size else "its pretrained size"
     console.print(_metrics_table(rows, f"{decoder} decoder, {backbone} at {size} px, weights: {weights}"))
@@ -640,6 +643,7 @@ def demo(
     for p in written:
         console.print(f"  {escape(str(p.overlay))}", soft_wrap=True)
     console.print(f"run folder (checkpoints, metrics, curves.png): [bold]{escape(str(run))}[/]", soft_wrap=True)
+    console.print(f"report: [bold]{escape(str(page))}[/]", soft_wrap=True)
 
 
 if __name__ == "__main__":
