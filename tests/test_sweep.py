@@ -64,3 +64,19 @@ def test_configs_that_cannot_share_batches_are_refused(store32, tmp_path):
     with pytest.raises(Exception, match="--epochs"):
         train_heads(cached_source(store32), plans)
     one_line_error(run_cli("train", store32, "--run-dir", tmp_path / "c", "--lr", "1e-4,x", ok=False), "--lr")
+
+
+def test_the_gpu_speed_options_run_and_are_recorded(store32, tmp_path):
+    # Written for GPUs (measured there when one is available); on the CPU they must run and stay faithful:
+    # channels-last changes only the convolution kernels' order of summation.
+    plain, last, bf16 = tmp_path / "plain", tmp_path / "last", tmp_path / "bf16"
+    run_cli("train", store32, "--run-dir", plain, "--epochs", "1", "--workers", "0")
+    run_cli("train", store32, "--run-dir", last, "--epochs", "1", "--workers", "0", "--channels-last")
+    run_cli("train", store32, "--run-dir", bf16, "--epochs", "1", "--workers", "0", "--decoder-precision", "bfloat16")
+    a, b, c = (checkpoint.load_run(r, "last") for r in (plain, last, bf16))
+    assert b.train_config.channels_last and c.train_config.decoder_precision == "bfloat16"
+    assert b.metrics[0]["train_loss"] == pytest.approx(a.metrics[0]["train_loss"], rel=1e-4)
+    assert c.metrics[0]["train_loss"] == pytest.approx(a.metrics[0]["train_loss"], rel=5e-2)  # bfloat16: 8-bit mantissa
+    run_cli("evaluate", last, "--store", store32)  # the checkpoints load and run in plain float32
+    one_line_error(run_cli("train", store32, "--run-dir", tmp_path / "x", "--decoder-precision", "float8", ok=False),
+                   "--decoder-precision")
