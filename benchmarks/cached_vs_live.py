@@ -48,7 +48,7 @@ from cachedseg.extract import extract
 from cachedseg.features import cached_source, live_source
 from cachedseg import checkpoint
 from cachedseg.checkpoint import TrainConfig
-from cachedseg.store import DONE, FeatureStore
+from cachedseg.store import FeatureStore
 from cachedseg.synth import synthesize
 from cachedseg.train import epoch_batches, targets, train
 
