@@ -491,7 +491,9 @@ def _predict(images, run, out: Path, **options):
 def info(path: str = typer.Argument(..., help="A feature store (folder or URL), or a run folder / checkpoint file.")) -> None:
     """Show what a feature store holds (settings, images done/pending/bad, size) or what a run was trained on."""
     def exists() -> None:
-        if not paths.is_url(path) and not Path(path).exists():
+        if paths.is_url(path):  # only a store can live at a URL
+            paths.check_store(path)
+        elif not Path(path).exists():
             raise CachedsegError(f"nothing at {path} (expected a feature store or a run folder)"
                                  f"{paths.did_you_mean(Path(path))}")
     _light_checks(exists)

@@ -303,9 +303,13 @@ CHECK_BEFORE_TORCH = textwrap.dedent("""
     (["extract", "nowhere"], "nowhere"), (["train", "nowhere.zarr"], "nowhere.zarr"),
     (["train", "--live", "nowhere"], "nowhere"), (["evaluate", "nowhere", "--store", "x.zarr"], "nowhere"),
     (["predict", "x.jpg", "--run", "r"], "x.jpg"), (["info", "nowhere"], "nowhere"),
-    (["train", "s3://bucket/x.zarr"], "s3://bucket/x.zarr")])
+    (["train", "s3://bucket/x.zarr"], "s3://bucket/x.zarr"), (["info", "s3://bucket/x.zarr"], "s3://bucket/x.zarr")])
 def test_a_mistyped_path_is_answered_before_torch_loads(tmp_path, args, culprit):
-    proc = subprocess.run([sys.executable, "-c", CHECK_BEFORE_TORCH, *args], cwd=tmp_path, env=ENV,
+    # no S3 credentials, and an endpoint that refuses at once: a bucket that cannot be reached is one clean line too
+    env = {**{k: v for k, v in ENV.items() if not k.startswith("AWS_")}, "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    proc = subprocess.run([sys.executable, "-c", CHECK_BEFORE_TORCH, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert proc.stdout.split() == ["1", "False"], proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and culprit in proc.stderr
