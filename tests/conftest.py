@@ -1,6 +1,7 @@
 """Shared fixtures: generated data, a small random backbone, and a CLI runner. Nothing here touches the network."""
 
 import os
+import re
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
@@ -36,8 +37,14 @@ def assert_features_close(a, b) -> None:
 
 def chunk_file(store, array: str, index: int):
     """The file holding image `index`'s chunk (or shard) of an array (keys c.<index>.0...: one file each)."""
+    return next(p for p in written_chunks(store, array) if p.name.split(".")[1] == str(index))
+
+
+def written_chunks(store, array: str) -> list:
+    """The chunk files of an array that are fully written: zarr writes each one to `c.<uuid>.partial` first
+    (Path.with_suffix on `c.0`), a name that a glob for `c.*` would also match."""
     folder = Path(store) / array
-    return next(p for p in folder.iterdir() if p.name == f"c.{index}" or p.name.startswith(f"c.{index}."))
+    return [p for p in folder.iterdir() if re.fullmatch(r"c(\.\d+)+", p.name)] if folder.is_dir() else []
 
 
 def run_cli(*args: str, ok: bool = True):

@@ -17,7 +17,7 @@ import zarr
 from cachedseg import checkpoint
 from cachedseg.cli import app
 from cachedseg.locks import writer_lock
-from tests.conftest import SMALL, chunk_file, run_cli
+from tests.conftest import SMALL, chunk_file, run_cli, written_chunks
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
 
@@ -59,8 +59,8 @@ def test_a_killed_job_resumes_with_another_number_of_processes(dataset, store32_
            "--dtype", "float32", "--batch-size", "1", "--workers", "0"]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    flags, deadline = store / "done", time.monotonic() + 120
-    while proc.poll() is None and len(list(flags.glob("c.*"))) < 2 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(written_chunks(store, "done")) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
     proc.wait()

@@ -16,7 +16,8 @@ from PIL import Image
 from cachedseg import checkpoint
 from cachedseg.locks import writer_lock
 from cachedseg.store import decode_ids
-from tests.conftest import SMALL, TRAIN, assert_features_close, chunk_file, one_line_error, run_cli
+from tests.conftest import (SMALL, TRAIN, assert_features_close, chunk_file, one_line_error, run_cli,
+                            written_chunks)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -323,9 +324,8 @@ def test_external_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_
     cmd = [sys.executable, "-m", "cachedseg.cli", "extract", str(dataset), "--store", str(path), *SMALL,
            "--dtype", "float32", "--batch-size", "1", "--workers", "0"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    flags = path / "done"
     deadline = time.monotonic() + 60
-    while proc.poll() is None and not (flags.is_dir() and any(flags.glob("c.*"))) and time.monotonic() < deadline:
+    while proc.poll() is None and not written_chunks(path, "done") and time.monotonic() < deadline:
         time.sleep(0.001)
     time.sleep(delay_ms / 1000)
     proc.kill()
