@@ -99,10 +99,12 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch_and_resume(store3
                           for k in a.decoder_state if a.decoder_state[k].is_floating_point()])
         # Ranks sum gradients and batch-norm statistics in another order, so float32 rounding differs. Adam turns
         # that into visible differences only for weights whose gradient is near zero (m / sqrt(v) is ill-conditioned
-        # there), and moves any weight by at most about lr per step. Measured: max 1.4e-5, 7 of 1.48M weights over
-        # 1e-6. A missing gradient average or unsynchronised batch norm moves most weights by ~lr per step.
+        # there), and moves any weight by at most about lr per step. Measured over 1.48M weights: AVX2 kernels max
+        # 1.8e-5 and 0.0004% over 1e-6; default kernels (ATEN_CPU_CAPABILITY=default) max 3.3e-5 and 0.089% over
+        # 1e-6. Training at another batch composition (one process at batch 1, as unsynchronised batch norm or a
+        # per-rank batch would) leaves 99.8% of the weights over 1e-6 apart, max 0.42.
         assert diff.max() <= 0.25 * 1e-4 * steps
-        assert (diff > 1e-6).float().mean() <= 1e-4
+        assert (diff > 1e-6).float().mean() <= 1e-2
 
 
 def test_no_option_of_any_command_collides_with_torchrun():
