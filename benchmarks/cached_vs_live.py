@@ -24,8 +24,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
-import platform
 import resource
 import shutil
 import sys
@@ -51,6 +49,7 @@ from cachedseg.checkpoint import TrainConfig
 from cachedseg.store import FeatureStore
 from cachedseg.synth import synthesize
 from cachedseg.train import epoch_batches, targets, train
+from results_md import machine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -231,8 +230,7 @@ def main() -> None:
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         r["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    result = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__, "timm": timm.__version__,
+    result = {"device": machine(device), "date": dt.date.today().isoformat(), "torch": torch.__version__, "timm": timm.__version__,
               "zarr": zarr.__version__, "python": sys.version.split()[0],
               "settings": {"backbone": args.backbone, "images": ex.images,
                            "image_size": "{1}x{0}".format(*backbone.preprocess.image_size),

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -44,7 +42,7 @@ from cachedseg.extract import extract
 from cachedseg.features import cached_source
 from cachedseg.synth import synthesize
 from cachedseg.train import train
-from results_md import append
+from results_md import append, machine
 
 RESULTS = Path(__file__).parent / "results"
 # name: (store, decoder, head layers, tta); stores are keyed (input shape, layers, views)
@@ -129,8 +127,7 @@ def main() -> None:
         print(f"{name:>24}: mIoU {' '.join(f'{v:.4f}' for v in rows[name]['miou'])}, "
               f"pixel acc {' '.join(f'{v:.4f}' for v in rows[name]['pixel_acc'])}")
     result = {"date": dt.date.today().isoformat(), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else
-              f"CPU ({os.cpu_count()} cores, {platform.machine()})",
+              "device": machine(device),
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "results", "workdir")},
               "recipes": rows, "costs": costs}
     if args.json:

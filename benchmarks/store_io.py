@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -35,7 +34,7 @@ from cachedseg.backbone import BackboneConfig
 from cachedseg.extract import extract
 from cachedseg.store import FeatureStore, disk_bytes, file_count
 from cachedseg.synth import synthesize
-from results_md import append
+from results_md import append, machine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -131,7 +130,7 @@ def main() -> None:
         if server:
             server.terminate()
     spec = source.spec
-    result = {"date": dt.date.today().isoformat(), "machine": f"CPU ({os.cpu_count()} cores, {platform.machine()})",
+    result = {"date": dt.date.today().isoformat(), "machine": machine(),
               "images": len(source), "features": f"[{len(spec.views)}, {spec.layers}, {spec.channels}, "
                                                  f"{spec.grid[0]}, {spec.grid[1]}] {spec.dtype}",
               "mask": "x".join(map(str, spec.mask_size)), "layouts": rows}

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -30,7 +28,7 @@ from cachedseg.extract import extract
 from cachedseg.features import cached_source
 from cachedseg.synth import synthesize
 from cachedseg.train import train, train_heads
-from results_md import append
+from results_md import append, machine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -83,8 +81,7 @@ def main() -> None:
             print(f"{decoder:>8} K={k:>3}: one pass {one_pass:7.1f} s, separate {separate:7.1f} s, "
                   f"ratio {separate / one_pass:.2f}")
     result = {"date": dt.date.today().isoformat(), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else
-              f"CPU ({os.cpu_count()} cores, {platform.machine()})",
+              "device": machine(device),
               "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json", "results", "workdir")},
               "rows": rows}
     if args.json:
