@@ -199,7 +199,8 @@ def _resize_pos_embed(model: torch.nn.Module, grid: tuple[int, int]) -> None:
     if grid == trained:
         return
     plain = model.pos_embed.detach().clone()  # [1, 1 + M*M, C] for plain models
-    model.set_input_size(img_size=(grid[0] * 14, grid[1] * 14))  # timm: antialiased, size-based
+    patch = model.patch_embed.patch_size
+    model.set_input_size(img_size=(grid[0] * patch[0], grid[1] * patch[1]))  # timm: antialiased, size-based
     if model.no_embed_class:  # `_reg` variants: timm's resize is the official one
         return
     m, c = trained[0], plain.shape[-1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from cachedseg.data import check_labels, load_image, load_mask, preprocess_image
 from cachedseg.errors import CachedsegError
 from cachedseg.features import cached_source
 from cachedseg.metrics import confusion, scores
-from cachedseg.predict import batches, failed, labels_from_logits, mean_over_views, segment_batch, tta_views
+from cachedseg.predict import batches, failed, labels_over_views, segment_batch, tta_views
 from cachedseg.store import FeatureStore, check_spec
 
 
@@ -82,30 +82,37 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         CachedsegError: For a store that does not fit the run, a corrupt cached image, missing labels, or a
             mismatched backbone.
     """
-    ckpt = checkpoint.load_run(run)
-    k = len(ckpt.spec.class_names)
+    class_names = checkpoint.load_run(run).spec.class_names
+    return score(predictions(run, store, data, split, weights, device, compare_live, tta, batch_size, workers,
+                             progress), class_names, compare_live)
+
+
+def score(predicted: Iterable[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]],
+          class_names: tuple[str, ...], compare_live: bool = False) -> EvalResult:
+    """The scores of what `predictions` yields: the cached prediction where there is one, else the live one;
+    with `compare_live`, also the pixels where the two differ."""
+    k = len(class_names)
     conf = torch.zeros(k, k, dtype=torch.long)
     differ = pixels = images = 0
-    for _, labels, pred, live in predictions(run, store, data, split, weights, device, compare_live, tta,
-                                             batch_size, workers, progress):
+    for _, labels, pred, live in predicted:
         if pred is not None and live is not None:
             differ, pixels = differ + int((pred != live).sum()), pixels + pred.size
         conf += confusion(torch.from_numpy(pred if pred is not None else live), torch.from_numpy(labels), k)
         images += 1
     s = scores(conf)
     return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
-                      class_names=ckpt.spec.class_names, images=images,
+                      class_names=class_names, images=images,
                       differ=differ if compare_live else None, pixels=pixels if compare_live else None)
 
 
 def predictions(run: str | Path, store: str | Path | None = None, data: str | Path | None = None,
                 split: str = "val", weights: str | None = None, device: str = "auto", compare_live: bool = False,
                 tta: bool = False, batch_size: int = 4, workers: int | None = None,
-                progress: Callable[[int, int], None] | None = None, limit: int | None = None,
+                progress: Callable[[int, int], None] | None = None
                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]]:
     """A run's predictions on a split, image by image: (id, labels, cached prediction, live prediction), each
     [H, W] at the labels' native size; the cached one with `store`, the live one without it or with
-    `compare_live`. Arguments as for `evaluate`; `limit` stops after that many images."""
+    `compare_live`. Arguments as for `evaluate`."""
     if split not in SPLITS:
         raise CachedsegError(f"--split {split!r}: use {' or '.join(SPLITS)}")
     if store is None and data is None:
@@ -126,7 +133,6 @@ def predictions(run: str | Path, store: str | Path | None = None, data: str | Pa
         cached = (str(store), indices, [source.spec.views.index(v) for v in views])
     else:
         ids, root, cached = [s.id for s in read_dataset(data) if s.split == split], Path(data), None
-    ids = ids[:limit]
     if not ids:
         raise CachedsegError(f"the {split} split is empty")
     backbone = (backbone_for(ckpt.spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
@@ -183,8 +189,7 @@ def _cached_labels(decoder: torch.nn.Module, features: torch.Tensor, views: tupl
     """Class indices [H, W] per image from cached features [B, V, L, C, h, w], averaging the views' logits mapped
     back to the frame."""
     features = features.to(device).float()
-    mean = mean_over_views([decoder(features[:, v]) for v in range(len(views))], views)  # [B, K, Mh, Mw]
-    return [labels_from_logits(mean[i:i + 1], size) for i, size in enumerate(sizes)]
+    return labels_over_views([decoder(features[:, v]) for v in range(len(views))], views, sizes)
 
 
 def _labels(root: Path, id_: str, num_classes: int) -> np.ndarray:

@@ -251,12 +251,6 @@ def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[st
                                weights=weights_source(weights), images_per_shard=images_per_shard)
 
 
-def _write_batch(fs: FeatureStore, indices: list[int], feats: np.ndarray, masks: np.ndarray) -> None:
-    """Write one batch, image by image, each flagged done only after its data."""
-    for i, f, m in zip(indices, feats, masks):
-        fs.write(i, f, m)
-
-
 def _check_finite(feats: torch.Tensor, ids: list[str], dtype: str) -> None:
     """Refuse NaN/inf features, and values float16 cannot hold."""
     bad = ~torch.isfinite(feats).flatten(1).all(1)

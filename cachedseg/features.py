@@ -33,17 +33,17 @@ class StoreDataset(torch.utils.data.Dataset):
         self.where = "streamed from the store"
         if in_memory:
             store = FeatureStore.open(self.path)
-            if store.nbytes > 0.8 * _available_ram():
-                raise CachedsegError(f"--in-memory needs {store.nbytes / 1e9:.1f} GB but only "
-                                     f"{_available_ram() / 1e9:.1f} GB of RAM is free; train without --in-memory to "
-                                     "stream from disk")
+            ram = free_memory(torch.device("cpu"))
+            if store.nbytes > 0.8 * ram:
+                raise CachedsegError(f"--in-memory needs {store.nbytes / 1e9:.1f} GB but only {ram / 1e9:.1f} GB of "
+                                     "RAM is free; train without --in-memory to stream from disk")
             features, masks = store.read_all()  # [N, V, L, C, h, w], [N, Mh, Mw]
             self._memory = {"features": torch.from_numpy(features), "masks": torch.from_numpy(masks),
                             "views": store.spec.views}
             self.where = f"in RAM ({store.nbytes / 1e9:.2f} GB)"
             device = torch.device(device)
             if device.type == "cuda":  # on the GPU when it fits beside training, so a step reads no host memory
-                free = torch.cuda.mem_get_info(device)[0]
+                free = free_memory(device)
                 if store.nbytes < 0.5 * free:
                     self._memory.update(features=self._memory["features"].to(device),
                                         masks=self._memory["masks"].to(device))
@@ -82,8 +82,10 @@ class StoreDataset(torch.utils.data.Dataset):
         return {"index": index, "view": view, "features": torch.from_numpy(features), "mask": torch.from_numpy(mask)}
 
 
-def _available_ram() -> int:
-    """Bytes of RAM available now."""
+def free_memory(device: torch.device) -> int:
+    """Bytes free now on the device (RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -79,14 +79,9 @@ def check_dataset(root: str | Path) -> Path:
 
 def check_store(path: str | Path) -> None:
     """A store argument that exists (a missing local one gets near misses and the command that builds it)."""
-    if is_url(path):
-        if not exists(path):
-            raise CachedsegError(f"no feature store at {path}; build one with `cachedseg extract DATA --store {path}`")
-        return
-    path = Path(path)
-    if not path.exists():
-        raise CachedsegError(f"no feature store at {path}{did_you_mean(path)}; build one with "
-                             f"`cachedseg extract DATA --store {path}`")
+    if not exists(path):
+        hint = "" if is_url(path) else did_you_mean(Path(path))
+        raise CachedsegError(f"no feature store at {path}{hint}; build one with `cachedseg extract DATA --store {path}`")
 
 
 def checkpoint_path(run: str | Path, which: str = "best") -> Path:

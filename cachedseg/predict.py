@@ -39,12 +39,15 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarra
     return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()  # [H, W]
 
 
-def mean_over_views(logits: list[torch.Tensor], views: tuple[str, ...]) -> torch.Tensor:
-    """Logits [1, K, Mh, Mw] computed in each view -> their mean in the original frame (test-time augmentation)."""
+def labels_over_views(logits: list[torch.Tensor], views: tuple[str, ...],
+                      sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Logits [B, K, Mh, Mw] computed in each view -> class indices [H, W] per image at its size (H, W), from the
+    views' mean in the original frame (test-time augmentation)."""
     total = apply_view(logits[0], views[0])
     for view_logits, view in zip(logits[1:], views[1:]):
         total = total + apply_view(view_logits, view)
-    return total / len(views)
+    mean = total / len(views)  # [B, K, Mh, Mw]
+    return [labels_from_logits(mean[i:i + 1], size) for i, size in enumerate(sizes)]
 
 
 def tta_views(spec: StoreSpec, tta: bool) -> tuple[str, ...]:
@@ -66,8 +69,7 @@ def segment_batch(x: torch.Tensor, sizes: list[tuple[int, int]], backbone: Backb
     for view in views:
         feats = backbone(apply_view(x, view)).to(getattr(torch, spec.dtype)).float()  # [B, L, C, h, w], as cached
         logits.append(decoder.to(device)(feats))  # [B, K, Mh, Mw], in the view
-    mean = mean_over_views(logits, views)
-    return [labels_from_logits(mean[i:i + 1], size) for i, size in enumerate(sizes)]
+    return labels_over_views(logits, views, sizes)
 
 
 def segment(image: Image.Image, backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,

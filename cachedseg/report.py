@@ -17,7 +17,7 @@ from cachedseg import checkpoint
 from cachedseg.checkpoint import versions
 from cachedseg.data import load_image
 from cachedseg.errors import CachedsegError
-from cachedseg.evaluate import EvalResult, evaluate, predictions
+from cachedseg.evaluate import EvalResult, predictions, score
 from cachedseg.paths import exists
 from cachedseg.predict import PALETTE, colorize, with_legend
 from cachedseg.sweep import read_summary
@@ -85,8 +85,14 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
                                  "--data to run the backbone live")
     if store is None and data is None:
         raise CachedsegError(f"{run} does not record its features; pass --store STORE or --data DATA")
-    result = evaluate(run, store=store, data=data, device=device)
-    shown = list(predictions(run, store=store, data=data, device=device, limit=samples))
+    shown: list[tuple] = []
+
+    def keep(predicted):  # the first few val images are drawn below: kept from the one scoring pass
+        for item in predicted:
+            if len(shown) < samples:
+                shown.append(item)
+            yield item
+    result = score(keep(predictions(run, store=store, data=data, device=device)), best.spec.class_names)
     root = Path(data) if data else Path(_dataset_of(store))
     spec, cfg = best.spec, best.decoder_config
     rows = last.metrics

@@ -33,7 +33,7 @@ from cachedseg import __version__
 from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.locks import writer_lock
-from cachedseg.paths import check_local, exists, filesystem, is_url
+from cachedseg.paths import check_local, check_store, exists, filesystem, is_url
 from cachedseg.views import apply_view, check_views
 
 FORMAT = "cachedseg-features"
@@ -178,8 +178,7 @@ class FeatureStore:
         Raises:
             CachedsegError: If there is no store there, or it has another format version.
         """
-        if not exists(path):
-            raise CachedsegError(f"no feature store at {path}; build one with `cachedseg extract DATA --store {path}`")
+        check_store(path)
         if not is_store(path):
             raise CachedsegError(f"{path} is not a cachedseg feature store (no {FORMAT} attributes in a Zarr group)")
         group = zarr.open_group(str(path), mode=mode)

@@ -27,7 +27,7 @@ from cachedseg.classes import IGNORE_INDEX
 from cachedseg.data import collate
 from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
-from cachedseg.features import FeatureSource, worker_init
+from cachedseg.features import FeatureSource, free_memory, worker_init
 from cachedseg.metrics import confusion, scores
 from cachedseg.store import StoreSpec
 
@@ -205,13 +205,6 @@ def head_bytes(cfg: DecoderConfig, spec: StoreSpec, batch: int) -> int:
         for hook in hooks:
             hook.remove()
     return 4 * (4 * sum(p.numel() for p in decoder.parameters()) + 2 * sum(sizes))
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on the device (RAM for the CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_memory(heads: list[tuple[Path, DecoderConfig]], spec: StoreSpec, batch: int, device: torch.device) -> None:
