@@ -61,6 +61,7 @@ VERBOSE = ("--verbose", "-v")
 def main() -> None:
     """Entry point: accepts --verbose anywhere on the line, not only before the command."""
     args = sys.argv[1:]
+    _state["argv"] = args
     flags = [a for a in args if a in VERBOSE]
     app(args=flags + [a for a in args if a not in VERBOSE], prog_name="cachedseg")
 
@@ -71,9 +72,21 @@ def _root(verbose: bool = typer.Option(False, *VERBOSE, help="Show tracebacks fo
     _state["verbose"] = verbose
 
 
+def rerun(*extra: str) -> str:
+    """The command line this process was started with, plus `extra` options it lacks: the command to continue."""
+    import shlex
+
+    args = _state.get("argv")
+    if args is None:  # called as a library (or a test runner), not from the shell: no line to repeat
+        return "the same command" + "".join(f" with {e}" for e in extra)
+    return "`" + shlex.join(["cachedseg", *args, *(e for e in extra if e not in args)]) + "`"
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a CachedsegError into a one-line message and exit code 1 (a traceback only with --verbose)."""
+def user_errors(interrupted: Callable[[], str] = lambda: f"finished work is kept; rerun {rerun()} to continue"
+                ) -> Iterator[None]:
+    """Turn a CachedsegError into a one-line message and exit code 1 (a traceback only with --verbose); a Ctrl-C
+    into exit code 130 and the command that continues (`interrupted` gives it: train needs --resume)."""
     try:
         yield
     except CachedsegError as exc:
@@ -84,7 +97,7 @@ def user_errors() -> Iterator[None]:
             errors.print(f"[bold red]{prefix}error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        errors.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to continue")
+        errors.print(f"[yellow]interrupted[/]: {escape(interrupted())}", soft_wrap=True)
         raise typer.Exit(130) from None
 
 
@@ -314,7 +327,8 @@ def train(
     from cachedseg.features import cached_source, live_source
     from cachedseg.sweep import grid
 
-    with user_errors():
+    # a rerun without --resume is refused (the run folder holds a run now): name the command that continues
+    with user_errors(lambda: f"last.pt holds the last finished epoch; continue with {rerun('--resume')}"):
         lrs, decoders = _values(lr, float, "--lr"), _values(decoder, str, "--decoder")
         seeds, layer_counts = _values(seed, int, "--seed"), _values(layers, int, "--layers") if layers else [None]
         torch_device = resolve_device(device)
@@ -424,7 +438,7 @@ def evaluate(
     """Score a run against the dataset's label PNGs at native resolution: confusion matrix, mIoU, pixel accuracy."""
     _light_checks(lambda: paths.checkpoint_path(run), lambda: store is not None and paths.check_store(store),
                   lambda: data is not None and paths.check_dataset(data))
-    with user_errors():
+    with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
         return _evaluate(run, store=store, data=data, split=split, compare_live=compare_live, tta=tta,
                          json_out=json_out, weights=weights, device=device, batch_size=batch_size, workers=workers)
 
@@ -470,7 +484,7 @@ def predict(
     """Segment images live (backbone + decoder): writes <name>_label.png, and _color.png and _overlay.png with a
     legend of the classes shown, per image."""
     _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run))
-    with user_errors():
+    with user_errors(lambda: f"the images written so far are kept; rerun {rerun()} to redo them all"):
         return _predict(images, run, out, weights=weights, device=device, tta=tta, batch_size=batch_size,
                         workers=workers)
 
@@ -558,7 +572,7 @@ def report(
     _light_checks(inputs)
     from cachedseg.report import report as run_report
 
-    with user_errors():
+    with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
         written = run_report(path, out, store, data, samples, device)
     console.print(f"wrote [bold]{escape(str(written))}[/]", soft_wrap=True)
 
