@@ -57,6 +57,14 @@ class TrainConfig:
     compile: bool = False
     workers: int | None = None
 
+    def describe(self, cached_layers: int) -> str:
+        """The recipe in words, with what each unset (None) setting meant for the run: `cached_layers` is how many
+        layers its features held."""
+        meant = {"layers": f"all ({cached_layers})" if self.layers is None else self.layers,
+                 "data_seed": f"= seed ({self.seed})" if self.data_seed is None else self.data_seed,
+                 "workers": "auto (0 on a CPU, min(4, CPUs) on a GPU)" if self.workers is None else self.workers}
+        return ", ".join(f"{k} {meant.get(k, v)}" for k, v in asdict(self).items())
+
 
 @dataclass(frozen=True)
 class Checkpoint:

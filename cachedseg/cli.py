@@ -49,8 +49,10 @@ WEIGHTS_HELP = ("'auto': pretrained via timm / the Hugging Face hub or its local
                 "or 'random': a seeded random init for tests and offline demos.")
 SIZE_HELP = ("Backbone input: one side (518: a square, as the seed design) or WIDTH x HEIGHT (924x518), multiples "
              "of 14. Default: --short-side at the model's size.")
-SHORT_SIDE_HELP = ("Keep the dataset's aspect ratio: this short side (a multiple of 14), the long side the nearest "
-                   "multiple of 14 (1280x720 frames at 518 -> 924x518). Default: the model's size, 518.")
+SHORT_SIDE = ("Keep the dataset's aspect ratio: this short side (a multiple of 14), the long side the nearest "
+              "multiple of 14 (1280x720 frames at 518 -> 924x518).")
+SHORT_SIDE_HELP = SHORT_SIDE + " Default: the model's size, 518."
+DEMO_SHORT_SIDE = 224  # the demo's default: a CPU runs it in minutes
 VIEWS_HELP = "Extra cached views, comma-separated: flip (one more forward pass and as much storage per view)."
 DECODER_HELP = ("Decoder: conv (3x3 convs on the token grid; the best recipe measured), upconv (transposed convs, "
                 "aligned), linear (BN + 1x1; with 4 layers DINOv2's linear4), or seed (the seed design's, with its "
@@ -515,7 +517,6 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
     from cachedseg.store import FeatureStore, is_store
 
     with user_errors():
-        table = Table(title=escape(path), show_header=False)
         if is_store(path):
             d = FeatureStore.open(path).describe()
             (h, w), (mh, mw) = d["input_size"], d["mask_size"]
@@ -543,14 +544,18 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
                                  f"{ckpt.spec.dtype}, last {ckpt.decoder_config.layers} layer(s) of "
                                  f"{ckpt.spec.layers}, views {', '.join(ckpt.spec.views)}, "
                                  f"fingerprint {ckpt.spec.fingerprint}"),
-                    ("recipe", ", ".join(f"{k} {v}" for k, v in ckpt.train_config.__dict__.items())),
+                    ("recipe", ckpt.train_config.describe(ckpt.spec.layers)),
                     ("epochs trained", str(ckpt.epoch)),
                     ("best val", f"mIoU {best['val_miou']:.4f}, pixel accuracy {best['val_pixel_acc']:.4f} "
                                  f"(epoch {best['epoch']})"),
-                    ("weights", ckpt.weights)]
-        for key, value in rows:
-            table.add_row(key, escape(str(value)))
-    console.print(table)
+                    ("weights", ckpt.weights),
+                    ("trained on", (f"live features from {ckpt.source.removeprefix('live:')}"
+                                    if ckpt.source.startswith("live:") else ckpt.source) or "not recorded")]
+    # lines, not a table: a table wraps its title and cells to the terminal, and these paths are copied whole
+    console.print(f"[bold]{escape(path)}[/]", soft_wrap=True)
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        console.print(f"  [bold]{escape(key.ljust(width))}[/]  {escape(str(value))}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -600,8 +605,10 @@ def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the demo's data, store, run and predictions."),
     count: int = typer.Option(32, help="Generated images (a quarter go to val)."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
-    image_size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default here: --short-side 224."),
-    short_side: Optional[int] = typer.Option(None, help=SHORT_SIDE_HELP + " (518 for the seed's resolution; slower on a CPU)"),
+    image_size: Optional[str] = typer.Option(None, help=SIZE_HELP.split(" Default:")[0]
+                                             + f" Default here: --short-side {DEMO_SHORT_SIDE}."),
+    short_side: Optional[int] = typer.Option(None, help=SHORT_SIDE + f" Default here: {DEMO_SHORT_SIDE} (518 is "
+                                             "the recipe's resolution; slower on a CPU)."),
     layers: int = typer.Option(1, help="Cache the last N blocks' tokens."),
     views: str = typer.Option("", help=VIEWS_HELP),
     decoder: str = typer.Option("conv", help=DECODER_HELP),
@@ -634,7 +641,7 @@ def demo(
         else:
             console.print(f"reusing {escape(str(data))}", soft_wrap=True)
         console.rule("2/6 extract")
-        bcfg = _backbone_config(backbone, image_size, short_side or (None if image_size else 224), "float32", layers,
+        bcfg = _backbone_config(backbone, image_size, short_side or (None if image_size else DEMO_SHORT_SIDE), "float32", layers,
                                 data)
         # the demo's own store is rebuilt each time: its options (or the weights the hub gave) may have changed
         _extract(data, store, bcfg, weights=weights, dtype="float16", batch_size=4, device=device,

@@ -105,6 +105,23 @@ def score(predicted: Iterable[tuple[str, np.ndarray, np.ndarray | None, np.ndarr
                       differ=differ if compare_live else None, pixels=pixels if compare_live else None)
 
 
+def trained_on(run: str | Path) -> tuple[str | None, str | None]:
+    """(store, data): the features a run was trained on, as its checkpoint records them (a store's path or URL,
+    or `live:DATA`): what evaluate and report score when given neither --store nor --data."""
+    from cachedseg.paths import exists
+
+    source = checkpoint.load_run(run).source
+    if not source:
+        raise CachedsegError(f"{run} does not record the features it was trained on; give --store STORE (cached "
+                             "features) or --data DATA (live backbone)")
+    if source.startswith("live:"):
+        return None, source.removeprefix("live:")
+    if not exists(source):
+        raise CachedsegError(f"the store {source} that {run} was trained on is gone; pass --store with a copy, or "
+                             "--data to run the backbone live")
+    return source, None
+
+
 def predictions(run: str | Path, store: str | Path | None = None, data: str | Path | None = None,
                 split: str = "val", weights: str | None = None, device: str = "auto", compare_live: bool = False,
                 tta: bool = False, batch_size: int = 4, workers: int | None = None,
@@ -116,7 +133,7 @@ def predictions(run: str | Path, store: str | Path | None = None, data: str | Pa
     if split not in SPLITS:
         raise CachedsegError(f"--split {split!r}: use {' or '.join(SPLITS)}")
     if store is None and data is None:
-        raise CachedsegError("give --store STORE (cached features) or --data DATA (live backbone)")
+        store, data = trained_on(run)
     if compare_live and store is None:
         raise CachedsegError("--compare-live compares cached with live predictions; give --store STORE too")
     ckpt = checkpoint.load_run(run)

@@ -16,6 +16,7 @@ import zarr
 from cachedseg.backbone import Backbone, weights_source
 from cachedseg.data import SegmentationDataset, read_dataset
 from cachedseg.errors import CachedsegError
+from cachedseg.paths import is_url
 from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, spec_for
 from cachedseg.views import apply_view
 
@@ -159,7 +160,9 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
     # images skipped as unreadable (`extract --skip-bad`) belong to no split
     splits = [s if f == DONE else "skipped" for s, f in zip(fs.splits, flags)]
     return FeatureSource(spec=fs.spec, ids=fs.ids, splits=splits, dataset=StoreDataset(store, in_memory, device),
-                         data_root=Path(data or fs.dataset), weights=fs.weights, location=str(store))
+                         data_root=Path(data or fs.dataset), weights=fs.weights,
+                         # absolute: the run records it, and evaluate/report default to it from any folder
+                         location=str(store) if is_url(store) else str(Path(store).resolve()))
 
 
 def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str,

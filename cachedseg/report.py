@@ -16,10 +16,8 @@ from PIL import Image
 from cachedseg import checkpoint
 from cachedseg.checkpoint import versions
 from cachedseg.data import load_image
-from cachedseg.errors import CachedsegError
-from cachedseg.evaluate import EvalResult, predictions, score
-from cachedseg.paths import exists
-from cachedseg.predict import PALETTE, colorize, with_legend
+from cachedseg.evaluate import EvalResult, predictions, score, trained_on
+from cachedseg.predict import PALETTE, colorize
 from cachedseg.sweep import read_summary
 from cachedseg.train import curves_figure
 
@@ -31,6 +29,7 @@ th { text-align: left; background: #f4f6f8; } td.n { text-align: right; font-var
 .muted { color: #667; } .row { display: flex; gap: 8px; margin-bottom: 10px; } .row figure { margin: 0; }
 .row img { width: 100%; } figcaption { font-size: 12px; color: #667; } #status { color: #b00; }
 .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #333; vertical-align: middle; }
+.legend { font-size: 13px; line-height: 1.6; margin: 2px 0; } .legend .key { margin-right: 10px; white-space: nowrap; }
 """
 # Marks images that did not load, on the page itself (and for the browser test).
 CHECK = """<script>
@@ -78,13 +77,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
     """The report of one run."""
     last, best = checkpoint.load_run(run, "last"), checkpoint.load_run(run, "best")
     if store is None and data is None:
-        store = best.source if best.source and not best.source.startswith("live:") else None
-        data = best.source.removeprefix("live:") if best.source.startswith("live:") else None
-        if store is not None and not exists(store):
-            raise CachedsegError(f"the store {store} that {run} was trained on is gone; pass --store with a copy, or "
-                                 "--data to run the backbone live")
-    if store is None and data is None:
-        raise CachedsegError(f"{run} does not record its features; pass --store STORE or --data DATA")
+        store, data = trained_on(run)
     shown: list[tuple] = []
 
     def keep(predicted):  # the first few val images are drawn below: kept from the one scoring pass
@@ -99,21 +92,21 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
     top = max(rows, key=lambda r: r["val_miou"])
     settings = [
         ("decoder", f"{cfg.name}, reading the last {cfg.layers} of {spec.layers} layer(s)"),
-        ("recipe", ", ".join(f"{k} {v}" for k, v in best.train_config.__dict__.items())),
+        ("recipe", best.train_config.describe(spec.layers)),
         ("backbone", f"{spec.backbone} @ {spec.input_size[1]}x{spec.input_size[0]} px, {spec.precision}, "
                      f"features {spec.dtype}, views {', '.join(spec.views)}"),
         ("fingerprint", spec.fingerprint), ("weights", best.weights),
         ("features from", str(store) if store else f"live from {data}"),
         ("versions at training", ", ".join(f"{k} {v}" for k, v in best.versions.items()) or "not recorded"),
         ("versions now", ", ".join(f"{k} {v}" for k, v in versions().items()))]
-    return _page(f"Run {run.name}", [
+    return _page(f"Run {_name(run)}", [
         f"<p class=muted>best val mIoU <b id=best-miou>{top['val_miou']:.4f}</b> at epoch {top['epoch']} of "
         f"{len(rows)}; scored below at the labels' native resolution on {result.images} val images with best.pt</p>",
         "<h2>Training</h2>", _svg(curves_figure(rows)), _metrics_table(rows),
         "<h2>Per-class IoU (val, native resolution)</h2>", _class_table(result), _svg(_iou_bars(result)),
         "<h2>Confusion matrix</h2><p class=muted>rows: labelled class, columns: predicted; each row normalised</p>",
         _png(_confusion_figure(result)),
-        "<h2>Val images</h2><p class=muted>image, label, prediction, overlay; legend under each</p>",
+        "<h2>Val images</h2><p class=muted>image, label, prediction, overlay; the classes shown under each</p>",
         *(_sample_row(root, id_, labels, pred if pred is not None else live, spec.class_names)
           for id_, labels, pred, live in shown),
         "<h2>Settings and provenance</h2>", _kv_table(settings)])
@@ -128,12 +121,18 @@ def _sweep_page(run: Path, summary: dict) -> str:
         f"<td class=n>{r['best_val_miou']:.4f}</td><td class=n>{r['best_epoch']}</td>"
         f"<td class=n>{r['best_val_pixel_acc']:.4f}</td><td class=n>{r['final_train_loss']:.4f}</td></tr>"
         for r in summary["runs"])
-    return _page(f"Sweep {run.name}", [
+    return _page(f"Sweep {_name(run)}", [
         f"<p class=muted>{len(summary['runs'])} configs trained in one pass over the cache; best: "
         f"<b>{html.escape(summary['best'])}</b></p>",
         "<table id=sweep><tr><th>run</th><th>decoder</th><th>lr</th><th>layers</th><th>seed</th>"
         f"<th>best val mIoU</th><th>epoch</th><th>pixel acc</th><th>final loss</th></tr>{rows}</table>",
         _svg(_sweep_bars(summary))])
+
+
+def _name(run: Path) -> str:
+    """A run's folder with its parent (`runs/conv`): the last part alone is often just `run`."""
+    run = run.resolve()
+    return f"{run.parent.name}/{run.name}"
 
 
 def _page(title: str, parts: list[str]) -> str:
@@ -172,12 +171,21 @@ def _sample_row(root: Path, id_: str, labels: np.ndarray, pred: np.ndarray, clas
     """One val image: the image, its label, the prediction and the overlay, each 1/4 of the width."""
     image = load_image(root / "JPEGImages" / f"{id_}.jpg")
     label, prediction = colorize(np.where(labels == 255, 0, labels).astype(np.uint8)), colorize(pred)
-    panels = [(image, "image", "jpeg"), (with_legend(label, labels, class_names), "label", "png"),
-              (with_legend(prediction, pred, class_names), "prediction", "png"),
-              (with_legend(Image.blend(image, prediction, 0.5), pred, class_names), "overlay", "jpeg")]
+    panels = [(image, "image", "jpeg", None), (label, "label", "png", labels), (prediction, "prediction", "png", pred),
+              (Image.blend(image, prediction, 0.5), "overlay", "jpeg", pred)]
     figures = "".join(f"<figure style='flex:1'>{_img(im, fmt)}<figcaption>{html.escape(id_)}: {what}</figcaption>"
-                      "</figure>" for im, what, fmt in panels)
+                      f"{'' if shown is None else _legend(shown, class_names)}</figure>"
+                      for im, what, fmt, shown in panels)
     return f"<div class=row>{figures}</div>"
+
+
+def _legend(labels: np.ndarray, class_names) -> str:
+    """The classes present in `labels`, each with its colour, as page text: a legend drawn into the picture
+    shrinks with the thumbnail until it cannot be read."""
+    keys = "".join(f"<span class=key><span class=swatch style='background:rgb{tuple(int(v) for v in PALETTE[c])}'>"
+                   f"</span> {html.escape(class_names[c])}</span>"
+                   for c in (int(c) for c in np.unique(labels)) if c < len(class_names))
+    return f"<div class=legend>{keys}</div>"
 
 
 def _img(image: Image.Image, fmt: str = "png") -> str:
