@@ -378,7 +378,7 @@ def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
         result = run_sweep(source, run, configs, device, resume=resume, on_epoch=on_epoch,
                            progress=reporter.callback("epoch") if reporter.bar else None,
                            log=lambda message: reporter.print(f"[yellow]note:[/] {escape(message)}"))
-    table = Table(title=f"sweep {run} (best first)")
+    table = Table(title="configs, best first")  # no path in a title: a table wraps it (the lines around name it)
     for column in ("run", "best val mIoU", "epoch", "pixel acc", "final loss"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in result.runs:
@@ -425,7 +425,8 @@ def _train(source, run: Path, config, device, resume: bool, kind: str) -> list[d
 @app.command()
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder (uses best.pt) or a checkpoint file."),
-    store: Optional[str] = typer.Option(None, help="Score from cached features in this store."),
+    store: Optional[str] = typer.Option(None, help="Score from cached features in this store (default, with no --data "
+                                        "either: the features the run was trained on)."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder: run the backbone live (or, with --store, where the labels are)."),
     split: str = typer.Option("val", help="trn or val."),
     compare_live: bool = typer.Option(False, "--compare-live", help="With --store: also run the backbone live and "
@@ -441,6 +442,11 @@ def evaluate(
     _light_checks(lambda: paths.checkpoint_path(run), lambda: store is not None and paths.check_store(store),
                   lambda: data is not None and paths.check_dataset(data))
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
+        if store is None and data is None:
+            from cachedseg.evaluate import trained_on
+            store, data = trained_on(run)
+            console.print(f"scoring the features {escape(str(run))} was trained on: "
+                          f"{escape(store or f'live from {data}')}", soft_wrap=True, highlight=False)
         return _evaluate(run, store=store, data=data, split=split, compare_live=compare_live, tta=tta,
                          json_out=json_out, weights=weights, device=device, batch_size=batch_size, workers=workers)
 

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,3 +46,68 @@ def test_after_ctrl_c_the_command_train_names_continues_the_run(store32, tmp_pat
     rows = json.loads((run / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == list(range(1, len(first) + 2))
     assert rows[:len(first)] == first  # continued, not started again
+
+
+def test_demo_help_states_the_short_side_the_demo_uses(monkeypatch, tmp_path):
+    import typer.main
+
+    from cachedseg import cli
+    from cachedseg.errors import CachedsegError
+
+    used = {}
+
+    def stop(backbone, image_size, short_side, *rest):
+        used["short_side"] = short_side
+        raise CachedsegError("stop here")  # the size is all this test needs: no extraction
+    monkeypatch.setattr(cli, "_synth", lambda *args: None)
+    monkeypatch.setattr(cli, "_backbone_config", stop)
+    run_cli("demo", "--out", tmp_path / "demo", "--weights", "random", "--device", "cpu", ok=False)
+    params = {p.name: p for p in typer.main.get_command(cli.app).commands["demo"].params}
+    stated = re.findall(r"[Dd]efault[^.\d]*(\d+)", params["short_side"].help)
+    assert stated == [str(used["short_side"])], params["short_side"].help
+    assert re.findall(r"[Dd]efault[^.\d]*(\d+)", params["image_size"].help) == stated
+
+
+def test_info_says_what_unset_settings_meant_and_names_the_store(store32, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", store32, "--run", run, "--epochs", "1", "--device", "cpu")  # --workers and --data-seed unset
+    out = run_cli("info", run).output
+    assert "None" not in out, out
+    assert str(Path(store32).resolve()) in out  # the store it was trained on
+
+
+def test_evaluate_defaults_to_the_runs_own_store_as_report_does(dataset, store32, run32, tmp_path):
+    run_cli("evaluate", run32, "--json", tmp_path / "own.json")
+    run_cli("evaluate", run32, "--store", store32, "--json", tmp_path / "given.json")
+    own, given = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("own", "given"))
+    assert own == given and own["images"] == len((dataset / "ImageSets" / "val.txt").read_text().split())
+
+
+def test_a_report_titles_a_run_folder_named_run_by_its_parent_too_and_spells_out_the_recipe(run32, tmp_path):
+    run = tmp_path / "exp" / "run"
+    shutil.copytree(run32, run)
+    run_cli("report", run)
+    page = (run / "report.html").read_text()
+    title = re.search(r"<title>(.*?)</title>", page).group(1)
+    assert "exp" in title  # not just "Run run"
+    recipe = re.search(r"<th>recipe</th><td>(.*?)</td>", page).group(1)
+    assert "None" not in recipe and "epochs 2" in recipe
+
+
+def test_the_reports_legends_are_page_text_naming_each_class_of_the_panel(dataset, run32, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cachedseg.classes import CLASS_NAMES
+
+    run_cli("report", run32, "--out", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    legends = re.findall(r"<figcaption>([^:<]+): (label|prediction|overlay)</figcaption><div class=legend>(.*?)</div>",
+                         page)
+    assert legends and {what for _, what, _ in legends} == {"label", "prediction", "overlay"}
+    for id_, what, keys in legends:
+        names = re.findall(r"</span> ([^<]+)</span>", keys)
+        assert names and set(names) <= set(CLASS_NAMES)
+        if what == "label":  # exactly the classes of its label PNG, in class order
+            labels = np.unique(np.asarray(Image.open(dataset / "SegmentationClass" / f"{id_}.png")))
+            assert names == [CLASS_NAMES[c] for c in labels if c < len(CLASS_NAMES)]
