@@ -111,3 +111,42 @@ def test_the_reports_legends_are_page_text_naming_each_class_of_the_panel(datase
         if what == "label":  # exactly the classes of its label PNG, in class order
             labels = np.unique(np.asarray(Image.open(dataset / "SegmentationClass" / f"{id_}.png")))
             assert names == [CLASS_NAMES[c] for c in labels if c < len(CLASS_NAMES)]
+
+
+def whole_on_one_line(text: str, *paths) -> None:
+    """Each path appears unbroken on one line of `text` (ANSI styles removed)."""
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).splitlines()
+    for path in map(str, paths):
+        assert any(path in line for line in lines), (path, text)
+
+
+def test_paths_a_user_copies_are_never_wrapped_on_a_narrow_terminal_or_in_a_pipe(dataset, store32, monkeypatch,
+                                                                                tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from cachedseg import cli
+
+    deep = tmp_path / ("p" * 90) / ("q" * 90) / ("r" * 60)  # longer than the 240 columns of a piped console
+    out = io.StringIO()
+    for name in ("console", "errors"):  # a 60-column terminal (progress bars and all)
+        monkeypatch.setattr(cli, name, Console(file=out, width=60, force_terminal=True))
+    run, sweep, image = deep / "run", deep / "sweep", next((dataset / "JPEGImages").glob("*.jpg"))
+    run_cli("train", store32, "--run-dir", run, *TRAIN[2:], "--epochs", "1")
+    run_cli("train", store32, "--run-dir", sweep, *TRAIN[2:], "--epochs", "1", "--decoder", "linear", "--lr",
+            "1e-4,1e-3")
+    run_cli("evaluate", run, "--json", deep / "eval.json")
+    run_cli("predict", image, "--run-dir", run, "--out", deep / "predictions", "--device", "cpu")
+    run_cli("report", run, "--out", deep / "report.html")
+    run_cli("info", run)
+    run_cli("info", store32)
+    run_cli("demo", "--out", deep / "demo", "--count", "4", "--backbone", "vit_small_patch14_dinov2", "--image-size",
+            "112", "--weights", "random", "--epochs", "1", "--device", "cpu")
+    whole_on_one_line(out.getvalue(), run, sweep, sweep / "sweep.json", deep / "eval.json", deep / "predictions",
+                      deep / "report.html", Path(store32).resolve(), deep / "demo" / "run",
+                      deep / "demo" / "run" / "report.html", deep / "demo" / "predictions")
+    piped = cli_process("info", run)  # a real pipe: the console's own width for logs
+    text, err = piped.communicate(timeout=120)
+    assert piped.returncode == 0, err
+    whole_on_one_line(text, run, Path(store32).resolve())
