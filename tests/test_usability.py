@@ -136,7 +136,7 @@ def test_paths_a_user_copies_are_never_wrapped_on_a_narrow_terminal_or_in_a_pipe
     run_cli("train", store32, "--run-dir", run, *TRAIN[2:], "--epochs", "1")
     run_cli("train", store32, "--run-dir", sweep, *TRAIN[2:], "--epochs", "1", "--decoder", "linear", "--lr",
             "1e-4,1e-3")
-    run_cli("evaluate", run, "--json", deep / "eval.json")
+    run_cli("evaluate", run, "--store", store32, "--json", deep / "eval.json")
     run_cli("predict", image, "--run-dir", run, "--out", deep / "predictions", "--device", "cpu")
     run_cli("report", run, "--out", deep / "report.html")
     run_cli("info", run)
