@@ -129,23 +129,26 @@ def test_paths_a_user_copies_are_never_wrapped_on_a_narrow_terminal_or_in_a_pipe
     from cachedseg import cli
 
     deep = tmp_path / ("p" * 90) / ("q" * 90) / ("r" * 60)  # longer than the 240 columns of a piped console
-    out = io.StringIO()
-    for name in ("console", "errors"):  # a 60-column terminal (progress bars and all)
-        monkeypatch.setattr(cli, name, Console(file=out, width=60, force_terminal=True))
     run, sweep, image = deep / "run", deep / "sweep", next((dataset / "JPEGImages").glob("*.jpg"))
-    run_cli("train", store32, "--run-dir", run, *TRAIN[2:], "--epochs", "1")
-    run_cli("train", store32, "--run-dir", sweep, *TRAIN[2:], "--epochs", "1", "--decoder", "linear", "--lr",
-            "1e-4,1e-3")
-    run_cli("evaluate", run, "--store", store32, "--json", deep / "eval.json")
-    run_cli("predict", image, "--run-dir", run, "--out", deep / "predictions", "--device", "cpu")
-    run_cli("report", run, "--out", deep / "report.html")
-    run_cli("info", run)
-    run_cli("info", store32)
-    run_cli("demo", "--out", deep / "demo", "--count", "4", "--backbone", "vit_small_patch14_dinov2", "--image-size",
-            "112", "--weights", "random", "--epochs", "1", "--device", "cpu")
-    whole_on_one_line(out.getvalue(), run, sweep, sweep / "sweep.json", deep / "eval.json", deep / "predictions",
-                      deep / "report.html", Path(store32).resolve(), deep / "demo" / "run",
-                      deep / "demo" / "run" / "report.html", deep / "demo" / "predictions")
+
+    def terminal(*args, paths):  # each command on a 60-column terminal (progress bars and all) names its paths whole
+        out = io.StringIO()
+        for name in ("console", "errors"):
+            monkeypatch.setattr(cli, name, Console(file=out, width=60, force_terminal=True))
+        run_cli(*args)
+        whole_on_one_line(out.getvalue(), *paths)
+    terminal("train", store32, "--run-dir", run, *TRAIN[2:], "--epochs", "1", paths=[run])
+    terminal("train", store32, "--run-dir", sweep, *TRAIN[2:], "--epochs", "1", "--decoder", "linear", "--lr",
+             "1e-4,1e-3", paths=[sweep, sweep / "sweep.json"])
+    terminal("evaluate", run, "--store", store32, "--json", deep / "eval.json", paths=[deep / "eval.json"])
+    terminal("predict", image, "--run-dir", run, "--out", deep / "predictions", "--device", "cpu",
+             paths=[deep / "predictions"])
+    terminal("report", run, "--out", deep / "report.html", paths=[deep / "report.html"])
+    terminal("info", run, paths=[run, Path(store32).resolve()])
+    terminal("info", store32, paths=[store32])
+    terminal("demo", "--out", deep / "demo", "--count", "4", "--backbone", "vit_small_patch14_dinov2", "--image-size",
+             "112", "--weights", "random", "--epochs", "1", "--device", "cpu",
+             paths=[deep / "demo" / "run", deep / "demo" / "run" / "report.html", deep / "demo" / "predictions"])
     piped = cli_process("info", run)  # a real pipe: the console's own width for logs
     text, err = piped.communicate(timeout=120)
     assert piped.returncode == 0, err
