@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu: take torch and torchvision from that index first (PyTorch's
+# CPU-only build, without the CUDA libraries of the default one); the pinned versions stay those of constraints.txt.
+TORCH_INDEX ?=
 
 .PHONY: demo test test-slow venv clean
 
@@ -11,6 +14,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --index-url $(TORCH_INDEX) torch torchvision)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
