@@ -240,7 +240,13 @@ def test_predict_never_overwrites_one_input_with_another(dataset, run32, tmp_pat
 
 
 def test_stage_two_errors_are_clear(dataset, store32, run32, tmp_path):
-    one_line_error(run_cli("evaluate", run32, ok=False), "--store", "--data")
+    from dataclasses import replace
+
+    from cachedseg import checkpoint
+    (tmp_path / "moved").mkdir()  # a run whose store is gone: evaluate defaults to it, so it names it and --store
+    checkpoint.save(replace(checkpoint.load(run32 / "best.pt"), source=str(tmp_path / "gone.zarr")),
+                    tmp_path / "moved" / "best.pt")
+    one_line_error(run_cli("evaluate", tmp_path / "moved", ok=False), tmp_path / "gone.zarr", "--store", "--data")
     one_line_error(run_cli("evaluate", tmp_path / "nothing", "--store", store32, ok=False), tmp_path / "nothing")
     one_line_error(run_cli("train", "--run", tmp_path / "r", ok=False), "STORE", "--live")
     one_line_error(run_cli("predict", tmp_path / "missing.jpg", "--run", run32, ok=False), tmp_path / "missing.jpg")
