@@ -79,7 +79,7 @@ def rerun(*extra: str) -> str:
     import shlex
 
     args = _state.get("argv")
-    if args is None:  # called as a library (or a test runner), not from the shell: no line to repeat
+    if args is None or "LOCAL_RANK" in os.environ:  # a library call (no line to repeat), or a torchrun job's rank
         return "the same command" + "".join(f" with {e}" for e in extra)
     return "`" + shlex.join(["cachedseg", *args, *(e for e in extra if e not in args)]) + "`"
 
@@ -647,8 +647,8 @@ def demo(
         else:
             console.print(f"reusing {escape(str(data))}", soft_wrap=True)
         console.rule("2/6 extract")
-        bcfg = _backbone_config(backbone, image_size, short_side or (None if image_size else DEMO_SHORT_SIDE), "float32", layers,
-                                data)
+        bcfg = _backbone_config(backbone, image_size, short_side or (None if image_size else DEMO_SHORT_SIDE),
+                                "float32", layers, data)
         # the demo's own store is rebuilt each time: its options (or the weights the hub gave) may have changed
         _extract(data, store, bcfg, weights=weights, dtype="float16", batch_size=4, device=device,
                  overwrite=is_store(store), views=_views(views))

@@ -145,6 +145,8 @@ def test_the_using_it_block_runs_as_written_scaled_down(tmp_path, monkeypatch):
             continue
         if args[0] == "extract":
             # offline, extract as written (pretrained weights) fails within seconds, naming the option to add
+            import huggingface_hub.constants
+            monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "no-hf-cache"))
             written = ["extract", "data/synth"]
             assert ("cachedseg", *written) in as_written
             one_line_error(run_cli(*written, ok=False), "--weights random")
