@@ -429,8 +429,9 @@ def evaluate(
                                         "either: the features the run was trained on)."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder: run the backbone live (or, with --store, where the labels are)."),
     split: str = typer.Option("val", help="trn or val."),
-    compare_live: bool = typer.Option(False, "--compare-live", help="With --store: also run the backbone live and "
-                                      "count the pixels whose predicted label differs from the cached prediction."),
+    compare_live: bool = typer.Option(False, "--compare-live", help="With cached features (--store, or the run's own "
+                                      "store): also run the backbone live and count the pixels whose predicted label "
+                                      "differs from the cached prediction."),
     tta: bool = typer.Option(False, "--tta", help="Average the logits of every cached view (e.g. flipped), mapped back."),
     batch_size: int = typer.Option(4, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Processes decoding labels and images (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
