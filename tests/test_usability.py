@@ -152,3 +152,17 @@ def test_paths_a_user_copies_are_never_wrapped_on_a_narrow_terminal_or_in_a_pipe
     text, err = piped.communicate(timeout=120)
     assert piped.returncode == 0, err
     whole_on_one_line(text, run, Path(store32).resolve())
+
+
+def test_after_ctrl_c_extract_names_itself_unchanged(dataset, monkeypatch, tmp_path):
+    from cachedseg import cli
+
+    args = ["extract", str(dataset), "--store", str(tmp_path / "s.zarr"), "--workers", "0"]
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli._state, "argv", args)  # as main() records the command line
+    monkeypatch.setattr(cli, "_extract", interrupted)
+    result = run_cli(*args, ok=None)
+    assert result.exit_code == 130
+    assert f"`{shlex.join(['cachedseg', *args])}`" in result.stderr  # rerunning extract resumes it: no --resume
