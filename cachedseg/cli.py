@@ -446,6 +446,11 @@ def _evaluate(run, json_out: Path | None = None, **options):
     for name, iou, pixels in zip(result.class_names, result.iou, result.confusion.sum(1)):
         table.add_row(name, "-" if iou is None else f"{iou:.4f}", str(int(pixels)))
     console.print(table)
+    if result.stale_labels:
+        errors.print(f"[bold yellow]warning:[/] {len(result.stale_labels)} label files changed since the store was "
+                     f"built (e.g. {escape(', '.join(result.stale_labels[:3]))}): the scores use the new labels, the "
+                     "store (and training) the old; rerun `cachedseg extract` on the dataset to update it",
+                     soft_wrap=True)
     if result.pixels is not None:
         console.print(f"cached vs live: {result.differ} of {result.pixels} pixels differ "
                       f"({1 - result.differ / max(result.pixels, 1):.6f} agree)")

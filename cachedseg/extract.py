@@ -414,3 +414,21 @@ def _check_finite(feats: torch.Tensor, ids: list[str], dtype: str) -> None:
         which = [i for i, b in zip(ids, bad.tolist()) if b]
         raise CachedsegError(f"the backbone gave non-finite or out-of-range features for {which}; check the "
                              "weights, or use --dtype float32 if the values exceed float16's range")
+
+
+def stale_labels(store: str | Path, split: str, data: str | Path | None = None) -> list[str]:
+    """The ids of a split whose label file (under `data`, by default the store's dataset) is not the one their
+    cached mask was computed from: its stats differ from the record and so does its hash. Images without a record
+    (a store from before records) and missing files (scoring names those) are not counted."""
+    fs = FeatureStore.open(store)
+    stats, hashes = fs.records()
+    root, gone, flags, k = Path(data or fs.dataset), fs.gone, fs.flags(), SOURCE_FILES.index("mask")
+    stale = []
+    for i, (id_, s) in enumerate(zip(fs.ids, fs.splits)):
+        path = root / "SegmentationClass" / f"{id_}.png"
+        if s != split or id_ in gone or flags[i] != DONE or stats[i, k, 0] == NO_STAT or not path.is_file():
+            continue
+        if not np.array_equal(file_stats((path,))[0], stats[i, k]) and \
+                not np.array_equal(file_hashes((path,))[0], hashes[i, k]):
+            stale.append(id_)
+    return stale
