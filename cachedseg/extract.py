@@ -262,12 +262,13 @@ def _finish(fs: FeatureStore, bad: dict[str, str], data: str | Path) -> None:
     fs.set_bad(bad)
     flags, gone = fs.flags(), fs.gone
     for split in SPLITS:
-        listed = [i for i, (id_, s) in enumerate(zip(fs.ids, fs.splits)) if s == split and id_ not in gone]
-        if listed and not any(flags[i] == DONE for i in listed):
-            first = fs.ids[listed[0]]
-            raise CachedsegError(f"no usable image in the {split} split of {data}: all {len(listed)} are unreadable, "
-                                 f"the first ({first!r}) because {bad.get(first, 'it could not be read')}; fix or "
-                                 f"replace them and rerun (the store {fs.path} records them as bad)")
+        members = [id_ for id_, s in zip(fs.ids, fs.splits) if s == split]
+        if members and not any(f == DONE and id_ not in gone and s == split
+                               for id_, s, f in zip(fs.ids, fs.splits, flags)):
+            first = next((id_ for id_ in members if id_ in bad), None) or next(id_ for id_ in members if id_ in gone)
+            raise CachedsegError(f"no usable image in the {split} split of {data}: none of its {len(members)} images "
+                                 f"can be used, the first ({first!r}) because {bad.get(first) or gone[first]}; fix "
+                                 f"or replace them and rerun (the store {fs.path} records them as bad)")
 
 
 def _units(pending: list[int], per: int, n: int) -> list[list[int]]:

@@ -17,7 +17,7 @@ from cachedseg.errors import CachedsegError
 from cachedseg.extract import extract
 from cachedseg.features import cached_source
 from cachedseg.store import DONE, FeatureStore
-from tests.conftest import SMALL, TRAIN, chunk_file, one_line_error, run_cli
+from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
 
 BACKBONE = BackboneConfig("vit_small_patch14_dinov2", 112)
 
