@@ -107,6 +107,10 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     Under torchrun every rank runs this: rank 0 takes the writer lock and creates (or checks) the store, then each
     rank computes a contiguous, shard-aligned block of the pending images, so no two ranks write the same file.
 
+    On an existing store, rank 0 first brings it up to the dataset (see the module docstring): changed images go
+    back to pending, changed masks alone are rewritten, newly listed ids are appended (pending), moved ids change
+    split, and ids no longer in the dataset are recorded as gone (kept, left out).
+
     Args:
         data: The dataset folder (JPEGImages/, SegmentationClass/, ImageSets/).
         store: Where to write the store, a local folder or a URL (s3://bucket/x.zarr); defaults to
@@ -128,11 +132,11 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         progress: Called on rank 0 as `progress(done, total)` for the whole job, at the start and after batches.
 
     Returns:
-        What was done, with timing and size on disk (the same on every rank).
+        What was done, what changed in the dataset, with timing and size on disk (the same on every rank).
 
     Raises:
         CachedsegError: For a bad dataset or image, settings that do not match an existing store, another job
-            writing the same store, or non-finite features.
+            writing the same store, non-finite features, or a split left without one usable image.
     """
     check_dtype(dtype)  # before the backbone is built: fail in milliseconds, not seconds
     if batch_size < 1:
@@ -155,7 +159,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             if overwrite:
                 remove_store(store)
             fs, created = _open_or_create(store, spec, ids, splits, data, weights, images_per_shard)
-            fs, news = (fs, {}) if created else _follow_data(fs, samples, missing, model.preprocess)
+            fs, changes = (fs, {}) if created else _follow_data(fs, samples, missing, model.preprocess)
             for id_ in redo:
                 if id_ not in ids:
                     raise CachedsegError(f"--redo {id_}: no such image id in {data}")
@@ -163,8 +167,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             gone = fs.gone
             # bad images are retried too; the token names this run's job-wide progress counter
             pending = [i for i in np.flatnonzero(fs.flags(repair=True) != DONE).tolist() if fs.ids[i] not in gone]
-            return pending, uuid.uuid4().hex, news
-        pending, token, news = ctx.once(setup)
+            return pending, uuid.uuid4().hex, changes
+        pending, token, changes = ctx.once(setup)
         fs = FeatureStore.open(store, mode="r+")
         by_id = {s.id: s for s in samples}
         in_store_order = [by_id.get(id_) for id_ in fs.ids]  # None: gone from the dataset
@@ -180,7 +184,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         ctx.once(lambda: _finish(fs, bad, data))
         seconds = time.perf_counter() - start
     return ExtractResult(store=store, images=len(ids), extracted=todo - len(bad), skipped=len(ids) - todo,
-                         seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad, gone=fs.gone, **news)
+                         seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad, gone=fs.gone, **changes)
 
 
 def file_stats(paths: tuple[Path, ...]) -> np.ndarray:
