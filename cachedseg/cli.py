@@ -232,7 +232,8 @@ def extract(
 ):
     """Run the frozen backbone once per image and cache its token grids in a Zarr store.
 
-    Rerunning the same command skips finished images, so an interrupted run resumes where it stopped.
+    Rerunning the same command skips finished images, so an interrupted run resumes where it stopped, and
+    follows the data: changed images and masks are recomputed, newly listed ids added, removed ones left out.
     """
     _light_checks(lambda: paths.check_dataset(data))
     with user_errors():
