@@ -247,7 +247,8 @@ def extract(
 ):
     """Run the frozen backbone once per image and cache its token grids in a Zarr store.
 
-    Rerunning the same command skips finished images, so an interrupted run resumes where it stopped.
+    Rerunning the same command skips finished images, so an interrupted run resumes where it stopped, and
+    follows the data: changed images and masks are recomputed, newly listed ids added, removed ones left out.
     """
     _light_checks(lambda: paths.check_dataset(data))
     with user_errors():
@@ -263,12 +264,33 @@ def _extract(data, store, backbone, **options):
 
     with Reporter() as reporter:
         result = run_extract(data, store, backbone, progress=reporter.callback("extract"), **options)
-    table = Table(title=f"feature store {result.store}", show_header=False)
+    # the store path on a line of its own, never wrapped: it is the string users copy into the next command
+    console.print(f"feature store [bold]{escape(result.store)}[/]", soft_wrap=True)
+    table = Table(show_header=False)
+    speed = f"{result.images_per_s:.2f} img/s" if result.extracted else "nothing to extract"
+    changed = [f"{n} {what}" for n, what in [(result.changed, "images recomputed"),
+                                             (result.masks_changed, "masks rewritten (image unchanged)"),
+                                             (result.touched, "touched but unchanged")] if n]
     for key, value in [("images", f"{result.images} ({result.extracted} extracted, {result.skipped} already done)"),
-                       ("time", f"{result.seconds:.1f} s ({result.images_per_s:.2f} img/s)"),
+                       ("changed files", ", ".join(changed)),
+                       ("newly listed", f"{result.added} images added to the store" if result.added else ""),
+                       ("moved split", f"{result.moved} images" if result.moved else ""),
+                       ("time", f"{result.seconds:.1f} s ({speed})"),
                        ("size on disk", f"{result.bytes_on_disk / 1e6:.1f} MB ({result.mb_per_image:.2f} MB/img)")]:
-        table.add_row(key, value)
+        if value:
+            table.add_row(key, value)
     console.print(table)
+    if result.adopted:
+        errors.print(f"[bold yellow]{result.adopted} images had no record of the files they were computed from[/] "
+                     "(a store from an older cachedseg): their current files are now the record; pass --redo ID "
+                     "for any that changed since the store was built", soft_wrap=True)
+    if result.gone:
+        errors.print(f"[bold yellow]{len(result.gone)} images are gone from the dataset[/] (kept in the store, left "
+                     "out of training and evaluation; list them again to bring them back):", soft_wrap=True)
+        for id_, reason in list(result.gone.items())[:10]:
+            errors.print(f"  {escape(id_)}: {escape(reason)}", soft_wrap=True)
+        if len(result.gone) > 10:
+            errors.print(f"  ... and {len(result.gone) - 10} more", soft_wrap=True)
     if result.bad:
         errors.print(f"[bold yellow]{len(result.bad)} unreadable images skipped[/] (recorded in the store's `bad` "
                      "attribute; fix them and rerun to add them):", soft_wrap=True)
@@ -469,6 +491,11 @@ def _evaluate(run, json_out: Path | None = None, **options):
     for name, iou, pixels in zip(result.class_names, result.iou, result.confusion.sum(1)):
         table.add_row(name, "-" if iou is None else f"{iou:.4f}", str(int(pixels)))
     console.print(table)
+    if result.stale_labels:
+        errors.print(f"[bold yellow]warning:[/] {len(result.stale_labels)} label files changed since the store was "
+                     f"built (e.g. {escape(', '.join(result.stale_labels[:3]))}): the scores use the new labels, the "
+                     "store (and training) the old; rerun `cachedseg extract` on the dataset to update it",
+                     soft_wrap=True)
     if result.pixels is not None:
         console.print(f"cached vs live: {result.differ} of {result.pixels} pixels differ "
                       f"({1 - result.differ / max(result.pixels, 1):.6f} agree)")
@@ -533,7 +560,8 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
                                  "layer(s))"),
                     ("masks", f"{mw}x{mh} uint8"),
                     ("images", f"{d['images']} ({d['trn']} trn, {d['val']} val): {d['done']} done, "
-                               f"{d['pending']} pending, {d['skipped_bad']} skipped as bad"),
+                               f"{d['pending']} pending, {d['skipped_bad']} skipped as bad"
+                               + (f", {d['gone']} gone from the dataset (left out)" if d["gone"] else "")),
                     ("size on disk", f"{d['bytes_on_disk'] / 1e6:.1f} MB ({d['bytes_on_disk'] / 1e6 / max(d['images'], 1):.2f} MB/img)"),
                     ("fingerprint", d["fingerprint"]), ("weights", d["weights"]), ("dataset", d["dataset"]),
                     ("format", f"{d['format']} v{d['format_version']}, cachedseg {d['package_version']}")]

@@ -125,12 +125,15 @@ class Sample:
     mask: Path
 
 
-def read_dataset(root: str | Path, splits: tuple[str, ...] = SPLITS) -> list[Sample]:
+def read_dataset(root: str | Path, splits: tuple[str, ...] = SPLITS,
+                 missing: dict[str, str] | None = None) -> list[Sample]:
     """List the samples of an AeroScapes-layout folder, trn before val, checking that every file exists.
 
     Args:
         root: The dataset folder.
         splits: Which split files under `ImageSets/` to read.
+        missing: If given, listed ids whose files are missing are left out and put here with the error they
+            would have raised (extract keeps their cached entries), instead of raising it.
 
     Returns:
         The samples in split-file order.
@@ -154,10 +157,13 @@ def read_dataset(root: str | Path, splits: tuple[str, ...] = SPLITS) -> list[Sam
                 raise CachedsegError(f"image id {id_!r} is listed twice ({listing}); each id may appear once")
             seen.add(id_)
             sample = Sample(id_, split, root / "JPEGImages" / f"{id_}.jpg", root / "SegmentationClass" / f"{id_}.png")
-            for path in (sample.image, sample.mask):
-                if not path.is_file():
-                    raise CachedsegError(f"{path} is missing, but id {id_!r} is listed in {listing}; "
-                                         "add the file or remove the id")
+            absent = [p for p in (sample.image, sample.mask) if not p.is_file()]
+            if absent:
+                error = f"{absent[0]} is missing, but id {id_!r} is listed in {listing}; add the file or remove the id"
+                if missing is None:
+                    raise CachedsegError(error)
+                missing[id_] = error
+                continue
             samples.append(sample)
     return samples
 

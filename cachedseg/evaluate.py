@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -14,6 +14,7 @@ from cachedseg.backbone import backbone_for, resolve_device
 from cachedseg.classes import SPLITS
 from cachedseg.data import check_labels, load_image, load_mask, preprocess_image, read_dataset
 from cachedseg.errors import CachedsegError
+from cachedseg.extract import stale_labels
 from cachedseg.features import cached_source
 from cachedseg.metrics import confusion, scores
 from cachedseg.predict import batches, failed, labels_over_views, segment_batch, tta_views
@@ -33,6 +34,8 @@ class EvalResult:
         images: Number of images scored.
         differ: With `compare_live`: pixels whose cached and live predicted labels differ.
         pixels: With `compare_live`: pixels compared (every pixel of every label map).
+        stale_labels: With a store: ids whose label file is not the one the store's mask was computed from
+            (changed since `extract`; rerun it so training sees the new labels).
     """
 
     confusion: np.ndarray
@@ -43,12 +46,13 @@ class EvalResult:
     images: int
     differ: int | None = None
     pixels: int | None = None
+    stale_labels: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         """Everything, as plain JSON types."""
         out = {"miou": self.miou, "pixel_acc": self.pixel_acc, "images": self.images,
                "iou": dict(zip(self.class_names, self.iou)), "class_names": list(self.class_names),
-               "confusion": self.confusion.tolist()}
+               "confusion": self.confusion.tolist(), "stale_labels": list(self.stale_labels)}
         if self.pixels is not None:
             out["agreement"] = {"differ": self.differ, "pixels": self.pixels,
                                 "ratio": 1 - self.differ / self.pixels if self.pixels else 1.0}
@@ -83,8 +87,9 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
             mismatched backbone.
     """
     class_names = checkpoint.load_run(run).spec.class_names
-    return score(predictions(run, store, data, split, weights, device, compare_live, tta, batch_size, workers,
-                             progress), class_names, compare_live)
+    result = score(predictions(run, store, data, split, weights, device, compare_live, tta, batch_size, workers,
+                               progress), class_names, compare_live)
+    return replace(result, stale_labels=tuple(stale_labels(store, split, data))) if store is not None else result
 
 
 def score(predicted: Iterable[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]],

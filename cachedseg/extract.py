@@ -2,17 +2,23 @@
 
 Images are written by sample index and flagged `done` only after their features and mask have landed, so the
 order of work does not matter, a rerun skips finished images, and a killed run resumes where it stopped.
+
+The cache follows the data: each entry records the size, mtime and hash of the image and mask files it was computed
+from. A rerun compares the stats (no file is read while they match), hashes the files whose stats differ, and
+recomputes what changed (a changed mask alone is rewritten without a backbone pass); images newly listed are added
+to the store, and images gone from the dataset are kept but left out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,13 +26,15 @@ import numpy as np
 import torch
 
 from cachedseg.backbone import Backbone, BackboneConfig, build_backbone, weights_source
-from cachedseg.data import SegmentationDataset, collate, read_dataset
+from cachedseg.classes import SPLITS
+from cachedseg.data import Sample, SegmentationDataset, collate, read_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg import distributed
 from cachedseg.locks import writer_lock
 from cachedseg.paths import exists, is_url
-from cachedseg.store import (BAD, DONE, MISSING_LABEL, PENDING, FeatureStore, StoreSpec, check_dtype, check_spec,
-                             disk_bytes, is_store, remove_partials, remove_store, spec_for)
+from cachedseg.store import (BAD, DONE, HASH_BYTES, MISSING_LABEL, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
+                             StoreSpec, check_dtype, check_spec, disk_bytes, is_store, remove_partials, remove_store,
+                             spec_for)
 from cachedseg.views import apply_view, check_views
 
 FLOAT16_MAX = 65504.0
@@ -44,6 +52,15 @@ class ExtractResult:
         seconds: Wall time of the extraction loop.
         bytes_on_disk: Size of the whole store.
         bad: Images skipped as unreadable by this call (`skip_bad`), with the reason.
+        changed: Done images recomputed because their image file changed.
+        masks_changed: Done images whose mask file alone changed: the mask rewritten, no backbone pass.
+        touched: Done images whose files' size or mtime changed but not their content: only the record updated.
+        added: Images listed in the split files since the store was built (extracted by this call).
+        moved: Images that moved to the other split.
+        gone: Images of the store no longer in the dataset (unlisted, or files deleted), with the reason: kept in
+            the store but left out of training and evaluation.
+        adopted: Done images without a record of their files (a store from before records): their current files
+            were hashed and taken as the record.
     """
 
     store: str
@@ -53,6 +70,13 @@ class ExtractResult:
     seconds: float
     bytes_on_disk: int
     bad: dict[str, str]
+    changed: int = 0
+    masks_changed: int = 0
+    touched: int = 0
+    added: int = 0
+    moved: int = 0
+    gone: dict[str, str] = field(default_factory=dict)
+    adopted: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -83,6 +107,10 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     Under torchrun every rank runs this: rank 0 takes the writer lock and creates (or checks) the store, then each
     rank computes a contiguous, shard-aligned block of the pending images, so no two ranks write the same file.
 
+    On an existing store, rank 0 first brings it up to the dataset (see the module docstring): changed images go
+    back to pending, changed masks alone are rewritten, newly listed ids are appended (pending), moved ids change
+    split, and ids no longer in the dataset are recorded as gone (kept, left out).
+
     Args:
         data: The dataset folder (JPEGImages/, SegmentationClass/, ImageSets/).
         store: Where to write the store, a local folder or a URL (s3://bucket/x.zarr); defaults to
@@ -104,51 +132,147 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         progress: Called on rank 0 as `progress(done, total)` for the whole job, at the start and after batches.
 
     Returns:
-        What was done, with timing and size on disk (the same on every rank).
+        What was done, what changed in the dataset, with timing and size on disk (the same on every rank).
 
     Raises:
         CachedsegError: For a bad dataset or image, settings that do not match an existing store, another job
-            writing the same store, or non-finite features.
+            writing the same store, non-finite features, or a split left without one usable image.
     """
     check_dtype(dtype)  # before the backbone is built: fail in milliseconds, not seconds
     if batch_size < 1:
         raise CachedsegError("--batch-size must be at least 1")
     ctx = distributed.context(device)
     views = check_views(views)
-    samples = read_dataset(data)
+    missing: dict[str, str] = {}  # listed ids whose files are missing: gone, if the store has them
+    samples = read_dataset(data, missing=missing)
     store = str(store) if store is not None else str(default_store_path(data, backbone, dtype, views))
     exists(store)  # a bucket that does not answer is told now, not after the backbone is built
+    if missing and (overwrite or not is_store(store)):  # nothing cached to keep for them
+        raise CachedsegError(next(iter(missing.values())))
     model = build_backbone(backbone, weights, distributed.device_for(ctx, device))
     spec = spec_for(model, dtype, views)
     ids, splits = [s.id for s in samples], [s.split for s in samples]
 
     with contextlib.ExitStack() as held:
-        def setup() -> list[int]:  # rank 0, while the other ranks wait for the store
+        def setup() -> tuple[list[int], str, dict]:  # rank 0, while the other ranks wait for the store
             held.enter_context(writer_lock(store, ctx.job))
             if overwrite:
                 remove_store(store)
-            fs = _open_or_create(store, spec, ids, splits, data, weights, images_per_shard)
+            fs, created = _open_or_create(store, spec, ids, splits, data, weights, images_per_shard)
+            fs, changes = (fs, {}) if created else _follow_data(fs, samples, missing, model.preprocess)
             for id_ in redo:
                 if id_ not in ids:
                     raise CachedsegError(f"--redo {id_}: no such image id in {data}")
-                fs.mark(ids.index(id_), PENDING)
+                fs.mark(fs.ids.index(id_), PENDING)
+            gone = fs.gone
             # bad images are retried too; the token names this run's job-wide progress counter
-            return np.flatnonzero(fs.flags(repair=True) != DONE).tolist(), uuid.uuid4().hex
-        pending, token = ctx.once(setup)
+            pending = [i for i in np.flatnonzero(fs.flags(repair=True) != DONE).tolist() if fs.ids[i] not in gone]
+            return pending, uuid.uuid4().hex, changes
+        pending, token, changes = ctx.once(setup)
         fs = FeatureStore.open(store, mode="r+")
-        units = _units(pending, fs.images_per_shard, len(ids))  # whole shards
-        todo = sum(len(u) for u in units)
+        by_id = {s.id: s for s in samples}
+        in_store_order = [by_id.get(id_) for id_ in fs.ids]  # None: gone from the dataset
+        units = _units(pending, fs.images_per_shard, len(fs))  # whole shards
+        todo = sum(in_store_order[i] is not None for u in units for i in u)
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         report = progress if ctx.main and progress else (lambda done, total: None)
         key = f"extract:{token}"
         start = time.perf_counter()
-        bad = _compute(model, fs, SegmentationDataset(samples, model.preprocess), ctx.share(units), batch_size,
+        bad = _compute(model, fs, _Sources(in_store_order, model.preprocess), ctx.share(units), batch_size,
                        workers, skip_bad, lambda n: report(ctx.count(key, n), todo))
         bad = {k: v for part in ctx.gather(bad) for k, v in part.items()}
-        ctx.once(lambda: fs.set_bad(bad))
+        ctx.once(lambda: _finish(fs, bad, data))
         seconds = time.perf_counter() - start
     return ExtractResult(store=store, images=len(ids), extracted=todo - len(bad), skipped=len(ids) - todo,
-                         seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad)
+                         seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad, gone=fs.gone, **changes)
+
+
+def file_stats(paths: tuple[Path, ...]) -> np.ndarray:
+    """Size and mtime (ns) of each file, int64 [len(paths), 2]: the fast check that a file is unchanged."""
+    stats = [os.stat(p) for p in paths]
+    return np.array([(st.st_size, st.st_mtime_ns) for st in stats], dtype=np.int64)
+
+
+def file_hashes(paths: tuple[Path, ...]) -> np.ndarray:
+    """blake2b-128 of each file's bytes, uint8 [len(paths), 16], read in 1 MiB blocks."""
+    digests = []
+    for path in paths:
+        h = hashlib.blake2b(digest_size=HASH_BYTES)
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        digests.append(np.frombuffer(h.digest(), dtype=np.uint8))
+    return np.stack(digests)
+
+
+def _sources(sample: Sample) -> tuple[Path, Path]:
+    """A sample's files, in the order of the store's `source_file` dimension (image, mask)."""
+    return sample.image, sample.mask
+
+
+def _follow_data(fs: FeatureStore, samples: list[Sample], missing: dict[str, str], pp) -> tuple[FeatureStore, dict]:
+    """Bring an existing store up to the dataset: add newly listed images, update moved splits, record gone ones,
+    and check each done image against its record (stats, then hashes): a changed image goes back to pending, a
+    changed mask alone is rewritten, equal content only updates the stats. Returns the store and the counts."""
+    listed = {s.id: s for s in samples}
+    have = set(fs.ids)
+    for id_, error in missing.items():
+        if id_ not in have:  # a new image without its files: nothing cached to fall back on
+            raise CachedsegError(error)
+    new = [s for s in samples if s.id not in have]
+    splits = [listed[id_].split if id_ in listed else split for id_, split in zip(fs.ids, fs.splits)]
+    moved = sum(split != old for split, old in zip(splits, fs.splits))
+    if new or moved:
+        fs = fs.set_index(fs.ids + [s.id for s in new], splits + [s.split for s in new])
+    fs.set_gone({id_: missing.get(id_, f"no longer listed in ImageSets/{'.txt or '.join(SPLITS)}.txt")
+                 for id_ in fs.ids if id_ not in listed})
+    fs.add_records()  # a store from before records: every record unknown, adopted below
+    counts = {"changed": 0, "masks_changed": 0, "touched": 0, "added": len(new), "moved": moved, "adopted": 0}
+    stats, hashes = fs.records()
+    masks = SegmentationDataset([listed.get(id_) for id_ in fs.ids], pp)
+    for i in np.flatnonzero(fs.flags(repair=True) == DONE):
+        sample = listed.get(fs.ids[i])
+        if sample is None:  # gone: kept as it is
+            continue
+        paths = _sources(sample)
+        now = file_stats(paths)
+        if np.array_equal(now, stats[i]):
+            continue  # the fast path: no file is read
+        current = file_hashes(paths)
+        if stats[i, 0, 0] == NO_STAT:  # no record to compare with: take the files as they are now
+            fs.set_record(i, now, current)
+            counts["adopted"] += 1
+            continue
+        same = (current == hashes[i]).all(axis=1)  # [image, mask]
+        if same.all():
+            fs.set_record(i, now, current)
+            counts["touched"] += 1
+        elif same[0]:
+            item = masks[i]  # decoded and checked exactly as extraction does
+            if "error" not in item and np.array_equal(file_stats(paths), now):
+                fs.write_mask(i, item["mask"].numpy(), now, current)
+                counts["masks_changed"] += 1
+            else:  # unreadable, or changing as we read: the full path decides (and --skip-bad applies)
+                fs.mark(i, PENDING)
+                counts["changed"] += 1
+        else:
+            fs.mark(i, PENDING)
+            counts["changed"] += 1
+    return fs, counts
+
+
+def _finish(fs: FeatureStore, bad: dict[str, str], data: str | Path) -> None:
+    """Record the unreadable images, and refuse a split left without a usable image (training needs both)."""
+    fs.set_bad(bad)
+    flags, gone = fs.flags(), fs.gone
+    for split in SPLITS:
+        members = [id_ for id_, s in zip(fs.ids, fs.splits) if s == split]
+        if members and not any(f == DONE and id_ not in gone and s == split
+                               for id_, s, f in zip(fs.ids, fs.splits, flags)):
+            first = next((id_ for id_ in members if id_ in bad), None) or next(id_ for id_ in members if id_ in gone)
+            raise CachedsegError(f"no usable image in the {split} split of {data}: none of its {len(members)} images "
+                                 f"can be used, the first ({first!r}) because {bad.get(first) or gone[first]}; fix "
+                                 f"or replace them and rerun (the store {fs.path} records them as bad)")
 
 
 def _units(pending: list[int], per: int, n: int) -> list[list[int]]:
@@ -159,28 +283,59 @@ def _units(pending: list[int], per: int, n: int) -> list[list[int]]:
     return [list(range(k * per, min((k + 1) * per, n))) for k in sorted({i // per for i in pending})]
 
 
-def _compute(model: Backbone, fs: FeatureStore, dataset: SegmentationDataset, units: list[list[int]],
+class _Sources(SegmentationDataset):
+    """The images to extract (by store index; None for an image gone from the dataset), each with the record of
+    the files it was computed from."""
+
+    def __getitem__(self, index: int) -> dict:
+        paths = _sources(self.samples[index])
+        try:
+            before = file_stats(paths)
+        except OSError as exc:
+            return {"index": index, "view": 0, "error": f"{exc.filename} cannot be read ({exc.strerror})"}
+        item = super().__getitem__(index)
+        if "error" not in item:
+            hashes = file_hashes(paths)
+            # a file that changed while it was read gets a hash that matches nothing: the next rerun recomputes it
+            item.update(stats=before, hashes=hashes if np.array_equal(file_stats(paths), before) else np.zeros_like(hashes))
+        return item
+
+
+def _collate(items: list[dict]) -> dict:
+    """`collate`, plus the records of the images that loaded."""
+    batch = collate(items)
+    good = [it for it in items if "error" not in it]
+    batch["records"] = [(it["stats"], it["hashes"]) for it in good]
+    return batch
+
+
+def _compute(model: Backbone, fs: FeatureStore, dataset: _Sources, units: list[list[int]],
              batch_size: int, workers: int, skip_bad: bool, progress: Callable[[int], None]) -> dict[str, str]:
     """Run the backbone over the images of `units` and write each unit whole once its images are done; returns
-    the images skipped as unreadable. `progress(n)` is told each batch's image count."""
+    the images skipped as unreadable. `progress(n)` is told each batch's image count. Images of a unit that are
+    gone from the dataset keep what the store holds for them."""
     device = next(model.parameters()).device
-    indices = [i for unit in units for i in unit]
+    indices = [i for unit in units for i in unit if dataset.samples[i] is not None]
+    kept = [i for unit in units for i in unit if dataset.samples[i] is None]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+                                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     owner = {i: k for k, unit in enumerate(units) for i in unit}
     blocks: dict[int, _Block] = {}
     bad: dict[str, str] = {}
     progress(0)
     writes: deque[Future] = deque()
     # One writer thread overlaps the Zarr writes with the next forward pass; each unit's order (features, masks,
-    # then the done flags) is what makes a kill at any moment safe.
+    # records, then the done flags) is what makes a kill at any moment safe.
     with ThreadPoolExecutor(max_workers=1) as writer:
-        def put(index: int, feats: np.ndarray | None, mask: np.ndarray | None, flag: int) -> None:
+        def put(index: int, feats: np.ndarray | None, mask: np.ndarray | None, flag: int, record=None) -> None:
             k = owner[index]
             block = blocks.setdefault(k, _Block(fs, units[k]))
-            if block.put(index, feats, mask, flag):
+            if block.put(index, feats, mask, flag, record):
                 writes.append(writer.submit(block.write))
                 del blocks[k]
+        for index in kept:
+            features, mask, flag, stats, hashes = fs.raw(index)
+            put(index, features if flag == DONE else None, mask if flag == DONE else None, flag, (stats, hashes))
         for batch in loader:
             for index, reason in batch["errors"]:
                 if not skip_bad:
@@ -193,8 +348,9 @@ def _compute(model: Backbone, fs: FeatureStore, dataset: SegmentationDataset, un
                 feats = torch.stack([model(apply_view(x, v)) for v in fs.spec.views], 1)  # [B, V, L, C, h, w]
                 _check_finite(feats, [fs.ids[i] for i in batch["index"].tolist()], fs.spec.dtype)
                 feats = feats.to(getattr(torch, fs.spec.dtype)).cpu().numpy()
-                for index, f, m in zip(batch["index"].tolist(), feats, batch["mask"].numpy()):
-                    put(index, f, m, DONE)
+                for index, f, m, record in zip(batch["index"].tolist(), feats, batch["mask"].numpy(),
+                                               batch["records"]):
+                    put(index, f, m, DONE, record)
             while len(writes) > 2:  # bounded: never more than two units in flight
                 writes.popleft().result()
             progress(len(batch["index"]) + len(batch["errors"]))
@@ -211,44 +367,47 @@ class _Block:
         self.features: np.ndarray | None = None
         self.masks: np.ndarray | None = None
         self.flags = np.zeros(self.n, dtype=np.uint8)
+        self.stats = np.full((self.n, len(SOURCE_FILES), 2), NO_STAT, dtype=np.int64)
+        self.hashes = np.zeros((self.n, len(SOURCE_FILES), HASH_BYTES), dtype=np.uint8)
 
-    def put(self, index: int, feats: np.ndarray | None, mask: np.ndarray | None, flag: int) -> bool:
-        """Place one image (None for a skipped one); returns whether the block is complete."""
+    def put(self, index: int, feats: np.ndarray | None, mask: np.ndarray | None, flag: int,
+            record: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+        """Place one image (None for a skipped one) and the record of its files; returns whether the block is
+        complete."""
         if feats is not None:
             if self.features is None:  # NaN and the missing label: a skipped image's chunks stay unwritten
                 self.features = np.full((self.n, *feats.shape), np.nan, dtype=feats.dtype)
                 self.masks = np.full((self.n, *mask.shape), MISSING_LABEL, dtype=np.uint8)
             self.features[index - self.start], self.masks[index - self.start] = feats, mask
+        if record is not None:
+            self.stats[index - self.start], self.hashes[index - self.start] = record
         self.flags[index - self.start] = flag
         self.filled += 1
         return self.filled == self.n
 
     def write(self) -> None:
-        """Write the block: data first, flags last."""
+        """Write the block: data and records first, flags last."""
         if self.features is None:  # every image of the block unreadable: only the flags
             for i, flag in enumerate(self.flags):
                 self.fs.mark(self.start + i, int(flag))
             return
-        self.fs.write_block(self.start, self.features, self.masks, self.flags)
+        self.fs.write_block(self.start, self.features, self.masks, self.flags, self.stats, self.hashes)
 
 
 def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[str], data: str | Path,
-                    weights: str, images_per_shard: int) -> FeatureStore:
-    """Open a store to finish it (refusing other settings or other images), or create it."""
+                    weights: str, images_per_shard: int) -> tuple[FeatureStore, bool]:
+    """Open a store to finish or update it (refusing other settings), or create it; says whether it was created."""
     if exists(store) and not (Path(store).is_dir() and not any(Path(store).iterdir())):  # an empty folder is fine
         if not is_store(store):
             raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
         fs = FeatureStore.open(store, mode="r+")
         check_spec(store, fs.spec, spec)
-        if fs.ids != ids or fs.splits != splits:
-            raise CachedsegError(f"the store {store} holds another list of images than {data}; pass --overwrite "
-                                 "to rebuild it, or --store to write a new one elsewhere")
         remove_partials(store)  # a killed writer's temporary chunk files
-        return fs
+        return fs, False
     if not is_url(store):
         Path(store).parent.mkdir(parents=True, exist_ok=True)
     return FeatureStore.create(store, spec, ids, splits, dataset=str(Path(data).resolve()),
-                               weights=weights_source(weights), images_per_shard=images_per_shard)
+                               weights=weights_source(weights), images_per_shard=images_per_shard), True
 
 
 def _check_finite(feats: torch.Tensor, ids: list[str], dtype: str) -> None:
@@ -260,3 +419,21 @@ def _check_finite(feats: torch.Tensor, ids: list[str], dtype: str) -> None:
         which = [i for i, b in zip(ids, bad.tolist()) if b]
         raise CachedsegError(f"the backbone gave non-finite or out-of-range features for {which}; check the "
                              "weights, or use --dtype float32 if the values exceed float16's range")
+
+
+def stale_labels(store: str | Path, split: str, data: str | Path | None = None) -> list[str]:
+    """The ids of a split whose label file (under `data`, by default the store's dataset) is not the one their
+    cached mask was computed from: its stats differ from the record and so does its hash. Images without a record
+    (a store from before records) and missing files (scoring names those) are not counted."""
+    fs = FeatureStore.open(store)
+    stats, hashes = fs.records()
+    root, gone, flags, k = Path(data or fs.dataset), fs.gone, fs.flags(), SOURCE_FILES.index("mask")
+    stale = []
+    for i, (id_, s) in enumerate(zip(fs.ids, fs.splits)):
+        path = root / "SegmentationClass" / f"{id_}.png"
+        if s != split or id_ in gone or flags[i] != DONE or stats[i, k, 0] == NO_STAT or not path.is_file():
+            continue
+        if not np.array_equal(file_stats((path,))[0], stats[i, k]) and \
+                not np.array_equal(file_hashes((path,))[0], hashes[i, k]):
+            stale.append(id_)
+    return stale

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import zarr
 
@@ -102,7 +103,8 @@ class FeatureSource:
     Attributes:
         spec: The feature spec (backbone, fingerprint, sizes, dtype, classes).
         ids: Image ids, by index.
-        splits: "trn" or "val" (or "skipped" for images `extract --skip-bad` left out), by index.
+        splits: "trn" or "val" (or "skipped" for images `extract --skip-bad` left out, "gone" for images no
+            longer in the dataset), by index.
         dataset: Torch dataset returning `features` (cached) or `image` (live) plus `mask`, by index.
         data_root: The image dataset's folder (for native-resolution labels).
         weights: Where the backbone's weights came from (`auto`, `random` or a file), for later live use.
@@ -153,12 +155,13 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
     """A source reading a finished feature store; `data` overrides the dataset folder the store records; with
     `in_memory` the whole cache is loaded first, onto `device` when it is a GPU with room for it."""
     fs = FeatureStore.open(store)
-    flags = fs.flags()
-    if (flags == PENDING).any():
+    flags, gone = fs.flags(), fs.gone
+    listed = np.array([id_ not in gone for id_ in fs.ids], dtype=bool)
+    if ((flags == PENDING) & listed).any():
         raise CachedsegError(f"the store {store} is unfinished ({int((flags != PENDING).sum())} of {len(flags)} images); "
                              "rerun the same `cachedseg extract` command to finish it")
-    # images skipped as unreadable (`extract --skip-bad`) belong to no split
-    splits = [s if f == DONE else "skipped" for s, f in zip(fs.splits, flags)]
+    # images skipped as unreadable (`extract --skip-bad`) and images gone from the dataset belong to no split
+    splits = ["gone" if not keep else s if f == DONE else "skipped" for s, f, keep in zip(fs.splits, flags, listed)]
     return FeatureSource(spec=fs.spec, ids=fs.ids, splits=splits, dataset=StoreDataset(store, in_memory, device),
                          data_root=Path(data or fs.dataset), weights=fs.weights,
                          # absolute: the run records it, and evaluate/report default to it from any folder

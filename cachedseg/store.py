@@ -9,6 +9,9 @@
         ids       [N, L]       uint8            image ids, UTF-8, zero-padded to L bytes; crc32c
         split     [N]          uint8            index into SPLITS: 0 trn, 1 val; crc32c
         done      [N]          uint8            0 pending, 1 written, 2 skipped as unreadable; one chunk per image; crc32c
+        sources   [N, 2, 4]    int64            what each entry was computed from: for its image and mask file, size,
+                                                mtime_ns and blake2b-128 (two int64, little-endian); size -1: no
+                                                record; chunked like `done`; crc32c
 
 Only core Zarr v3 data types, so zarr, xarray, dask and tensorstore all read every array. With
 `images_per_shard` N > 1, features, masks and flags are stored in shards of N images (one file each, zarr's
@@ -45,6 +48,13 @@ MISSING_LABEL = 254  # fill value of `masks`: no label is ever 254, so it marks 
 
 # The array names, in one place.
 FEATURES, MASKS, IDS, SPLIT, FLAGS = "features", "masks", "ids", "split", "done"
+# What each entry was computed from (its image and mask file): stats for a fast check, a hash to confirm. One
+# array, so one more file per image (or shard), not two. Stores written before it existed lack it; `add_records`
+# adds it, every record unknown.
+SOURCES = "sources"
+SOURCE_FILES, SOURCE_FIELDS = ("image", "mask"), ("size", "mtime_ns", "blake2b_0", "blake2b_1")
+HASH_BYTES = 16
+NO_STAT = -1  # fill value of `sources`: no record
 FEATURE_DIMS = ("image", "view", "layer", "channel", "token_y", "token_x")
 # Chunk keys c.<i>.0.0...: one file per chunk, no nested folders (a folder per dimension would cost an inode each)
 FLAT_KEYS = {"name": "default", "separator": "."}
@@ -135,6 +145,7 @@ class FeatureStore:
         self.group = group
         self.spec = StoreSpec.from_attrs(dict(group.attrs))
         self._arrays = {name: group[name] for name in (FEATURES, MASKS, IDS, SPLIT, FLAGS)}  # looked up once
+        self._arrays.update({SOURCES: group[SOURCES]} if SOURCES in group else {})
         try:
             self.ids = decode_ids(self._arrays[IDS][:])
             self.splits = [SPLITS[s] for s in self._arrays[SPLIT][:]]
@@ -165,6 +176,7 @@ class FeatureStore:
                            compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=MISSING_LABEL,
                            dimension_names=("image", "mask_y", "mask_x"), chunk_key_encoding=FLAT_KEYS)
         _write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8), flags_per_chunk=per)
+        _create_records(group, n, per)
         return cls(path, group)
 
     @classmethod
@@ -189,6 +201,11 @@ class FeatureStore:
         if version != FORMAT_VERSION:
             raise CachedsegError(f"{path} has store format version {version}, this cachedseg ({__version__}) reads "
                                  f"version {FORMAT_VERSION}; rebuild it with `cachedseg extract ... --overwrite`")
+        if REINDEX in group.attrs:  # an extract that grew the image list was stopped half way
+            if mode == "r":
+                raise CachedsegError(f"the store {path} was left half way through adding images by an interrupted "
+                                     "extract; rerun that `cachedseg extract DATA --store ...` command to finish it")
+            _apply_index(group)
         return cls(path, group)
 
     def __len__(self) -> int:
@@ -243,18 +260,80 @@ class FeatureStore:
         """Set one image's flag."""
         self._arrays[FLAGS][index] = flag
 
-    def write(self, index: int, features: np.ndarray, mask: np.ndarray) -> None:
-        """Write one image's features [V, L, C, h, w] and mask [Mh, Mw], then flag it done (a kill never flags half
-        an image). In a sharded store use `write_block` for whole shards."""
-        self.write_block(index, features[None], mask[None], np.array([DONE], dtype=np.uint8))
+    def write(self, index: int, features: np.ndarray, mask: np.ndarray, stats: np.ndarray | None = None,
+              hashes: np.ndarray | None = None) -> None:
+        """Write one image's features [V, L, C, h, w] and mask [Mh, Mw] (and the record of its source files), then
+        flag it done (a kill never flags half an image). In a sharded store use `write_block` for whole shards."""
+        self.write_block(index, features[None], mask[None], np.array([DONE], dtype=np.uint8),
+                         None if stats is None else stats[None], None if hashes is None else hashes[None])
 
-    def write_block(self, start: int, features: np.ndarray, masks: np.ndarray, flags: np.ndarray) -> None:
+    def write_block(self, start: int, features: np.ndarray, masks: np.ndarray, flags: np.ndarray,
+                    stats: np.ndarray | None = None, hashes: np.ndarray | None = None) -> None:
         """Write images start.. (whole shards in a sharded store): features [n, V, L, C, h, w] (NaN for a skipped
-        image), masks [n, Mh, Mw], then their flags [n] (DONE or BAD), last."""
+        image), masks [n, Mh, Mw], the records of their source files (stats [n, 2, 2], hashes [n, 2, 16]), then
+        their flags [n] (DONE or BAD), last."""
         end = start + len(flags)
         self._arrays[FEATURES][start:end] = features
         self._arrays[MASKS][start:end] = masks
+        if stats is not None and self.has_records:
+            self._arrays[SOURCES][start:end] = _pack_records(stats, hashes)
         self._arrays[FLAGS][start:end] = flags
+
+    def write_mask(self, index: int, mask: np.ndarray, stats: np.ndarray, hashes: np.ndarray) -> None:
+        """Replace one done image's mask [Mh, Mw] (its mask file changed, its image did not), then its record."""
+        self._arrays[MASKS][index] = mask
+        self.set_record(index, stats, hashes)
+
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+        """One image's stored arrays as they are (features [V, L, C, h, w], mask, flag, stats, hashes), to write
+        them back unchanged with the rest of their shard."""
+        stats, hashes = self.records()
+        return (self._arrays[FEATURES][index], self._arrays[MASKS][index], int(self._arrays[FLAGS][index]),
+                stats[index], hashes[index])
+
+    @property
+    def has_records(self) -> bool:
+        """Whether the store records what each entry was computed from (stores of cachedseg <= 0.4 do not)."""
+        return SOURCES in self._arrays
+
+    def add_records(self) -> None:
+        """Add the source-file records to a store made without them, every record unknown."""
+        if not self.has_records:
+            _create_records(self.group, len(self), self.images_per_shard)
+            self._arrays[SOURCES] = self.group[SOURCES]
+
+    def records(self) -> tuple[np.ndarray, np.ndarray]:
+        """What each entry was computed from: stats [N, 2, 2] int64 (image, mask) x (size, mtime_ns), -1 where
+        unknown, and blake2b-128 hashes [N, 2, 16] uint8; all unknown in a store without records."""
+        if not self.has_records:
+            return _unpack_records(np.full((len(self), len(SOURCE_FILES), len(SOURCE_FIELDS)), NO_STAT, np.int64))
+        return _unpack_records(self._arrays[SOURCES][:])
+
+    def set_record(self, index: int, stats: np.ndarray, hashes: np.ndarray) -> None:
+        """Record what one entry was computed from."""
+        self._arrays[SOURCES][index] = _pack_records(stats[None], hashes[None])[0]
+
+    @property
+    def gone(self) -> dict[str, str]:
+        """Images no longer in the dataset at the last extract (kept, left out of training), with the reason."""
+        return dict(self.group.attrs.get("gone", {}))
+
+    def set_gone(self, gone: dict[str, str]) -> None:
+        """Record the images gone from the dataset (written only when it changed, so a no-op rerun writes nothing)."""
+        if self.gone != gone:
+            self.group.attrs["gone"] = gone
+
+    def set_index(self, ids: list[str], splits: list[str]) -> FeatureStore:
+        """Grow the image list to `ids` (the present ids first, in their order, then new ones) with `splits` (an
+        image may change split); new images are pending. Returns the store reopened.
+
+        The new list is journalled in the attributes first, so a kill at any moment leaves a store that the next
+        `open(mode="r+")` finishes."""
+        if ids[:len(self)] != self.ids or len(set(ids)) != len(ids):
+            raise ValueError("set_index keeps every present id at its index and adds new ids only")
+        self.group.attrs[REINDEX] = {"ids": ids, "splits": splits}
+        _apply_index(self.group)
+        return FeatureStore(self.path, zarr.open_group(self.path, mode="r+"))
 
     def read(self, index: int, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """One view of one image: features [L, C, h, w] (store dtype) and its mask [Mh, Mw] uint8, transformed by
@@ -307,24 +386,14 @@ class FeatureStore:
         return {**dict(self.group.attrs), "images": len(self), "trn": int((splits == "trn").sum()),
                 "val": int((splits == "val").sum()), "done": int((flags == DONE).sum()),
                 "pending": int((flags == PENDING).sum()), "skipped_bad": int((flags == BAD).sum()),
-                "bytes_on_disk": disk_bytes(self.path)}
+                "gone": len(self.gone), "bytes_on_disk": disk_bytes(self.path)}
 
 
 def _write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], flags: np.ndarray,
                         suffix: str = "", flags_per_chunk: int = 1) -> None:
     """Create and fill `ids`, `split` and `done` (names with `suffix`), each checksummed."""
     n = len(ids)
-    unknown = sorted(set(splits) - set(SPLITS))
-    if unknown:
-        raise CachedsegError(f"unknown split names {unknown}; a store holds {' and '.join(SPLITS)} images")
-    codes = np.array([SPLITS.index(s) for s in splits], dtype=np.uint8)
-    raw = encode_ids(ids)
-    group.create_array(IDS + suffix, shape=raw.shape, chunks=raw.shape, dtype="uint8", compressors=[Crc32cCodec()],
-                       fill_value=0, dimension_names=("image", "id_byte"), chunk_key_encoding=FLAT_KEYS,
-                       attributes={"encoding": "utf-8, zero-padded"})[:] = raw
-    group.create_array(SPLIT + suffix, shape=(n,), chunks=(max(n, 1),), dtype="uint8", compressors=[Crc32cCodec()],
-                       fill_value=0, dimension_names=("image",), chunk_key_encoding=FLAT_KEYS,
-                       attributes={"flag_values": list(range(len(SPLITS))), "flag_meanings": " ".join(SPLITS)})[:] = codes
+    _write_ids_and_splits(group, ids, splits, suffix)
     # One chunk per unit of work (an image, or a shard): writers never rewrite each other's flags, and a flag
     # lands only after its data.
     done = group.create_array(FLAGS + suffix, shape=(n,), chunks=(flags_per_chunk,), dtype="uint8",
@@ -333,6 +402,62 @@ def _write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], fl
                               attributes={"flag_values": [PENDING, DONE, BAD], "flag_meanings": " ".join(FLAG_NAMES)})
     if (flags != PENDING).any():
         done[:] = flags
+
+
+def _write_ids_and_splits(group: zarr.Group, ids: list[str], splits: list[str], suffix: str = "",
+                          overwrite: bool = False) -> None:
+    """Create (or replace) and fill `ids` and `split` (names with `suffix`), each checksummed."""
+    n = len(ids)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise CachedsegError(f"unknown split names {unknown}; a store holds {' and '.join(SPLITS)} images")
+    codes = np.array([SPLITS.index(s) for s in splits], dtype=np.uint8)
+    raw = encode_ids(ids)
+    group.create_array(IDS + suffix, shape=raw.shape, chunks=raw.shape, dtype="uint8", compressors=[Crc32cCodec()],
+                       fill_value=0, dimension_names=("image", "id_byte"), chunk_key_encoding=FLAT_KEYS,
+                       attributes={"encoding": "utf-8, zero-padded"}, overwrite=overwrite)[:] = raw
+    group.create_array(SPLIT + suffix, shape=(n,), chunks=(max(n, 1),), dtype="uint8", compressors=[Crc32cCodec()],
+                       fill_value=0, dimension_names=("image",), chunk_key_encoding=FLAT_KEYS, overwrite=overwrite,
+                       attributes={"flag_values": list(range(len(SPLITS))), "flag_meanings": " ".join(SPLITS)})[:] = codes
+
+
+def _create_records(group: zarr.Group, n: int, per: int) -> None:
+    """Create `sources`, every record unknown; chunked like `done` (one chunk per unit of work, so ranks never
+    write the same file, and a unit's records land with its data, before its flags)."""
+    shape = (len(SOURCE_FILES), len(SOURCE_FIELDS))
+    group.create_array(SOURCES, shape=(n, *shape), chunks=(per, *shape), dtype="int64", compressors=[Crc32cCodec()],
+                       fill_value=NO_STAT, dimension_names=("image", "source_file", "source_field"),
+                       chunk_key_encoding=FLAT_KEYS,
+                       attributes={"source_file": list(SOURCE_FILES), "source_field": list(SOURCE_FIELDS),
+                                   "hash": "blake2b, digest_size 16, as two little-endian int64"})
+
+
+def _pack_records(stats: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """stats [n, 2, 2] int64 and hashes [n, 2, 16] uint8 -> `sources` rows [n, 2, 4] int64."""
+    packed = np.ascontiguousarray(hashes, dtype=np.uint8).view("<i8").astype(np.int64)  # [n, 2, 2]
+    return np.concatenate([np.asarray(stats, dtype=np.int64), packed], axis=-1)
+
+
+def _unpack_records(sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`sources` rows [n, 2, 4] int64 -> stats [n, 2, 2] int64 and hashes [n, 2, 16] uint8."""
+    return sources[..., :2].copy(), np.ascontiguousarray(sources[..., 2:].astype("<i8")).view(np.uint8)
+
+
+REINDEX = "reindex"  # attribute journalling a growing image list until every array has caught up
+
+
+def _apply_index(group: zarr.Group) -> None:
+    """Bring every array to the image list journalled in the `reindex` attribute, then drop the journal (each
+    step can be redone after a kill)."""
+    attrs = dict(group.attrs)
+    ids, splits = attrs[REINDEX]["ids"], attrs[REINDEX]["splits"]
+    for name in (FEATURES, MASKS, FLAGS, SOURCES):  # new rows read as the fill values: pending, missing
+        if name in group and group[name].shape[0] != len(ids):
+            array = group[name]
+            array.resize((len(ids), *array.shape[1:]))
+    _write_ids_and_splits(group, ids, splits, overwrite=True)
+    attrs.pop(REINDEX)
+    group.attrs.put({**attrs, "num_images": len(ids)})  # one write: the journal goes with the new count
 
 
 def is_store(path: str | Path) -> bool:

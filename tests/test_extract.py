@@ -36,7 +36,8 @@ def test_store_layout_reads_back_with_plain_zarr(dataset, store32):
     assert decode_ids(g["ids"][:]) == [s.id for s in samples]
     assert [("trn", "val")[c] for c in g["split"][:]] == [s.split for s in samples]
     assert g["done"][:].tolist() == [1] * n
-    for name in ("features", "masks", "ids", "split", "done"):  # every array is checksummed
+    assert g["sources"].shape == (n, 2, 4) and g["sources"].dtype == np.int64  # what each entry was computed from
+    for name in ("features", "masks", "ids", "split", "done", "sources"):  # every array is checksummed
         assert any(type(c).__name__ == "Crc32cCodec" for c in g[name].compressors), name
         assert g[name].metadata.dimension_names[0] == "image", name
 

@@ -93,7 +93,7 @@ def test_xarray_opens_every_array_with_named_dimensions(small):
     fs, data = small
     ds = xr.open_zarr(fs.path, consolidated=False)
     assert dict(ds.sizes) == {"image": 4, "view": 2, "layer": 2, "channel": 6, "token_y": 2, "token_x": 3,
-                              "mask_y": 32, "mask_x": 48, "id_byte": 40}
+                              "mask_y": 32, "mask_x": 48, "id_byte": 40, "source_file": 2, "source_field": 4}
     # the README's recipe: the ids as the `image` coordinate, then select by id
     ds = ds.assign_coords(image=decode_ids(ds["ids"].values))
     assert np.array_equal(ds["features"].sel(image="ünïcode_7").values, data[2][0])
@@ -106,7 +106,7 @@ def test_tensorstore_reads_every_array(small):
     ts = pytest.importorskip("tensorstore")
     fs, _ = small
     group = zarr.open_group(fs.path, mode="r")
-    for name in ("features", "masks", "ids", "split", "done"):
+    for name in ("features", "masks", "ids", "split", "done", "sources"):
         array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{fs.path}/{name}"}}).result()
         values, expected = array.read().result(), group[name][:]
         assert values.shape == expected.shape, name
