@@ -17,14 +17,12 @@ import zarr
 from cachedseg import checkpoint
 from cachedseg.cli import app
 from cachedseg.locks import writer_lock
-from tests.conftest import SMALL, chunk_file, run_cli, written_chunks
+from tests.conftest import SMALL, chunk_file, extract_one_thread, one_thread_env, run_cli, written_chunks
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
 
 
-def env() -> dict:
-    """The environment now, offline, with one thread per rank (two ranks on two cores)."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+env = one_thread_env  # offline, one thread per rank (two ranks on two cores)
 
 
 def torchrun(*args, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
@@ -37,23 +35,23 @@ def torchrun(*args, nproc: int = 2, check: bool = True) -> subprocess.CompletedP
 
 
 def assert_same_store(a, b) -> None:
-    """Equal arrays (the computation was the same: every image alone, in both)."""
+    """Equal arrays (the computation was the same: every image alone, by a one-thread process, in both)."""
     a, b = zarr.open_group(str(a)), zarr.open_group(str(b))
     for name in ("features", "masks", "done", "ids", "split"):
         assert np.array_equal(a[name][:], b[name][:]), name
 
 
-def test_two_ranks_write_one_sharded_store_equal_to_a_one_process_store(dataset, store32_single, tmp_path):
+def test_two_ranks_write_one_sharded_store_equal_to_a_one_process_store(dataset, store32_one_thread, tmp_path):
     store = tmp_path / "two.zarr"
     proc = torchrun("extract", dataset, "--store", store, *SMALL, "--dtype", "float32", "--batch-size", "1",
                     "--workers", "0", "--images-per-shard", "2")
     assert proc.stdout.count("feature store") == 1  # reported once, for the whole job
-    assert_same_store(store, store32_single)
+    assert_same_store(store, store32_one_thread)
     assert zarr.open_group(str(store)).attrs["images_per_shard"] == 2
     assert len([p for p in (store / "features").iterdir() if p.name.startswith("c.")]) == 4  # 8 images, 4 files
 
 
-def test_a_killed_job_resumes_with_another_number_of_processes(dataset, store32_single, tmp_path):
+def test_a_killed_job_resumes_with_another_number_of_processes(dataset, store32_one_thread, tmp_path):
     store = tmp_path / "killed.zarr"
     cmd = [*TORCHRUN, "-m", "cachedseg", "extract", str(dataset), "--store", str(store), *SMALL,
            "--dtype", "float32", "--batch-size", "1", "--workers", "0"]
@@ -67,9 +65,9 @@ def test_a_killed_job_resumes_with_another_number_of_processes(dataset, store32_
     done = zarr.open_group(str(store))["done"][:]
     assert 0 < done.sum() < len(done)
     finished = {p: p.stat().st_mtime_ns for p in (chunk_file(store, "features", i) for i in np.flatnonzero(done))}
-    run_cli("extract", dataset, "--store", store, *SMALL, "--dtype", "float32", "--batch-size", "1", "--workers", "0")
+    extract_one_thread(dataset, store)  # one process finishes it
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # only the missing images were computed
-    assert_same_store(store, store32_single)
+    assert_same_store(store, store32_one_thread)
 
 
 def test_a_second_job_is_refused_once_with_the_holder_named(dataset, tmp_path):

@@ -79,11 +79,11 @@ def test_extract_train_evaluate_and_info_work_on_a_bucket(bucket, dataset, store
     assert run_cli("info", url).output == before
 
 
-def test_two_ranks_write_a_sharded_store_to_a_bucket(bucket, dataset, store32_single):
+def test_two_ranks_write_a_sharded_store_to_a_bucket(bucket, dataset, store32_one_thread):
     url = f"{bucket}/sharded.zarr"
     torchrun("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--batch-size", "1", "--workers", "0",
              "--images-per-shard", "4")
-    assert_same_store(url, store32_single)
+    assert_same_store(url, store32_one_thread)
 
 
 def test_the_bucket_lease_refuses_a_second_job_and_expires(bucket, dataset):
