@@ -42,7 +42,7 @@ PICTURE_ROWS = 256  # rows of a picture drawn at a time
 # Logits resized to a frame [K, H, W] of up to this many float32 bytes are made whole (a 1280x720 frame with 12
 # classes: 44 MB); larger ones (a 96 MP frame's would be 4.6 GB) go a band of BAND_BYTES at a time.
 WHOLE_BYTES = 64 * 2**20
-BAND_BYTES = 16 * 2**20
+BAND_BYTES = 8 * 2**20
 
 
 def _taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
