@@ -6,8 +6,8 @@ import torch
 
 from cachedseg.classes import IGNORE_INDEX
 
-# Pixels counted per step: bounds the int64 copies of a native-resolution frame (8 bytes a pixel each) to 32 MB.
-CHUNK = 1 << 22
+# Pixels counted per step: bounds the int64 copies of a native-resolution frame (8 bytes a pixel each) to 8 MB.
+CHUNK = 1 << 20
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cachedseg.predict import (PICTURE_ROWS, _fused, _legend, _picture_rows, _present, _resized_rows,
                                _save_png_rows, _taps, colorize, labels_from_logits, with_legend)
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import PEAK_GROWTH, one_line_error, run_cli
 
 
 def whole_frame(logits: torch.Tensor, size) -> torch.Tensor:
@@ -60,17 +60,14 @@ def test_small_frames_still_resize_whole():
 
 def test_labels_of_a_large_frame_never_hold_its_logits(tmp_path):
     # A 3000x2000 frame with 12 classes: resizing it whole makes [12, 2000, 3000] float32, 288 MB (and int64 argmax,
-    # 48 MB); in bands the labels (6 MB) and a few 8 MB bands. Measured in a fresh process: its peak RSS over its RSS
-    # just before the call.
-    code = textwrap.dedent("""
-        import resource, torch
+    # 48 MB); in bands the labels (6 MB) and a few 8 MB bands. Measured in a fresh process (see PEAK_GROWTH).
+    code = PEAK_GROWTH + textwrap.dedent("""
+        import torch
         from cachedseg.predict import labels_from_logits
         logits = torch.randn(1, 12, 128, 128, generator=torch.Generator().manual_seed(0))
-        labels_from_logits(logits[:, :, :8, :8], (200, 300), whole_bytes=0)  # warm up the probe and allocator
-        before = int(open("/proc/self/statm").read().split()[1]) * 4096
-        labels = labels_from_logits(logits, (2000, 3000))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print((peak - before) // 2**20, labels.shape)
+        labels_from_logits(logits[:, :, :8, :8], (200, 300), whole_bytes=0)  # the rounding probe, once
+        mb, labels = grown(lambda: labels_from_logits(logits, (2000, 3000)))
+        print(mb, labels.shape)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[1])
