@@ -105,7 +105,9 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], whole_bytes:
     taps and rounding where it decides: the labels are those of resizing the whole frame."""
     x = logits[0].float()  # [K, Mh, Mw]
     k, height, width = x.shape[0], int(size[0]), int(size[1])
-    if 4 * k * height * width <= whole_bytes or k == 1:
+    if k == 1:
+        return np.zeros((height, width), dtype=np.uint8)  # the argmax of one class
+    if 4 * k * height * width <= whole_bytes:
         whole = F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False)  # [1, K, H, W]
         return whole.argmax(1)[0].to(torch.uint8).cpu().numpy()
     rows, rows2, row_w, row_w2 = _taps(x.shape[1], height, x.device)
@@ -304,8 +306,8 @@ def _find_images(inputs: list[str | Path]) -> tuple[list[Path], list[Path]]:
     images = [p for p in found if p not in outputs]
     if not images:
         raise CachedsegError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}"
-                             + (f": its {len(outputs)} PNGs are cachedseg's own predictions, which are never inputs"
-                                if outputs else ""))
+                             + (f": the {len(outputs)} PNG file(s) there are predictions cachedseg wrote, which are "
+                                "never inputs; give the original images" if outputs else ""))
     return images, [p for p in found if p in outputs]
 
 
