@@ -144,7 +144,8 @@ def main() -> None:
         append(args.results / "large_frame.md",
                "# Large frames\n\nAppended by `benchmarks/large_frame.py`: peak RSS and seconds of one `cachedseg` "
                "process on one frame (vit_small_patch14_dinov2 @ 112, random weights); floor: `predict` of a "
-               "160x120 frame.\n\n| date | code | device | frame | image MB (RGB) | predict peak MB | predict s | "
+               "160x120 frame. On a shared machine the seconds of one code vary 2-3x between runs (other jobs on "
+               "its cores); the peaks do not.\n\n| date | code | device | frame | image MB (RGB) | predict peak MB | predict s | "
                "evaluate peak MB | evaluate s | floor peak MB |\n|---|---|---|---|---|---|---|---|---|---|",
                [f"| {result['date']} | {result['label']} | {result['device']} | {result['frame']} | "
                 f"{result['image_mb']:.0f} | {result['predict_peak_mb']:.0f} | {result['predict_s']:.1f} | "
