@@ -534,6 +534,10 @@ def _predict(images, run, out: Path, **options):
     replaced = sum(p.replaced for p in written)
     console.print(f"wrote {3 * len(written)} PNGs for {len(written)} images to [bold]{escape(str(out))}[/]"
                   + (f", replacing the earlier files of {replaced} of them" if replaced else ""), soft_wrap=True)
+    if written.left_out:
+        shown = ", ".join(p.name for p in written.left_out[:3]) + (", ..." if len(written.left_out) > 3 else "")
+        console.print(f"left out {len(written.left_out)} files that cachedseg wrote itself ({escape(shown)}): "
+                      "predictions are never inputs", soft_wrap=True)
     return written
 
 

@@ -71,13 +71,14 @@ def _open(path: str | Path, what: str) -> Image.Image:
 
 def load_image(path: str | Path) -> Image.Image:
     """Decode an image file to upright 8-bit RGB (EXIF orientation applied; 16-bit and float images rescaled)."""
-    img = ImageOps.exif_transpose(_open(path, "image"))
+    img = _open(path, "image")
+    ImageOps.exif_transpose(img, in_place=True)  # a copy would double the memory of a large frame
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # convert("RGB") would clip these at 255; scale the 16-bit range down to 8 bits instead.
         a = np.asarray(img, dtype=np.float32)
         a = a / 257.0 if a.max() > 255 else a
         img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even an RGB image
 
 
 def load_mask(path: str | Path) -> Image.Image:
@@ -92,7 +93,7 @@ def load_mask(path: str | Path) -> Image.Image:
 def preprocess_image(img: Image.Image, pp: Preprocess) -> torch.Tensor:
     """RGB image -> normalised float32 tensor [3, H, W]; shared by extract, live training and predict."""
     height, width = pp.image_size
-    img = img.convert("RGB").resize((width, height), _RESAMPLE[pp.interpolation])
+    img = (img if img.mode == "RGB" else img.convert("RGB")).resize((width, height), _RESAMPLE[pp.interpolation])
     # Channels first while still uint8 (a cheap copy), then the same float32 operations as ever, elementwise:
     # the numbers are bit for bit those of normalising [H, W, 3] and transposing after, at a third of the time.
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))).to(torch.float32) / 255.0  # [3,H,W]

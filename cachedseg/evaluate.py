@@ -27,7 +27,7 @@ class EvalResult:
 
     Attributes:
         confusion: Counts [K, K], rows true class, columns predicted.
-        miou: Mean IoU over classes with a non-empty union.
+        miou: Mean IoU over the classes that occur in the labels or the predictions (`averaged`).
         pixel_acc: Fraction of labelled pixels predicted right.
         iou: Per-class IoU (None where the class is absent from both labels and predictions).
         class_names: Names of the K classes.
@@ -48,10 +48,16 @@ class EvalResult:
     pixels: int | None = None
     stale_labels: tuple[str, ...] = ()
 
+    @property
+    def averaged(self) -> tuple[str, ...]:
+        """The classes mIoU averages: those that occur in the labels or the predictions."""
+        return tuple(name for name, iou in zip(self.class_names, self.iou) if iou is not None)
+
     def to_json(self) -> dict:
         """Everything, as plain JSON types."""
         out = {"miou": self.miou, "pixel_acc": self.pixel_acc, "images": self.images,
-               "iou": dict(zip(self.class_names, self.iou)), "class_names": list(self.class_names),
+               "iou": dict(zip(self.class_names, self.iou)), "averaged": list(self.averaged),
+               "class_names": list(self.class_names),
                "confusion": self.confusion.tolist(), "stale_labels": list(self.stale_labels)}
         if self.pixels is not None:
             out["agreement"] = {"differ": self.differ, "pixels": self.pixels,
@@ -215,13 +221,13 @@ def _cached_labels(decoder: torch.nn.Module, features: torch.Tensor, views: tupl
 
 
 def _labels(root: Path, id_: str, num_classes: int) -> np.ndarray:
-    """An image's label map [H, W] int64, checked."""
+    """An image's label map [H, W] uint8 (class indices and the ignore label), checked."""
     path = root / "SegmentationClass" / f"{id_}.png"
     if not path.is_file():
         raise CachedsegError(f"{path} is missing; pass --data with the dataset the store was built from")
-    labels = np.asarray(load_mask(path)).astype(np.int64)
+    labels = np.array(load_mask(path))  # writable; uint8 for L/P masks, wider for 16/32-bit ones
     check_labels(labels, path, num_classes)
-    return labels
+    return labels.astype(np.uint8, copy=False)  # checked: every value fits (1 byte a pixel, not 8)
 
 
 def _image(root: Path, id_: str, size: tuple[int, int]):

@@ -7,17 +7,20 @@ same images in the same order and batch size their labels are the same by constr
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
-from cachedseg import checkpoint
+from cachedseg import __version__, checkpoint
 from cachedseg.backbone import Backbone, backbone_for, resolve_device
 from cachedseg.data import load_image, preprocess_image
 from cachedseg.errors import CachedsegError
@@ -26,17 +29,108 @@ from cachedseg.store import StoreSpec
 from cachedseg.views import apply_view
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+KINDS = ("label", "color", "overlay")  # the PNGs written per image, <stem>_<kind>.png
+SOFTWARE = f"cachedseg {__version__}"  # the text chunk marking every PNG cachedseg writes
 # One fixed colour per class (background, person, bike, car, drone, boat, animal, obstacle, construction,
 # vegetation, road, sky); every colour and overlay PNG carries a legend of the classes it shows.
 PALETTE = np.array([(0, 0, 0), (220, 20, 60), (119, 11, 32), (0, 0, 142), (255, 0, 255), (0, 170, 255),
                     (255, 140, 0), (255, 255, 0), (140, 70, 20), (0, 160, 0), (128, 128, 128), (135, 206, 235)],
                    dtype=np.uint8)
+PICTURE_ROWS = 256  # rows of a picture drawn at a time
 
 
-def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Logits [1, K, Mh, Mw] -> class indices [H, W] at `size` (H, W): bilinear resize, then argmax."""
-    logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)  # [1, K, H, W]
-    return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()  # [H, W]
+# Logits resized to a frame [K, H, W] of up to this many float32 bytes are made whole (a 1280x720 frame with 12
+# classes: 44 MB); larger ones (a 96 MP frame's would be 4.6 GB) go a band of BAND_BYTES at a time.
+WHOLE_BYTES = 64 * 2**20
+BAND_BYTES = 8 * 2**20
+
+
+def _taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Bilinear taps from n_in to n_out samples (align_corners=False), as PyTorch's kernels compute them (scale
+    n_in/n_out in float32, source coordinate in float64, then float32): first and second source index, and their
+    float32 weights, each [n_out]."""
+    scale = np.float64(np.float32(n_in) / np.float32(n_out))
+    src = np.maximum((scale * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32), np.float32(0))
+    first = src.astype(np.int64)  # floor, as src >= 0
+    second = np.minimum(first + 1, n_in - 1)
+    w_second = src - first.astype(np.float32)
+    w_first = np.float32(1) - w_second
+    return tuple(torch.from_numpy(a).to(device) for a in (first, second, w_first, w_second))
+
+
+def _mix(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor, fused: bool) -> torch.Tensor:
+    """a * wa + b * wb in float32, rounded as PyTorch's bilinear kernel rounds it: with `fused`, as the fused
+    multiply-add fma(a, wa, b * wb) its compiler makes of it (a float32 product is exact in float64)."""
+    if not fused:
+        return a * wa + b * wb
+    return (a.double() * wa.double() + (b * wb).double()).float()
+
+
+def _across(x: torch.Tensor, lo: int, hi: int, width: int) -> torch.Tensor:
+    """Logit rows lo:hi of [K, Mh, Mw] resized along the width only [K, hi - lo, W]: PyTorch's own kernel, whose
+    row weights are then exactly 1 and 0, so these are the very values its 2-d resize mixes across rows."""
+    return F.interpolate(x[None, :, lo:hi], size=(hi - lo, width), mode="bilinear", align_corners=False)[0]
+
+
+def _resized_rows(x: torch.Tensor, row_taps: tuple, width: int, y0: int, y1: int, fused: bool) -> torch.Tensor:
+    """Rows y0:y1 [K, y1 - y0, W] of logits [K, Mh, Mw] resized bilinearly to `width` and the rows of `row_taps`
+    (see `_taps`), from the logit rows under them only, as PyTorch's kernel computes them."""
+    rows, rows2, row_w, row_w2 = row_taps
+    lo, hi = int(rows[y0]), int(rows2[y1 - 1]) + 1  # the logit rows this band reads (indices rise with y)
+    across = _across(x, lo, hi, width)
+    return _mix(across[:, rows[y0:y1] - lo], row_w[y0:y1, None], across[:, rows2[y0:y1] - lo], row_w2[y0:y1, None],
+                fused)
+
+
+_FUSED: dict[str, bool] = {}
+
+
+def _fused(device: torch.device) -> bool:
+    """Whether PyTorch's bilinear kernel on this kind of device rounds as one fused multiply-add per tap pair,
+    found once by comparing with it on a probe (a frame large enough for the kernel that resizes large frames)."""
+    if device.type not in _FUSED:
+        probe = torch.randn(3, 11, 13, generator=torch.Generator().manual_seed(0)).to(device) * 10
+        size = (150, 97)  # height + width over 128: PyTorch's CPU kernel for smaller outputs rounds otherwise
+        whole = F.interpolate(probe[None], size=size, mode="bilinear", align_corners=False)[0]
+        _FUSED[device.type] = bool(torch.equal(_resized_rows(probe, _taps(11, size[0], device), size[1], 0, size[0],
+                                                             True), whole))
+    return _FUSED[device.type]
+
+
+def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], whole_bytes: int = WHOLE_BYTES,
+                       band_bytes: int = BAND_BYTES) -> np.ndarray:
+    """Logits [1, K, Mh, Mw] -> class indices [H, W] uint8 at `size` (H, W): bilinear resize (align_corners=False),
+    then argmax. Above `whole_bytes` of resized logits, a band of output rows at a time from the logit rows under
+    it, so that no [K, H, W] tensor is made (peak memory: the labels and a few `band_bytes`), with PyTorch's own
+    taps and rounding where it decides: the labels are those of resizing the whole frame."""
+    x = logits[0].float()  # [K, Mh, Mw]
+    k, height, width = x.shape[0], int(size[0]), int(size[1])
+    if k == 1:
+        return np.zeros((height, width), dtype=np.uint8)  # the argmax of one class
+    if 4 * k * height * width <= whole_bytes:
+        whole = F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False)  # [1, K, H, W]
+        return whole.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    rows, rows2, row_w, row_w2 = _taps(x.shape[1], height, x.device)
+    fused = _fused(x.device)
+    # Mixing rows in plain float32 moves a value by under 3 units of float32 rounding of the largest logit from
+    # what the kernel computes; where the best two classes are closer than twice this, the kernel's rounding decides.
+    bound = 8 * float(torch.finfo(torch.float32).eps) * float(x.abs().max())
+    labels = np.empty((height, width), dtype=np.uint8)
+    step = max(1, band_bytes // (4 * k * width))
+    for y0 in range(0, height, step):
+        y1 = min(height, y0 + step)
+        lo, hi = int(rows[y0]), int(rows2[y1 - 1]) + 1  # the logit rows this band reads (indices rise with y)
+        across = _across(x, lo, hi, width)  # [K, n, W]
+        a, b = across[:, rows[y0:y1] - lo], across[:, rows2[y0:y1] - lo]  # [K, rows, W] each
+        wa, wb = row_w[y0:y1, None], row_w2[y0:y1, None]
+        top = (a * wa + b * wb).topk(2, dim=0)  # [2, rows, W]
+        best = top.indices[0]
+        close = ((top.values[0] - top.values[1]) <= 2 * bound).nonzero(as_tuple=True)  # [rows, W] near-ties
+        if len(close[0]):
+            exact = _mix(a[:, close[0], close[1]], wa[close[0], 0], b[:, close[0], close[1]], wb[close[0], 0], fused)
+            best[close] = exact.argmax(0)  # [m]: as the kernel's values decide, ties to the first class
+        labels[y0:y1] = best.to(torch.uint8).cpu().numpy()
+    return labels  # [H, W]
 
 
 def labels_over_views(logits: list[torch.Tensor], views: tuple[str, ...],
@@ -121,39 +215,126 @@ def colorize(labels: np.ndarray) -> Image.Image:
 
 def with_legend(picture: Image.Image, labels: np.ndarray, class_names: tuple[str, ...]) -> Image.Image:
     """`picture` with a strip below it naming, in its colour, each class present in `labels`."""
-    present = [int(c) for c in np.unique(labels) if c < len(class_names)]
-    size = max(11, min(18, picture.width // 40))
+    strip = _legend(picture.width, _present(labels), class_names)
+    out = Image.new("RGB", (picture.width, picture.height + strip.height))
+    out.paste(picture if picture.mode == "RGB" else picture.convert("RGB"), (0, 0))
+    out.paste(strip, (0, picture.height))
+    return out
+
+
+def _present(labels: np.ndarray) -> list[int]:
+    """The class indices in `labels` [H, W], found band by band (np.unique sorts a copy of what it is given)."""
+    found: set[int] = set()
+    for y in range(0, labels.shape[0], PICTURE_ROWS):
+        found.update(np.unique(labels[y:y + PICTURE_ROWS]).tolist())
+    return sorted(found)
+
+
+def _legend(width: int, present: list[int], class_names: tuple[str, ...]) -> Image.Image:
+    """The strip under a picture `width` wide naming, in its colour, each class of `present`."""
+    present = [c for c in present if c < len(class_names)]
+    size = max(11, min(18, width // 40))
     font = ImageFont.load_default(size=size)
     pad, swatch = size // 2, size
     items, x, rows = [], pad, 0
     for c in present:  # lay the entries out left to right, wrapping to new rows
-        width = swatch + pad // 2 + int(font.getlength(class_names[c])) + 2 * pad
-        if x + width > picture.width and x > pad:
+        entry = swatch + pad // 2 + int(font.getlength(class_names[c])) + 2 * pad
+        if x + entry > width and x > pad:
             x, rows = pad, rows + 1
         items.append((c, x, rows))
-        x += width
+        x += entry
     row_h = size + pad
-    strip = Image.new("RGB", (picture.width, (rows + 1) * row_h + pad), (255, 255, 255))
+    strip = Image.new("RGB", (width, (rows + 1) * row_h + pad), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
     for c, x, row in items:
         y = pad + row * row_h
         draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(v) for v in PALETTE[c]), outline=(0, 0, 0))
         draw.text((x + swatch + pad // 2, y + size // 2), class_names[c], fill=(0, 0, 0), font=font, anchor="lm")
-    out = Image.new("RGB", (picture.width, picture.height + strip.height))
-    out.paste(picture.convert("RGB"), (0, 0))
-    out.paste(strip, (0, picture.height))
-    return out
+    return strip
+
+
+def _picture_rows(labels: np.ndarray, strip: Image.Image, image: Image.Image | None = None) -> Iterator[np.ndarray]:
+    """The colour picture of `labels` (with `image`: the overlay on it) above the legend `strip`, as bands of rows
+    [r, W, 3] uint8: pixel for pixel `with_legend(colorize(labels))` (or `with_legend(Image.blend(image,
+    colorize(labels), 0.5))`), so that no full-frame picture is made on the way (PIL holds RGB in 4 bytes a pixel)."""
+    height, width = labels.shape
+    for y in range(0, height, PICTURE_ROWS):
+        rows = colorize(labels[y:y + PICTURE_ROWS])
+        if image is not None:
+            rows = Image.blend(image.crop((0, y, width, y + rows.height)), rows, 0.5)
+        yield np.asarray(rows)
+    yield np.asarray(strip)
+
+
+def _save_png_rows(bands: Iterable[np.ndarray], width: int, height: int, path: Path) -> None:
+    """Write an 8-bit RGB PNG from bands of rows [r, width, 3] (`height` rows in all), streaming: as `_save_png`,
+    but without the whole picture in memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"tEXt", b"Software\0" + SOFTWARE.encode("latin-1")))
+        packer, previous, rows = zlib.compressobj(6), np.zeros((1, width * 3), np.uint8), 0
+        for band in bands:
+            band = np.ascontiguousarray(band, dtype=np.uint8).reshape(len(band), width * 3)
+            # filter 2 ("up"): each row minus the one above it, modulo 256, which compresses flat areas well
+            up = band - np.concatenate([previous, band[:-1]])
+            f.write(chunk(b"IDAT", packer.compress(np.hstack([np.full((len(band), 1), 2, np.uint8), up]).tobytes())))
+            previous, rows = band[-1:], rows + len(band)
+        f.write(chunk(b"IDAT", packer.flush()) + chunk(b"IEND", b""))
+    if rows != height:
+        tmp.unlink()
+        raise AssertionError(f"{rows} rows written for a {height}-row PNG")
+    os.replace(tmp, path)
 
 
 def find_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders into image files, sorted within each folder."""
+    """Expand files and folders into image files, sorted within each folder, leaving out cachedseg's own outputs
+    (see `own_outputs`)."""
+    return _find_images(inputs)[0]
+
+
+def _find_images(inputs: list[str | Path]) -> tuple[list[Path], list[Path]]:
+    """The images to predict among `inputs` (files and folders), and the files left out as cachedseg's outputs."""
     check_images(inputs)
     found: list[Path] = []
     for item in map(Path, inputs):
         found += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
-    if not found:
-        raise CachedsegError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
-    return found
+    outputs = own_outputs(found)
+    images = [p for p in found if p not in outputs]
+    if not images:
+        raise CachedsegError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}"
+                             + (f": the {len(outputs)} PNG file(s) there are predictions cachedseg wrote, which are "
+                                "never inputs; give the original images" if outputs else ""))
+    return images, [p for p in found if p in outputs]
+
+
+def own_outputs(paths: list[Path]) -> set[Path]:
+    """The files among `paths` that cachedseg wrote: PNGs whose text chunk says so (`_save_png` marks every PNG it
+    writes), and, for those written before the mark, `<stem>_label/_color/_overlay.png` next to an image `<stem>.*`
+    or with all three of them there."""
+    outputs: set[Path] = set()
+    listed: dict[Path, set[str]] = {}  # folder -> its file names, lower case
+    for path in paths:
+        if path.suffix.lower() != ".png":
+            continue
+        stem, _, kind = path.stem.lower().rpartition("_")
+        if path.parent not in listed:
+            listed[path.parent] = {n.lower() for n in os.listdir(path.parent)}
+        names = listed[path.parent]
+        if kind in KINDS and stem and (any(stem + suffix in names for suffix in IMAGE_SUFFIXES)
+                                       or all(f"{stem}_{k}.png" in names for k in KINDS)):
+            outputs.add(path)
+            continue
+        try:
+            with Image.open(path) as png:
+                if str(png.info.get("Software", "")).startswith(SOFTWARE.split()[0]):
+                    outputs.add(path)
+        except (OSError, ValueError, SyntaxError):
+            pass  # not readable: loading it says so
+    return outputs
 
 
 def _check_names(paths: list[Path]) -> None:
@@ -169,9 +350,12 @@ def _check_names(paths: list[Path]) -> None:
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG through a temporary file, so a kill never leaves a half-written one."""
+    """Write a PNG marked as cachedseg's (so that it is never taken for an input) through a temporary file, so a
+    kill never leaves a half-written one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE)
+    image.save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
 
 
@@ -186,10 +370,20 @@ class Prediction:
     replaced: bool = False
 
 
+class Predictions(list):
+    """The `Prediction`s of a `predict` call in input order (a list), and `left_out`: the input files left out as
+    cachedseg's own outputs (see `own_outputs`)."""
+
+    def __init__(self, written: list[Prediction], left_out: list[Path]):
+        super().__init__(written)
+        self.left_out = left_out
+
+
 def predict(images: list[str | Path], run: str | Path, out: str | Path = "predictions", weights: str | None = None,
             device: str = "auto", tta: bool = False, batch_size: int = 4, workers: int | None = None,
-            progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
-    """Segment images with a trained run, writing a label, a colour and an overlay PNG per image.
+            progress: Callable[[int, int], None] | None = None) -> Predictions:
+    """Segment images with a trained run, writing a label, a colour and an overlay PNG per image. Files that
+    cachedseg wrote (earlier predictions, say in the output folder itself) are left out of the inputs.
 
     Args:
         images: Image files and folders of images.
@@ -204,13 +398,14 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         progress: Called as `progress(done, total)`.
 
     Returns:
-        The files written, per image (`replaced` tells which overwrote an earlier prediction's files).
+        The files written, per image (`replaced` tells which overwrote an earlier prediction's files), and in
+        `left_out` the inputs left out as cachedseg's own outputs.
 
     Raises:
         CachedsegError: For missing inputs, inputs whose outputs would collide, an unreadable image, or a backbone
             that does not match the run.
     """
-    paths = find_images(images)
+    paths, left_out = _find_images(images)
     _check_names(paths)
     ckpt = checkpoint.load_run(run)
     views = tta_views(ckpt.spec, tta)
@@ -225,14 +420,15 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         x = torch.stack([item["x"] for item in items])  # [B, 3, H', W']
         sizes = [(item["image"].height, item["image"].width) for item in items]
         for item, labels in zip(items, segment_batch(x, sizes, backbone, ckpt.spec, decoder, views)):  # [H, W]
-            path, image = paths[item["n"]], item["image"]
-            files = [out / f"{path.stem}_{kind}.png" for kind in ("label", "color", "overlay")]
+            path, image = paths[item["n"]], item.pop("image")  # dropped as soon as its overlay is written
+            files = [out / f"{path.stem}_{kind}.png" for kind in KINDS]
             pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
-            color = colorize(labels)
             _save_png(Image.fromarray(labels, mode="L"), pred.label)
-            _save_png(with_legend(color, labels, ckpt.spec.class_names), pred.color)
-            _save_png(with_legend(Image.blend(image, color, 0.5), labels, ckpt.spec.class_names), pred.overlay)
+            strip = _legend(labels.shape[1], _present(labels), ckpt.spec.class_names)
+            size = labels.shape[1], labels.shape[0] + strip.height
+            _save_png_rows(_picture_rows(labels, strip), *size, pred.color)
+            _save_png_rows(_picture_rows(labels, strip, image), *size, pred.overlay)
             written.append(pred)
         if progress:
             progress(len(written), len(paths))
-    return written
+    return Predictions(written, left_out)

@@ -128,3 +128,16 @@ def run32(store32, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "conv32"
     run_cli("train", store32, "--run", run, *TRAIN)
     return run
+
+
+# For a subprocess: `grown(f)` runs f() and returns how far (in MB) the process's peak RSS rose above its RSS just
+# before, the peak reset first (Linux: clear_refs 5 resets VmHWM), so that a higher peak at start-up cannot hide it.
+PEAK_GROWTH = '''
+def _status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) // 1024
+def grown(f):
+    open("/proc/self/clear_refs", "w").write("5")
+    before = _status("VmRSS")
+    result = f()
+    return _status("VmHWM") - before, result
+'''

@@ -41,3 +41,17 @@ def test_quality_benchmark_quick_scores_every_recipe_asked(tmp_path):
     assert all(0 <= v <= 1 for row in result["recipes"].values() for v in row["miou"])
     assert result["recipes"]["conv-aspect-flip-tta"]["input"] == "70x56"  # 160x120 frames, short side 56
     assert len(result["costs"]) == 2 and "| conv-aspect-flip-tta |" in (tmp_path / "results" / "quality.md").read_text()
+
+
+def test_large_frame_benchmark_reports_every_figure(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "large_frame.py"
+    out = tmp_path / "large.json"
+    proc = subprocess.run([sys.executable, str(script), "--width", "400", "--height", "300", "--json", str(out),
+                           "--results", str(tmp_path / "results")],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    for key in ("predict_peak_mb", "predict_s", "evaluate_peak_mb", "evaluate_s", "floor_peak_mb"):
+        assert result[key] > 0, key
+    assert result["predict_peak_mb"] >= result["floor_peak_mb"] * 0.9 and result["frame"] == "400x300"
+    assert "| 400x300 |" in (tmp_path / "results" / "large_frame.md").read_text()

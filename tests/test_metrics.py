@@ -1,10 +1,16 @@
 """Dataset-level metrics from one confusion matrix."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 from cachedseg.classes import IGNORE_INDEX
 from cachedseg.metrics import confusion, scores
+from tests.conftest import PEAK_GROWTH
 
 
 def test_confusion_counts_true_rows_against_predicted_columns_and_skips_ignored_pixels():
@@ -38,4 +44,53 @@ def test_summing_confusions_is_the_dataset_level_score_not_a_mean_of_batches():
 
 
 def test_an_empty_confusion_scores_zero():
-    assert scores(torch.zeros(3, 3, dtype=torch.long)) == {"miou": 0.0, "pixel_acc": 0.0, "iou": [None] * 3}
+    assert scores(torch.zeros(3, 3, dtype=torch.long)) == {"miou": 0.0, "pixel_acc": 0.0, "iou": [None] * 3,
+                                                           "averaged": []}
+
+
+def test_miou_averages_exactly_the_classes_in_the_labels_or_the_predictions_and_says_which():
+    target = torch.tensor([0, 0, 1, 1, IGNORE_INDEX])
+    pred = torch.tensor([0, 3, 1, 1, 2])  # 3 is predicted but never labelled; 2 only where the label is ignored
+    s = scores(confusion(pred, target, 5))
+    assert s["averaged"] == [0, 1, 3]  # 2 (ignored pixel only) and 4 (nowhere) are not averaged
+    assert s["iou"][3] == 0.0 and s["iou"][2] is None and s["iou"][4] is None
+    assert s["miou"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+
+
+def test_confusion_refuses_values_outside_the_class_set():
+    # target * K + pred would count a prediction of class K in the next row's first cell
+    with pytest.raises(ValueError):
+        confusion(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError):
+        confusion(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)
+
+
+def test_confusion_counts_in_chunks_what_it_counts_at_once(monkeypatch):
+    import cachedseg.metrics as metrics
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 6, (37, 41), generator=g, dtype=torch.uint8)
+    target[::7] = IGNORE_INDEX
+    pred = torch.randint(0, 6, (37, 41), generator=g, dtype=torch.uint8)
+    keep = target != IGNORE_INDEX
+    expected = torch.bincount(target[keep].long() * 6 + pred[keep].long(), minlength=36).reshape(6, 6)
+    monkeypatch.setattr(metrics, "CHUNK", 100)
+    assert torch.equal(confusion(pred, target, 6), expected)
+
+
+def test_confusion_of_a_native_resolution_frame_needs_no_int64_copies_of_it():
+    # A 4000x3000 label map and prediction (uint8, 12 MB each): every int64 copy of one is 96 MB.
+    code = PEAK_GROWTH + textwrap.dedent("""
+        import torch
+        from cachedseg.metrics import confusion
+        target = torch.randint(0, 12, (3000, 4000), dtype=torch.uint8)
+        pred = torch.randint(0, 12, (3000, 4000), dtype=torch.uint8)
+        mb, conf = grown(lambda: confusion(pred, target, 12))
+        print(mb, int(conf.sum()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    grown, total = map(int, proc.stdout.split())
+    assert total == 3000 * 4000
+    assert grown < 250, f"peak grew by {grown} MB"  # in chunks: 60-130 MB; through int64 copies: 470 MB

@@ -1,0 +1,127 @@
+"""Prediction on large frames (labels and pictures in bands, identical to the whole-frame ones) and predict's
+refusal to take its own outputs for inputs."""
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from cachedseg.predict import (PICTURE_ROWS, _fused, _legend, _picture_rows, _present, _resized_rows,
+                               _save_png_rows, _taps, colorize, labels_from_logits, with_legend)
+from tests.conftest import PEAK_GROWTH, one_line_error, run_cli
+
+
+def whole_frame(logits: torch.Tensor, size) -> torch.Tensor:
+    """The reference: resize [1, K, Mh, Mw] to the whole frame, as predict did before bands."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]  # [K, H, W]
+
+
+def logits_for(seed: int, k: int, mh: int, mw: int, coarse: bool) -> torch.Tensor:
+    """Random logits [1, K, Mh, Mw]; `coarse` ones (a few values, tiny noise) make exact and near ties common."""
+    g = torch.Generator().manual_seed(seed)
+    if coarse:
+        return (torch.randint(-3, 4, (1, k, mh, mw), generator=g).float() * 0.1
+                + torch.randn(1, k, mh, mw, generator=g) * 1e-6)
+    return torch.randn(1, k, mh, mw, generator=g) * 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), k=st.integers(2, 12), mh=st.integers(1, 40), mw=st.integers(1, 40),
+       height=st.integers(1, 260), width=st.integers(1, 260), coarse=st.booleans(), band_bytes=st.sampled_from([1, 4096, 10**6]))
+def test_banded_labels_and_values_are_the_whole_frame_ones_bit_for_bit(seed, k, mh, mw, height, width, coarse,
+                                                                       band_bytes):
+    # Outputs with height + width <= 128 go through another PyTorch kernel (channels last, other rounding); the
+    # banded path serves only frames far above that (WHOLE_BYTES), where PyTorch's general kernel runs.
+    if height + width <= 128:
+        height += 128
+    if mh == mw == 1:  # 1x1 logits take another specialisation of PyTorch's kernel; no decoder makes them
+        mw = 2
+    logits = logits_for(seed, k, mh, mw, coarse)
+    whole = whole_frame(logits, (height, width))
+    labels = labels_from_logits(logits, (height, width), whole_bytes=0, band_bytes=band_bytes)
+    assert labels.dtype == np.uint8 and labels.shape == (height, width)
+    assert np.array_equal(labels, whole.argmax(0).to(torch.uint8).numpy())
+    y0 = seed % height
+    rows = _resized_rows(logits[0], _taps(mh, height, logits.device), width, y0, height, _fused(logits.device))
+    assert torch.equal(rows, whole[:, y0:])  # up- and downsampling, odd and non-square sizes
+
+
+def test_small_frames_still_resize_whole():
+    logits = logits_for(1, 12, 37, 37, coarse=False)
+    assert np.array_equal(labels_from_logits(logits, (120, 160)),
+                          whole_frame(logits, (120, 160)).argmax(0).to(torch.uint8).numpy())
+
+
+def test_labels_of_a_large_frame_never_hold_its_logits(tmp_path):
+    # A 3000x2000 frame with 12 classes: resizing it whole makes [12, 2000, 3000] float32, 288 MB (and int64 argmax,
+    # 48 MB); in bands the labels (6 MB) and a few 8 MB bands. Measured in a fresh process (see PEAK_GROWTH).
+    code = PEAK_GROWTH + textwrap.dedent("""
+        import torch
+        from cachedseg.predict import labels_from_logits
+        logits = torch.randn(1, 12, 128, 128, generator=torch.Generator().manual_seed(0))
+        labels_from_logits(logits[:, :, :8, :8], (200, 300), whole_bytes=0)  # the rounding probe, once
+        mb, labels = grown(lambda: labels_from_logits(logits, (2000, 3000)))
+        print(mb, labels.shape)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    grown, shape = proc.stdout.split(maxsplit=1)
+    assert "(2000, 3000)" in shape
+    assert int(grown) < 120, f"peak grew by {grown} MB"
+
+
+def test_pictures_in_bands_are_the_whole_frame_pictures(tmp_path):
+    rng = np.random.default_rng(0)
+    height, width = PICTURE_ROWS + 45, 170  # two bands, the last one short
+    labels = np.repeat(rng.integers(0, 5, (height // 5 + 1, width), dtype=np.uint8), 5, axis=0)[:height]
+    labels[0, 0] = 255  # an ignored label draws black, and names no class
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    names = ("background", "person", "bike", "car", "drone")
+    strip = _legend(width, _present(labels), names)
+    for on, expected in ((None, with_legend(colorize(labels), labels, names)),
+                         (image, with_legend(Image.blend(image, colorize(labels), 0.5), labels, names))):
+        path = tmp_path / "p.png"
+        _save_png_rows(_picture_rows(labels, strip, on), width, height + strip.height, path)
+        written = Image.open(path)
+        assert written.mode == "RGB" and written.info["Software"].startswith("cachedseg")
+        assert np.array_equal(np.asarray(written), np.asarray(expected))
+
+
+def test_predict_never_reads_its_own_outputs(dataset, run32, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for image in sorted((dataset / "JPEGImages").glob("*.jpg"))[:2]:
+        shutil.copy(image, folder)
+    run_cli("predict", folder, "--run", run32, "--out", folder, "--workers", "0", "--device", "cpu")
+    first = sorted(p.name for p in folder.iterdir())
+    assert len(first) == 2 + 3 * 2
+    again = run_cli("predict", folder, "--run", run32, "--out", folder, "--workers", "0", "--device", "cpu")
+    assert sorted(p.name for p in folder.iterdir()) == first  # no _label_label.png and the like
+    assert "6" in again.stdout and "_label.png" in again.stdout  # the count, and some of the names left out
+
+    # Outputs written before the mark, with no image next to them: known by their three names.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for png in folder.glob("*_*.png"):
+        Image.open(png).save(legacy / png.name)  # re-saved without cachedseg's text chunk
+    assert "Software" not in Image.open(next(legacy.iterdir())).info
+    one_line_error(run_cli("predict", legacy, "--run", run32, "--out", tmp_path / "p", ok=False), str(legacy))
+
+
+def test_predict_returns_what_it_left_out(dataset, run32, tmp_path):
+    from cachedseg.predict import predict
+
+    image = next((dataset / "JPEGImages").glob("*.jpg"))
+    written = predict([image], run32, tmp_path, device="cpu", workers=0)
+    again = predict([tmp_path, image], run32, tmp_path / "again", device="cpu", workers=0)
+    assert [p.image for p in again] == [image] and len(written) == 1
+    assert sorted(again.left_out) == sorted([written[0].label, written[0].color, written[0].overlay])
