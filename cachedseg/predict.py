@@ -58,51 +58,32 @@ def _taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ..
     return tuple(torch.from_numpy(a).to(device) for a in (first, second, w_first, w_second))
 
 
-def _mix(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor, fused: bool) -> torch.Tensor:
-    """a * wa + b * wb in float32, rounded as PyTorch's bilinear kernel rounds it: with `fused`, as the fused
-    multiply-add fma(a, wa, b * wb) its compiler makes of it (a float32 product is exact in float64)."""
-    if not fused:
-        return a * wa + b * wb
-    return (a.double() * wa.double() + (b * wb).double()).float()
-
-
 def _across(x: torch.Tensor, lo: int, hi: int, width: int) -> torch.Tensor:
     """Logit rows lo:hi of [K, Mh, Mw] resized along the width only [K, hi - lo, W]: PyTorch's own kernel, whose
-    row weights are then exactly 1 and 0, so these are the very values its 2-d resize mixes across rows."""
+    row weights are then exactly 1 and 0, so each row comes out the same whatever band it is part of."""
     return F.interpolate(x[None, :, lo:hi], size=(hi - lo, width), mode="bilinear", align_corners=False)[0]
 
 
-def _resized_rows(x: torch.Tensor, row_taps: tuple, width: int, y0: int, y1: int, fused: bool) -> torch.Tensor:
+def resized_rows(x: torch.Tensor, row_taps: tuple, width: int, y0: int, y1: int) -> torch.Tensor:
     """Rows y0:y1 [K, y1 - y0, W] of logits [K, Mh, Mw] resized bilinearly to `width` and the rows of `row_taps`
-    (see `_taps`), from the logit rows under them only, as PyTorch's kernel computes them."""
+    (see `_taps`), from the logit rows under them only. Every output value is computed elementwise from the same
+    two rows whatever the band, so the result does not depend on how a frame is cut into bands."""
     rows, rows2, row_w, row_w2 = row_taps
     lo, hi = int(rows[y0]), int(rows2[y1 - 1]) + 1  # the logit rows this band reads (indices rise with y)
-    across = _across(x, lo, hi, width)
-    return _mix(across[:, rows[y0:y1] - lo], row_w[y0:y1, None], across[:, rows2[y0:y1] - lo], row_w2[y0:y1, None],
-                fused)
-
-
-_FUSED: dict[str, bool] = {}
-
-
-def _fused(device: torch.device) -> bool:
-    """Whether PyTorch's bilinear kernel on this kind of device rounds as one fused multiply-add per tap pair,
-    found once by comparing with it on a probe (a frame large enough for the kernel that resizes large frames)."""
-    if device.type not in _FUSED:
-        probe = torch.randn(3, 11, 13, generator=torch.Generator().manual_seed(0)).to(device) * 10
-        size = (150, 97)  # height + width over 128: PyTorch's CPU kernel for smaller outputs rounds otherwise
-        whole = F.interpolate(probe[None], size=size, mode="bilinear", align_corners=False)[0]
-        _FUSED[device.type] = bool(torch.equal(_resized_rows(probe, _taps(11, size[0], device), size[1], 0, size[0],
-                                                             True), whole))
-    return _FUSED[device.type]
+    across = _across(x, lo, hi, width)  # [K, n, W]
+    return across[:, rows[y0:y1] - lo] * row_w[y0:y1, None] + across[:, rows2[y0:y1] - lo] * row_w2[y0:y1, None]
 
 
 def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], whole_bytes: int = WHOLE_BYTES,
                        band_bytes: int = BAND_BYTES) -> np.ndarray:
     """Logits [1, K, Mh, Mw] -> class indices [H, W] uint8 at `size` (H, W): bilinear resize (align_corners=False),
-    then argmax. Above `whole_bytes` of resized logits, a band of output rows at a time from the logit rows under
-    it, so that no [K, H, W] tensor is made (peak memory: the labels and a few `band_bytes`), with PyTorch's own
-    taps and rounding where it decides: the labels are those of resizing the whole frame."""
+    then argmax. Up to `whole_bytes` of resized logits the whole frame at once; above, a band of output rows at a
+    time from the logit rows under it, so that no [K, H, W] tensor is made (peak memory: the labels and a few
+    `band_bytes`). The banded values are PyTorch's resize up to float32 rounding (its kernels combine the two
+    row taps in an order and rounding of their own, which differs by CPU), so labels agree with a whole-frame
+    resize but at near-ties;
+    they do not depend on the band size, and every command (predict, evaluate, cached or live) takes the same
+    path for the same frame size."""
     x = logits[0].float()  # [K, Mh, Mw]
     k, height, width = x.shape[0], int(size[0]), int(size[1])
     if k == 1:
@@ -110,26 +91,12 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], whole_bytes:
     if 4 * k * height * width <= whole_bytes:
         whole = F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False)  # [1, K, H, W]
         return whole.argmax(1)[0].to(torch.uint8).cpu().numpy()
-    rows, rows2, row_w, row_w2 = _taps(x.shape[1], height, x.device)
-    fused = _fused(x.device)
-    # Mixing rows in plain float32 moves a value by under 3 units of float32 rounding of the largest logit from
-    # what the kernel computes; where the best two classes are closer than twice this, the kernel's rounding decides.
-    bound = 8 * float(torch.finfo(torch.float32).eps) * float(x.abs().max())
+    taps = _taps(x.shape[1], height, x.device)
     labels = np.empty((height, width), dtype=np.uint8)
     step = max(1, band_bytes // (4 * k * width))
     for y0 in range(0, height, step):
         y1 = min(height, y0 + step)
-        lo, hi = int(rows[y0]), int(rows2[y1 - 1]) + 1  # the logit rows this band reads (indices rise with y)
-        across = _across(x, lo, hi, width)  # [K, n, W]
-        a, b = across[:, rows[y0:y1] - lo], across[:, rows2[y0:y1] - lo]  # [K, rows, W] each
-        wa, wb = row_w[y0:y1, None], row_w2[y0:y1, None]
-        top = (a * wa + b * wb).topk(2, dim=0)  # [2, rows, W]
-        best = top.indices[0]
-        close = ((top.values[0] - top.values[1]) <= 2 * bound).nonzero(as_tuple=True)  # [rows, W] near-ties
-        if len(close[0]):
-            exact = _mix(a[:, close[0], close[1]], wa[close[0], 0], b[:, close[0], close[1]], wb[close[0], 0], fused)
-            best[close] = exact.argmax(0)  # [m]: as the kernel's values decide, ties to the first class
-        labels[y0:y1] = best.to(torch.uint8).cpu().numpy()
+        labels[y0:y1] = resized_rows(x, taps, width, y0, y1).argmax(0).to(torch.uint8).cpu().numpy()
     return labels  # [H, W]
 
 
