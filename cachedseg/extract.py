@@ -141,6 +141,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     check_dtype(dtype)  # before the backbone is built: fail in milliseconds, not seconds
     if batch_size < 1:
         raise CachedsegError("--batch-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise CachedsegError(f"--workers {workers}: give 0 (decode in this process) or more")
     ctx = distributed.context(device)
     views = check_views(views)
     missing: dict[str, str] = {}  # listed ids whose files are missing: gone, if the store has them

@@ -196,6 +196,8 @@ def batches(dataset: torch.utils.data.Dataset, batch_size: int, workers: int | N
     the backbone dwarfs decoding, min(4, CPUs) on a GPU)."""
     if batch_size < 1:
         raise CachedsegError("--batch-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise CachedsegError(f"--workers {workers}: give 0 (decode in this process) or more")
     if workers is None:
         workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
