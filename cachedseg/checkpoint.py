@@ -18,7 +18,7 @@ from torch import nn
 
 from cachedseg import __version__
 from cachedseg.decoders import DecoderConfig, build_decoder
-from cachedseg.errors import CachedsegError
+from cachedseg.errors import CachedsegError, first_line, load_failure
 from cachedseg.paths import checkpoint_path
 from cachedseg.store import StoreSpec
 
@@ -157,7 +157,7 @@ def load(path: str | Path) -> Checkpoint:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torn, truncated or foreign files all get one message
-        raise CachedsegError(f"{path} is a damaged or truncated PyTorch file ({size} bytes: {first_line(exc)}); "
+        raise CachedsegError(f"{path} is a damaged or foreign PyTorch file ({size} bytes; {load_failure(exc)}); "
                              f"copy it again, or {redo}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CachedsegError(f"{path} is a PyTorch file but not a cachedseg checkpoint; {redo}")
@@ -180,12 +180,6 @@ def load(path: str | Path) -> Checkpoint:
                              ) from None
     return ckpt
 
-
-def first_line(exc: BaseException, limit: int = 160) -> str:
-    """An exception's message for a one-line error: its first non-empty line (or its type), shortened."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.rstrip().endswith(":")]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def load_run(run: str | Path, which: str = "best") -> Checkpoint:

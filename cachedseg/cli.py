@@ -600,7 +600,7 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
             rows += [(f"bad: {k}", v) for k, v in d.get("bad", {}).items()]
         else:
             p = Path(path)
-            if p.is_file() and p.suffix != ".pt" or p.is_dir() and not any((p / n).is_file() for n in paths.CHECKPOINTS):
+            if p.is_file() and p.suffix != ".pt" or p.is_dir() and not any((p / n).exists() for n in paths.CHECKPOINTS):
                 raise CachedsegError(f"{path} is neither a feature store (a Zarr folder from `cachedseg extract`) nor "
                                      "a run (a folder with best.pt/last.pt from `cachedseg train`, or a .pt file)")
             ckpt = checkpoint.load_run(path, which="last")  # the whole history; best.pt stops at its epoch

@@ -94,7 +94,7 @@ def checkpoint_path(run: str | Path, which: str = "best") -> Path:
         raise CachedsegError(f"no run at {run} (expected a run folder with {which}.pt from `cachedseg train`)"
                              f"{did_you_mean(run)}; train one with `cachedseg train STORE --run {run}`")
     path = run / f"{which}.pt"
-    if not path.is_file():
+    if not path.exists():  # a folder of that name is refused when loaded
         raise CachedsegError(f"{run} holds no {which}.pt, so it is not a trained run (yet); train it with "
                              f"`cachedseg train STORE --run {run}`, or give the run folder that `train` wrote")
     return path
