@@ -61,6 +61,10 @@ def writer_lock(path: str | Path, job: str) -> Iterator[None]:
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         f = open(lock_path, "a+")
+    except (FileExistsError, NotADirectoryError):  # a file where a folder of the path goes
+        blocker = next(p for p in lock_path.parents if p.exists())
+        raise CachedsegError(f"cannot create the store {path}: {blocker} is a file, not a folder; give another "
+                             "--store") from None
     except OSError as exc:
         raise LockUnwritable(f"cannot write the lock file {lock_path} ({exc.strerror}), which writing the store "
                              f"{path} takes; give a --store in a folder you can write to, or change the folder's "
