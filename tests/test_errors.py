@@ -51,6 +51,8 @@ def _break_checkpoint(kind: str, good: bytes, path) -> None:
 
 
 CHECKPOINT_KINDS = ["empty", "text", "folder", "truncated", "foreign", "unsafe", "decoder misfit"]
+# A fact the message must state besides the file: what it holds (size, a refused object), or None.
+CHECKPOINT_FACT = {"empty": "0 bytes", "text": "17 bytes", "folder": "folder", "unsafe": "numpy"}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,8 @@ def test_a_broken_checkpoint_is_one_line_naming_it(dataset, store32, broken_runs
             "info": ["info", run], "report": ["report", run, "--out", tmp_path / "r.html"],
             "train --resume": ["train", store32, "--run", run, "--resume", *TRAIN]}[command]
     name = "best.pt" if command in ("evaluate", "predict") else "last.pt"  # info, report and resume read last.pt
-    one_line_error(run_cli(*args, ok=False), run / name)
+    message = one_line_error(run_cli(*args, ok=False), run / name)
+    assert CHECKPOINT_FACT.get(kind, "") in message.replace(str(run), "")
     assert not (tmp_path / "p").exists() and not (tmp_path / "r.html").exists()
 
 
@@ -111,16 +114,19 @@ def _weights(kind: str, folder, good_checkpoint):
     return path
 
 
-WEIGHT_KINDS = ["empty safetensors", "empty pth", "junk safetensors", "junk pth", "truncated safetensors", "folder",
-                "unknown suffix", "a cachedseg checkpoint", "not a state dict", "not a ViT",
-                "a ViT that does not fit"]
+# kind -> a fact the message must state besides the file: its size, what it holds or lacks, where it belongs
+WEIGHT_KINDS = {"empty safetensors": "0 bytes", "empty pth": "0 bytes", "junk safetensors": "5000 bytes",
+                "junk pth": "5000 bytes", "truncated safetensors": "1000 bytes", "folder": "folder",
+                "unknown suffix": ".ckpt", "a cachedseg checkpoint": "--run", "not a state dict": "list",
+                "not a ViT": "conv1.weight", "a ViT that does not fit": "blocks."}
 
 
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
 def test_a_bad_weights_file_is_one_line_naming_it(dataset, run32, tmp_path, kind):
     weights = _weights(kind, tmp_path, run32 / "best.pt")
     result = run_cli("extract", dataset, "--store", tmp_path / "s.zarr", *SMALL[:4], "--weights", weights, ok=False)
-    one_line_error(result, "--weights", weights)
+    message = one_line_error(result, "--weights", weights)
+    assert WEIGHT_KINDS[kind] in message.replace(str(weights), "")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -302,4 +308,4 @@ def test_a_folder_or_empty_file_in_the_dataset_is_named(dataset, tmp_path, kind)
         culprit.unlink()
         culprit.mkdir()
     message = one_line_error(run_cli("extract", data, "--store", tmp_path / "s.zarr", *SMALL, ok=False), culprit)
-    assert kind == "empty image" or "folder" in message
+    assert kind == "empty image" or "folder" in message.replace(str(tmp_path), "")
