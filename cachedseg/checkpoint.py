@@ -181,7 +181,6 @@ def load(path: str | Path) -> Checkpoint:
     return ckpt
 
 
-
 def load_run(run: str | Path, which: str = "best") -> Checkpoint:
     """Load a run's checkpoint: `run` is a run folder (then `which` is `best` or `last`) or a `.pt` file.
 
