@@ -67,14 +67,19 @@ def _our_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+def _refuse_huge(img: Image.Image, path: str | Path) -> Image.Image:
+    """The image (only its header read so far), if it is within MAX_PIXELS."""
+    if img.width * img.height > MAX_PIXELS:
+        raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
+                             "downscale it before use")
+    return img
+
+
 def _open(path: str | Path, what: str) -> Image.Image:
     """Open and fully decode an image file, turning every decoder failure into one clear error."""
     try:
         with _our_pixel_limit():
-            img = Image.open(path)  # reads the header only
-            if img.width * img.height > MAX_PIXELS:
-                raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
-                                     "downscale it before use")
+            img = _refuse_huge(Image.open(path), path)  # reads the header only
             img.load()
         return img
     except CachedsegError:
@@ -125,9 +130,12 @@ def preprocess_mask(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 def frame_size(root: str | Path) -> tuple[int, int]:
     """(width, height) of a dataset's first image, read from its header (for --short-side)."""
     sample = read_dataset(root)[0]
-    with _our_pixel_limit(), Image.open(sample.image) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.width, img.height
+    try:  # exif_transpose would decode the whole frame: only the orientation tag is needed to swap the sides
+        with _our_pixel_limit(), Image.open(sample.image) as img:
+            (width, height), orientation = _refuse_huge(img, sample.image).size, img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CachedsegError(f"{sample.image} is not a readable image ({exc}); replace or remove it") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # the tags that rotate by 90 degrees
 
 
 @dataclass(frozen=True)

@@ -282,13 +282,21 @@ def _png_header(path, width: int, height: int) -> None:
                      + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
+@pytest.mark.parametrize("command", ["predict", "extract"])  # extract also reads the first frame's size first
 @pytest.mark.parametrize("size", [(12000, 8000), (20000, 10000)])  # over PIL's warning (89 MP), over its error (179)
-def test_huge_images_meet_our_pixel_limit_not_pils_warnings(run32, tmp_path, size):
-    image = tmp_path / "huge.png"
+def test_huge_images_meet_our_pixel_limit_not_pils_warnings(dataset, run32, tmp_path, size, command):
+    if command == "predict":
+        image = tmp_path / "huge.png"
+        args = ["predict", image, "--run", run32, "--out", tmp_path / "p"]
+    else:  # the first trn image, a PNG under its .jpg name (PIL goes by the content), at the default input size
+        data = tmp_path / "data"
+        shutil.copytree(dataset, data)
+        image = data / "JPEGImages" / f"{(data / 'ImageSets' / 'trn.txt').read_text().split()[0]}.jpg"
+        args = ["extract", data, "--store", tmp_path / "s.zarr", *SMALL[:2], *SMALL[4:], "--workers", "0"]
     _png_header(image, *size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run_cli("predict", image, "--run", run32, "--out", tmp_path / "p", ok=False)
+        result = run_cli(*args, ok=False)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     message = one_line_error(result, image)
     assert "decompression" not in message.lower()
