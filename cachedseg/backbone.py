@@ -268,7 +268,8 @@ def _mismatch(path: Path, shapes: dict[str, tuple[int, ...]], name: str, exc: Ex
         if held != name:
             return (f"--weights {path} holds a {held} checkpoint ({embed} channels, "
                     f"{'with' if registers else 'no'} register tokens), not {name}; pass --backbone {held}")
-    return f"--weights {path} holds a ViT that does not fit {name} ({first_line(exc)}); pass the --backbone it was saved from"
+    return (f"--weights {path} holds a ViT that does not fit {name} ({first_line(exc)}); pass the --backbone it was "
+            "saved from")
 
 
 def backbone_for(spec, weights: str, device: str | torch.device = "cpu", layers: int | None = None) -> Backbone:

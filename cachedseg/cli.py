@@ -488,7 +488,8 @@ def evaluate(
     """Score a run against the dataset's label PNGs at native resolution: confusion matrix, mIoU, pixel accuracy."""
     _light_checks(lambda: paths.checkpoint_path(run), lambda: store is not None and paths.check_store(store),
                   lambda: data is not None and paths.check_dataset(data), _at_least(1, batch_size=batch_size),
-                  _at_least(0, workers=workers), lambda: json_out is not None and paths.check_writable(json_out, "--json"))
+                  _at_least(0, workers=workers),
+                  lambda: json_out is not None and paths.check_writable(json_out, "--json"))
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
         if store is None and data is None:
             from cachedseg.evaluate import trained_on

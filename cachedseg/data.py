@@ -170,8 +170,8 @@ def read_dataset(root: str | Path, splits: tuple[str, ...] = SPLITS,
     for split in splits:
         listing = root / "ImageSets" / f"{split}.txt"
         if not listing.is_file():
-            raise CachedsegError(f"{listing} is {'a folder' if listing.is_dir() else 'missing'}: an AeroScapes-layout dataset lists its ids in "
-                                 f"ImageSets/{'.txt, '.join(SPLITS)}.txt")
+            raise CachedsegError(f"{listing} is {'a folder' if listing.is_dir() else 'missing'}: an AeroScapes-layout "
+                                 f"dataset lists its ids in ImageSets/{'.txt, '.join(SPLITS)}.txt")
         ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         if not ids:
             raise CachedsegError(f"{listing} lists no images; add ids to it, one per line")
