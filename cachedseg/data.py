@@ -57,7 +57,7 @@ MAX_PIXELS = 100_000_000
 
 
 @contextlib.contextmanager
-def _our_pixel_limit() -> Iterator[None]:
+def own_pixel_limit() -> Iterator[None]:
     """PIL's own bomb check off (a raw warning at 89 MP, an error at 179 MP): MAX_PIXELS, checked from the header
     before decoding, is the one rule."""
     saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -78,7 +78,7 @@ def _refuse_huge(img: Image.Image, path: str | Path) -> Image.Image:
 def _open(path: str | Path, what: str) -> Image.Image:
     """Open and fully decode an image file, turning every decoder failure into one clear error."""
     try:
-        with _our_pixel_limit():
+        with own_pixel_limit():
             img = _refuse_huge(Image.open(path), path)  # reads the header only
             img.load()
         return img
@@ -131,7 +131,7 @@ def frame_size(root: str | Path) -> tuple[int, int]:
     """(width, height) of a dataset's first image, read from its header (for --short-side)."""
     sample = read_dataset(root)[0]
     try:  # exif_transpose would decode the whole frame: only the orientation tag is needed to swap the sides
-        with _our_pixel_limit(), Image.open(sample.image) as img:
+        with own_pixel_limit(), Image.open(sample.image) as img:
             (width, height), orientation = _refuse_huge(img, sample.image).size, img.getexif().get(0x0112, 1)
     except (OSError, ValueError, SyntaxError) as exc:
         raise CachedsegError(f"{sample.image} is not a readable image ({exc}); replace or remove it") from None

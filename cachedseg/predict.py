@@ -22,7 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from cachedseg import __version__, checkpoint
 from cachedseg.backbone import Backbone, backbone_for, resolve_device
-from cachedseg.data import load_image, preprocess_image
+from cachedseg.data import load_image, own_pixel_limit, preprocess_image
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_images
 from cachedseg.store import StoreSpec
@@ -331,7 +331,7 @@ def own_outputs(paths: list[Path]) -> set[Path]:
             outputs.add(path)
             continue
         try:
-            with Image.open(path) as png:
+            with own_pixel_limit(), Image.open(path) as png:  # the header only: PIL's bomb warning has no say
                 if str(png.info.get("Software", "")).startswith(SOFTWARE.split()[0]):
                     outputs.add(path)
         except (OSError, ValueError, SyntaxError):
