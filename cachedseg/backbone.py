@@ -15,10 +15,11 @@ import timm
 import torch
 
 from cachedseg.data import Preprocess, mask_size_for
-from cachedseg.errors import CachedsegError
+from cachedseg.errors import CachedsegError, first_line, load_failure
 
 DEFAULT_BACKBONE = "vit_base_patch14_dinov2"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
@@ -169,6 +170,9 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
         model = _create_pretrained(config.name, kwargs)
     else:
         path = Path(weights)
+        if path.is_dir():
+            raise CachedsegError(f"--weights {weights} is a folder; give the weights file in it (a .safetensors/.pth "
+                                 "state dict), `auto` or `random`")
         if not path.is_file():
             raise CachedsegError(f"--weights {weights}: no such file; give a .safetensors/.pth state dict, "
                                  "`auto` or `random`")
@@ -179,7 +183,7 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
         try:  # timm's own loader maps original DINOv2 checkpoints
             model = timm.create_model(config.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
                                       **kwargs)
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the file reads (checked above): whatever fails is a mismatch
             raise CachedsegError(_mismatch(path, shapes, config.name, exc)) from None
     if config.layers > len(model.blocks):
         raise CachedsegError(f"--layers {config.layers}: {config.name} has {len(model.blocks)} blocks")
@@ -212,17 +216,46 @@ def _resize_pos_embed(model: torch.nn.Module, grid: tuple[int, int]) -> None:
 
 
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """The tensor shapes in a weights file (empty if it cannot be read: the loader then says why)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+    """The tensor shapes in a weights file; refuses a file that is not a state dict of a ViT (say what it is)."""
+    expected = "give a .safetensors or .pth state dict of a DINOv2 model (timm's or the original), `auto` or `random`"
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise CachedsegError(f"--weights {path}: unknown file type {path.suffix or '(no suffix)'!r}, expected one of "
+                             f"{', '.join(WEIGHT_SUFFIXES)}; {expected}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CachedsegError(f"--weights {path} is empty (0 bytes): it was never fully written or copied; {expected}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
             with safe_open(str(path), "pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else {}
-        return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
-    except Exception:  # noqa: BLE001 - an unreadable file gets the loader's own message
-        return {}
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type: not a (whole) safetensors file
+            raise CachedsegError(f"--weights {path} is not a readable safetensors file ({size} bytes: "
+                                 f"{first_line(exc)}); {expected}") from None
+    else:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format; mmap needs it
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        except Exception as exc:  # noqa: BLE001 - torn, foreign or unsafe pickles all get one message
+            what = (f"a damaged PyTorch file ({size} bytes; {load_failure(exc)})" if zipped else
+                    f"not a PyTorch file ({size} bytes, not the zip archive torch.save writes)")
+            raise CachedsegError(f"--weights {path} is {what}; {expected}") from None
+        if isinstance(state, dict) and str(state.get("format", "")).startswith("cachedseg"):
+            raise CachedsegError(f"--weights {path} is a cachedseg checkpoint (a trained decoder: give it to --run), "
+                                 f"not backbone weights; {expected}")
+        if isinstance(state, dict):  # the keys timm unwraps
+            state = next((state[k] for k in ("state_dict_ema", "model_ema", "state_dict", "model")
+                          if state.get(k) is not None), state)
+        if not isinstance(state, dict):
+            raise CachedsegError(f"--weights {path} holds a {type(state).__name__}, not a state dict (a dict of "
+                                 f"tensors); {expected}")
+        shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not any(k.endswith("patch_embed.proj.weight") for k in shapes):
+        keys = ", ".join(list(shapes)[:3]) or "none"
+        raise CachedsegError(f"--weights {path} holds {len(shapes)} tensors but no ViT patch embedding "
+                             f"(patch_embed.proj.weight; its first keys: {keys}), so not a DINOv2 model; {expected}")
+    return shapes
 
 
 def _mismatch(path: Path, shapes: dict[str, tuple[int, ...]], name: str, exc: Exception) -> str:
@@ -235,7 +268,8 @@ def _mismatch(path: Path, shapes: dict[str, tuple[int, ...]], name: str, exc: Ex
         if held != name:
             return (f"--weights {path} holds a {held} checkpoint ({embed} channels, "
                     f"{'with' if registers else 'no'} register tokens), not {name}; pass --backbone {held}")
-    return f"--weights {path} does not fit {name}: {str(exc).splitlines()[0]}"
+    return (f"--weights {path} holds a ViT that does not fit {name} ({first_line(exc)}); pass the --backbone it was "
+            "saved from")
 
 
 def backbone_for(spec, weights: str, device: str | torch.device = "cpu", layers: int | None = None) -> Backbone:

@@ -18,7 +18,7 @@ from torch import nn
 
 from cachedseg import __version__
 from cachedseg.decoders import DecoderConfig, build_decoder
-from cachedseg.errors import CachedsegError
+from cachedseg.errors import CachedsegError, first_line, load_failure
 from cachedseg.paths import checkpoint_path
 from cachedseg.store import StoreSpec
 
@@ -142,17 +142,28 @@ def load(path: str | Path) -> Checkpoint:
         CachedsegError: For a file that is torn, foreign, or from an incompatible cachedseg.
     """
     path = Path(path)
+    redo = "give the run folder or .pt file that `cachedseg train` wrote"
+    if path.is_dir():
+        raise CachedsegError(f"{path} is a folder, not a checkpoint file; {redo}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CachedsegError(f"{path} is empty (0 bytes): it was never fully written or copied; copy it again, or "
+                             f"{redo}")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format: a zip archive
+    if not zipped:
+        raise CachedsegError(f"{path} is not a PyTorch file ({size} bytes, not the zip archive torch.save writes); "
+                             f"{redo}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torn, truncated or foreign files all get one message
-        raise CachedsegError(f"{path} is not a readable cachedseg checkpoint ({str(exc).splitlines()[0]}); give "
-                             "the run folder or .pt file that `cachedseg train` wrote") from None
+        raise CachedsegError(f"{path} is a damaged or foreign PyTorch file ({size} bytes; {load_failure(exc)}); "
+                             f"copy it again, or {redo}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CachedsegError(f"{path} is a PyTorch file but not a cachedseg checkpoint; give the run folder or .pt "
-                             "file that `cachedseg train` wrote")
+        raise CachedsegError(f"{path} is a PyTorch file but not a cachedseg checkpoint; {redo}")
     try:
         known = {f.name for f in fields(TrainConfig)}
-        return Checkpoint(decoder_config=DecoderConfig(**state["decoder_config"]),
+        ckpt = Checkpoint(decoder_config=DecoderConfig(**state["decoder_config"]),
                           train_config=TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known}),
                           spec=StoreSpec.from_attrs(state["spec"]), weights=state["weights"], epoch=state["epoch"],
                           metrics=state["metrics"], decoder_state=state["decoder"],
@@ -161,6 +172,13 @@ def load(path: str | Path) -> Checkpoint:
     except (KeyError, TypeError) as exc:
         raise CachedsegError(f"{path} was written by cachedseg {state.get('package_version')} and lacks {exc}; "
                              f"use that version, or retrain with this one ({__version__})") from None
+    try:  # cheap next to reading the file; every command that loads a checkpoint builds this decoder anyway
+        ckpt.decoder()
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise CachedsegError(f"{path}: its decoder weights do not fit its {ckpt.decoder_config.name} decoder "
+                             f"({first_line(exc)}); the file was changed after `cachedseg train` wrote it: {redo}"
+                             ) from None
+    return ckpt
 
 
 def load_run(run: str | Path, which: str = "best") -> Checkpoint:

@@ -98,6 +98,13 @@ def user_errors(interrupted: Callable[[], str] = lambda: f"finished work is kept
             prefix = f"[rank {RANK}] " if RANK else ""
             errors.print(f"[bold red]{prefix}error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
+    except OSError as exc:  # a path the system refused (read-only, full disk) that no check caught first
+        if _state["verbose"] or exc.filename is None:
+            raise
+        errors.print(f"[bold red]error:[/] {escape(str(exc.filename))}: {escape(exc.strerror or type(exc).__name__)}; "
+                     "check that the path exists and that you may read and write it (--verbose shows where)",
+                     soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         errors.print(f"[yellow]interrupted[/]: {escape(interrupted())}", soft_wrap=True)
         raise typer.Exit(130) from None
@@ -194,6 +201,15 @@ def _light_checks(*checks: Callable[[], object]) -> None:
             check()
 
 
+def _at_least(minimum: int, **options: Optional[int]) -> Callable[[], None]:
+    """A check that each numeric option given (not None) is at least `minimum`, named as the user typed it."""
+    def check() -> None:
+        for name, value in options.items():
+            if value is not None and value < minimum:
+                raise CachedsegError(f"--{name.replace('_', '-')} {value}: give a whole number of at least {minimum}")
+    return check
+
+
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the dataset into (AeroScapes layout)."),
@@ -203,6 +219,7 @@ def synth(
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
 ) -> None:
     """Write a generated drone-imagery dataset in the AeroScapes layout (the built-in default data)."""
+    _light_checks(lambda: paths.check_writable(out, "the dataset folder", folder=True))
     with user_errors():
         _synth(out, count, width, height, seed)
 
@@ -250,7 +267,8 @@ def extract(
     Rerunning the same command skips finished images, so an interrupted run resumes where it stopped, and
     follows the data: changed images and masks are recomputed, newly listed ids added, removed ones left out.
     """
-    _light_checks(lambda: paths.check_dataset(data))
+    _light_checks(lambda: paths.check_dataset(data), _at_least(1, batch_size=batch_size, layers=layers,
+                  images_per_shard=images_per_shard, short_side=short_side), _at_least(0, workers=workers))
     with user_errors():
         config = _backbone_config(backbone, image_size, short_side, precision, layers, data)
         return _extract(data, store, config, weights=weights, dtype=dtype, batch_size=batch_size, device=device,
@@ -345,7 +363,8 @@ def train(
         if (store is None) == (live is None):
             raise CachedsegError("give either a STORE or --live DATA")
         paths.check_store(store) if store is not None else paths.check_dataset(live)
-    _light_checks(inputs)
+    _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
+                  _at_least(0, workers=workers))
     from cachedseg.backbone import build_backbone, resolve_device
     from cachedseg.checkpoint import TrainConfig
     from cachedseg.features import cached_source, live_source
@@ -355,6 +374,11 @@ def train(
     with user_errors(lambda: f"last.pt holds the last finished epoch; continue with {rerun('--resume')}"):
         lrs, decoders = _values(lr, float, "--lr"), _values(decoder, str, "--decoder")
         seeds, layer_counts = _values(seed, int, "--seed"), _values(layers, int, "--layers") if layers else [None]
+        for lr_ in lrs:  # nan > 0 is False too
+            if not (0 < lr_ < float("inf")):
+                raise CachedsegError(f"--lr {lr_}: give a positive, finite learning rate, e.g. 1e-4")
+        for n in layer_counts:
+            _at_least(1, layers=n)()
         torch_device = resolve_device(device)
         if live is not None:
             config = _backbone_config(backbone, image_size, short_side, precision, max(layer_counts, key=lambda n: n or 1)
@@ -463,7 +487,9 @@ def evaluate(
 ):
     """Score a run against the dataset's label PNGs at native resolution: confusion matrix, mIoU, pixel accuracy."""
     _light_checks(lambda: paths.checkpoint_path(run), lambda: store is not None and paths.check_store(store),
-                  lambda: data is not None and paths.check_dataset(data))
+                  lambda: data is not None and paths.check_dataset(data), _at_least(1, batch_size=batch_size),
+                  _at_least(0, workers=workers),
+                  lambda: json_out is not None and paths.check_writable(json_out, "--json"))
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
         if store is None and data is None:
             from cachedseg.evaluate import trained_on
@@ -500,6 +526,7 @@ def _evaluate(run, json_out: Path | None = None, **options):
         console.print(f"cached vs live: {result.differ} of {result.pixels} pixels differ "
                       f"({1 - result.differ / max(result.pixels, 1):.6f} agree)")
     if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.to_json(), indent=2))
         console.print(f"wrote {escape(str(json_out))}", soft_wrap=True)
     return result
@@ -519,7 +546,9 @@ def predict(
 ):
     """Segment images live (backbone + decoder): writes <name>_label.png, and _color.png and _overlay.png with a
     legend of the classes shown, per image."""
-    _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run))
+    _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run),
+                  _at_least(1, batch_size=batch_size), _at_least(0, workers=workers),
+                  lambda: paths.check_writable(out, "--out", folder=True))
     with user_errors(lambda: f"the images written so far are kept; rerun {rerun()} to redo them all"):
         return _predict(images, run, out, weights=weights, device=device, tta=tta, batch_size=batch_size,
                         workers=workers)
@@ -572,7 +601,7 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
             rows += [(f"bad: {k}", v) for k, v in d.get("bad", {}).items()]
         else:
             p = Path(path)
-            if p.is_file() and p.suffix != ".pt" or p.is_dir() and not any((p / n).is_file() for n in paths.CHECKPOINTS):
+            if p.is_file() and p.suffix != ".pt" or p.is_dir() and not any((p / n).exists() for n in paths.CHECKPOINTS):
                 raise CachedsegError(f"{path} is neither a feature store (a Zarr folder from `cachedseg extract`) nor "
                                      "a run (a folder with best.pt/last.pt from `cachedseg train`, or a .pt file)")
             ckpt = checkpoint.load_run(path, which="last")  # the whole history; best.pt stops at its epoch
@@ -613,7 +642,8 @@ def report(
             raise CachedsegError(f"no run or sweep folder at {path}{paths.did_you_mean(path)}")
         if not (path / "sweep.json").is_file():
             paths.checkpoint_path(path)
-    _light_checks(inputs)
+        paths.check_writable(out or path / "report.html", "the report")
+    _light_checks(inputs, _at_least(0, samples=samples))
     from cachedseg.report import report as run_report
 
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
@@ -664,6 +694,8 @@ def demo(
     from cachedseg.store import is_store
 
     data, store, run, preds = out / "data", out / "features.zarr", out / "run", out / "predictions"
+    _light_checks(_at_least(2, count=count), _at_least(1, epochs=epochs, layers=layers, short_side=short_side),
+                  lambda: paths.check_writable(out, "--out", folder=True))
     with user_errors():
         torch_device = resolve_device(device)
         if weights == "auto":

@@ -8,8 +8,10 @@ Layout, as published:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -54,14 +56,31 @@ def mask_size_for(grid: tuple[int, int]) -> tuple[int, int]:
 MAX_PIXELS = 100_000_000
 
 
+@contextlib.contextmanager
+def own_pixel_limit() -> Iterator[None]:
+    """PIL's own bomb check off (a raw warning at 89 MP, an error at 179 MP): MAX_PIXELS, checked from the header
+    before decoding, is the one rule."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _refuse_huge(img: Image.Image, path: str | Path) -> Image.Image:
+    """The image (only its header read so far), if it is within MAX_PIXELS."""
+    if img.width * img.height > MAX_PIXELS:
+        raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
+                             "downscale it before use")
+    return img
+
+
 def _open(path: str | Path, what: str) -> Image.Image:
     """Open and fully decode an image file, turning every decoder failure into one clear error."""
     try:
-        img = Image.open(path)  # reads the header only
-        if img.width * img.height > MAX_PIXELS:
-            raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
-                                 "downscale it before use")
-        img.load()
+        with own_pixel_limit():
+            img = _refuse_huge(Image.open(path), path)  # reads the header only
+            img.load()
         return img
     except CachedsegError:
         raise
@@ -111,9 +130,12 @@ def preprocess_mask(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 def frame_size(root: str | Path) -> tuple[int, int]:
     """(width, height) of a dataset's first image, read from its header (for --short-side)."""
     sample = read_dataset(root)[0]
-    with Image.open(sample.image) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.width, img.height
+    try:  # exif_transpose would decode the whole frame: only the orientation tag is needed to swap the sides
+        with own_pixel_limit(), Image.open(sample.image) as img:
+            (width, height), orientation = _refuse_huge(img, sample.image).size, img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CachedsegError(f"{sample.image} is not a readable image ({exc}); replace or remove it") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # the tags that rotate by 90 degrees
 
 
 @dataclass(frozen=True)
@@ -148,8 +170,8 @@ def read_dataset(root: str | Path, splits: tuple[str, ...] = SPLITS,
     for split in splits:
         listing = root / "ImageSets" / f"{split}.txt"
         if not listing.is_file():
-            raise CachedsegError(f"{listing} is missing: an AeroScapes-layout dataset lists its ids in "
-                                 f"ImageSets/{'.txt, '.join(SPLITS)}.txt")
+            raise CachedsegError(f"{listing} is {'a folder' if listing.is_dir() else 'missing'}: an AeroScapes-layout "
+                                 f"dataset lists its ids in ImageSets/{'.txt, '.join(SPLITS)}.txt")
         ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         if not ids:
             raise CachedsegError(f"{listing} lists no images; add ids to it, one per line")
@@ -160,7 +182,8 @@ def read_dataset(root: str | Path, splits: tuple[str, ...] = SPLITS,
             sample = Sample(id_, split, root / "JPEGImages" / f"{id_}.jpg", root / "SegmentationClass" / f"{id_}.png")
             absent = [p for p in (sample.image, sample.mask) if not p.is_file()]
             if absent:
-                error = f"{absent[0]} is missing, but id {id_!r} is listed in {listing}; add the file or remove the id"
+                error = (f"{absent[0]} is {'a folder' if absent[0].is_dir() else 'missing'}, but id {id_!r} is listed "
+                         f"in {listing}; add the file or remove the id")
                 if missing is None:
                     raise CachedsegError(error)
                 missing[id_] = error

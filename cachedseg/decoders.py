@@ -44,7 +44,9 @@ def decoder_config(name: str, spec, layers: int = 1) -> DecoderConfig:
     """The config of decoder `name` on the features of `spec` (a `StoreSpec`), reading its last `layers` layers."""
     if name not in DECODERS:
         raise CachedsegError(f"unknown decoder {name!r}; pick one of {', '.join(DECODERS)}")
-    if not 1 <= layers <= spec.layers:
+    if layers < 1:
+        raise CachedsegError(f"--layers {layers}: give 1 (the last layer) up to the {spec.layers} the features hold")
+    if layers > spec.layers:
         raise CachedsegError(f"--layers {layers}: the features hold {spec.layers} layer(s); extract with --layers "
                              f"{layers} for a head that reads {layers}")
     out = tuple(s // 16 * 16 for s in spec.input_size) if name == "seed" else tuple(spec.mask_size)

@@ -30,7 +30,7 @@ from cachedseg.classes import SPLITS
 from cachedseg.data import Sample, SegmentationDataset, collate, read_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg import distributed
-from cachedseg.locks import writer_lock
+from cachedseg.locks import LockUnwritable, writer_lock
 from cachedseg.paths import exists, is_url
 from cachedseg.store import (BAD, DONE, HASH_BYTES, MISSING_LABEL, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
                              StoreSpec, check_dtype, check_spec, disk_bytes, is_store, remove_partials, remove_store,
@@ -141,6 +141,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     check_dtype(dtype)  # before the backbone is built: fail in milliseconds, not seconds
     if batch_size < 1:
         raise CachedsegError("--batch-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise CachedsegError(f"--workers {workers}: give 0 (decode in this process) or more")
     ctx = distributed.context(device)
     views = check_views(views)
     missing: dict[str, str] = {}  # listed ids whose files are missing: gone, if the store has them
@@ -155,7 +157,12 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
 
     with contextlib.ExitStack() as held:
         def setup() -> tuple[list[int], str, dict]:  # rank 0, while the other ranks wait for the store
-            held.enter_context(writer_lock(store, ctx.job))
+            try:
+                held.enter_context(writer_lock(store, ctx.job))
+            except LockUnwritable:  # a read-only folder: fine for a finished store, which needs no writing
+                if overwrite or redo or not _finished(store, spec, samples, missing):
+                    raise
+                return [], uuid.uuid4().hex, {}
             if overwrite:
                 remove_store(store)
             fs, created = _open_or_create(store, spec, ids, splits, data, weights, images_per_shard)
@@ -167,6 +174,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             gone = fs.gone
             # bad images are retried too; the token names this run's job-wide progress counter
             pending = [i for i in np.flatnonzero(fs.flags(repair=True) != DONE).tolist() if fs.ids[i] not in gone]
+            if pending:
+                fs.check_writable(len(pending))
             return pending, uuid.uuid4().hex, changes
         pending, token, changes = ctx.once(setup)
         fs = FeatureStore.open(store, mode="r+")
@@ -408,6 +417,19 @@ def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[st
         Path(store).parent.mkdir(parents=True, exist_ok=True)
     return FeatureStore.create(store, spec, ids, splits, dataset=str(Path(data).resolve()),
                                weights=weights_source(weights), images_per_shard=images_per_shard), True
+
+
+def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[str, str]) -> bool:
+    """Whether a store holds every image of the dataset with these settings, done, from files unchanged since (by
+    size and mtime): then nothing needs writing, so no lock either (read only)."""
+    if missing or not is_store(store):
+        return False
+    fs = FeatureStore.open(store)
+    if (fs.spec != spec or (fs.ids, fs.splits) != ([s.id for s in samples], [s.split for s in samples]) or fs.gone
+            or not (fs.flags() == DONE).all()):
+        return False
+    stats, _ = fs.records()
+    return all(np.array_equal(file_stats(_sources(s)), stats[i]) for i, s in enumerate(samples))
 
 
 def _check_finite(feats: torch.Tensor, ids: list[str], dtype: str) -> None:

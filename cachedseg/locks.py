@@ -46,6 +46,10 @@ def _refused(path: str, info: dict) -> CachedsegError:
                           "it), then rerun to continue")
 
 
+class LockUnwritable(CachedsegError):
+    """The store's lock file cannot be created or opened for writing (a read-only folder or file)."""
+
+
 @contextlib.contextmanager
 def writer_lock(path: str | Path, job: str) -> Iterator[None]:
     """Hold the store's writer lock for the `with` block; refuse with the holder's name if another job has it."""
@@ -54,8 +58,18 @@ def writer_lock(path: str | Path, job: str) -> Iterator[None]:
             yield
         return
     lock_path = Path(f"{Path(path).resolve()}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")
+    except (FileExistsError, NotADirectoryError):  # a file where a folder of the path goes
+        blocker = next(p for p in lock_path.parents if p.exists())
+        raise CachedsegError(f"cannot create the store {path}: {blocker} is a file, not a folder; give another "
+                             "--store") from None
+    except OSError as exc:
+        raise LockUnwritable(f"cannot write the lock file {lock_path} ({exc.strerror}), which writing the store "
+                             f"{path} takes; give a --store in a folder you can write to, or change the folder's "
+                             "permissions") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -7,6 +7,7 @@ milliseconds, not after seconds of loading.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 from cachedseg.errors import CachedsegError
@@ -93,10 +94,33 @@ def checkpoint_path(run: str | Path, which: str = "best") -> Path:
         raise CachedsegError(f"no run at {run} (expected a run folder with {which}.pt from `cachedseg train`)"
                              f"{did_you_mean(run)}; train one with `cachedseg train STORE --run {run}`")
     path = run / f"{which}.pt"
-    if not path.is_file():
+    if not path.exists():  # a folder of that name is refused when loaded
         raise CachedsegError(f"{run} holds no {which}.pt, so it is not a trained run (yet); train it with "
                              f"`cachedseg train STORE --run {run}`, or give the run folder that `train` wrote")
     return path
+
+
+def check_writable(path: str | Path, what: str, folder: bool = False) -> None:
+    """Refuse an output (a file, or a `folder`) that this process cannot create or write, naming the path in the
+    way; URLs are left to the storage to answer."""
+    if is_url(path):
+        return
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise CachedsegError(f"{what} {path} is a folder, but a file goes there; give a file path")
+    if path.exists() and not path.is_dir() and folder:
+        raise CachedsegError(f"{what} {path} is a file, but a folder goes there; give a folder path")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise CachedsegError(f"cannot write {what} {path}: the file is read-only; give another path, or make it "
+                             "writable")
+    probe = path if path.is_dir() else path.parent
+    while not probe.exists():  # the folders that would be created: the nearest existing one must be writable
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CachedsegError(f"cannot write {what} {path}: {probe} is a file, not a folder; give another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CachedsegError(f"cannot write {what} {path}: the folder {probe} is read-only for this user; give a "
+                             "path in a folder you can write to, or change its permissions")
 
 
 def check_images(inputs: list[str | Path]) -> None:

@@ -22,7 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from cachedseg import __version__, checkpoint
 from cachedseg.backbone import Backbone, backbone_for, resolve_device
-from cachedseg.data import load_image, preprocess_image
+from cachedseg.data import load_image, own_pixel_limit, preprocess_image
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_images
 from cachedseg.store import StoreSpec
@@ -163,6 +163,8 @@ def batches(dataset: torch.utils.data.Dataset, batch_size: int, workers: int | N
     the backbone dwarfs decoding, min(4, CPUs) on a GPU)."""
     if batch_size < 1:
         raise CachedsegError("--batch-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise CachedsegError(f"--workers {workers}: give 0 (decode in this process) or more")
     if workers is None:
         workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
@@ -296,7 +298,7 @@ def own_outputs(paths: list[Path]) -> set[Path]:
             outputs.add(path)
             continue
         try:
-            with Image.open(path) as png:
+            with own_pixel_limit(), Image.open(path) as png:  # the header only: PIL's bomb warning has no say
                 if str(png.info.get("Software", "")).startswith(SOFTWARE.split()[0]):
                     outputs.add(path)
         except (OSError, ValueError, SyntaxError):

@@ -16,7 +16,9 @@ from PIL import Image
 from cachedseg import checkpoint
 from cachedseg.checkpoint import versions
 from cachedseg.data import load_image
+from cachedseg.errors import CachedsegError
 from cachedseg.evaluate import EvalResult, predictions, score, trained_on
+from cachedseg.paths import check_writable
 from cachedseg.predict import PALETTE, colorize
 from cachedseg.sweep import read_summary
 from cachedseg.train import curves_figure
@@ -60,8 +62,11 @@ def report(path: str | Path, out: str | Path | None = None, store: str | None = 
         CachedsegError: If `path` is neither a run nor a sweep, or its features cannot be found.
     """
     path = Path(path)
+    if samples < 0:
+        raise CachedsegError(f"--samples {samples}: give 0 (no images) or more")
     summary = read_summary(path)
     out = Path(out) if out else path / "report.html"
+    check_writable(out, "the report")  # before the scoring pass, not after it
     if summary is not None:
         for row in summary["runs"]:
             report(Path(row["run"]), None, store, data, samples, device)

@@ -256,6 +256,16 @@ class FeatureStore:
             self.mark(i, PENDING)
         return flags
 
+    def check_writable(self, pending: int) -> None:
+        """Refuse a local store whose folders this process cannot write, before any of `pending` images is computed."""
+        if is_url(self.path):
+            return
+        for folder in [Path(self.path)] + [Path(self.path) / name for name in (FEATURES, MASKS, FLAGS)]:
+            if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                raise CachedsegError(f"the store {self.path} has {pending} images to compute, but its folder {folder} "
+                                     "is read-only for this user; make the store writable, or extract into another "
+                                     "--store")
+
     def mark(self, index: int, flag: int) -> None:
         """Set one image's flag."""
         self._arrays[FLAGS][index] = flag

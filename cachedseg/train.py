@@ -29,6 +29,7 @@ from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource, free_memory, worker_init
 from cachedseg.metrics import confusion, scores
+from cachedseg.paths import check_writable
 from cachedseg.store import StoreSpec
 
 
@@ -137,14 +138,18 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
         raise CachedsegError("training needs images in both the trn and the val split; the data has "
                              f"{len(trn)} trn and {len(val)} val images")
     for run, config in plans:
-        if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
-            raise CachedsegError("--epochs and --batch-size must be at least 1 and --lr positive")
+        if config.epochs < 1 or config.batch_size < 1 or not 0 < config.lr < math.inf:  # nan is refused too
+            raise CachedsegError(f"--epochs {config.epochs}, --batch-size {config.batch_size}, --lr {config.lr}: the "
+                                 "first two must be at least 1, the learning rate positive and finite")
+        if config.workers is not None and config.workers < 0:
+            raise CachedsegError(f"--workers {config.workers}: give 0 (load in this process) or more")
         if (config.epochs, config.batch_size, _data_seed(config)) != (first.epochs, first.batch_size,
                                                                       _data_seed(first)):
             raise CachedsegError("heads trained in one pass share the batches: give them the same --epochs, "
                                  "--batch-size and data seed")
         if (run / "last.pt").exists() and not resume:
             raise CachedsegError(f"{run} already holds a trained run; pass --resume to continue it, or another --run")
+        check_writable(run, "the run folder", folder=True)
     ctx = distributed.context(str(device))
     device = torch.device(distributed.device_for(ctx, str(device)))
     if first.batch_size % ctx.world:
@@ -325,7 +330,7 @@ def _restore_all(heads: list[Head], spec: StoreSpec, generator: torch.Generator,
     """Load each head's `last.pt`; the shared batches continue from the head that is furthest behind."""
     rng = {}
     for head in heads:
-        if not (head.run / "last.pt").is_file():
+        if not (head.run / "last.pt").exists():  # a folder named last.pt is refused by load
             log(f"nothing to resume in {head.run} (no last.pt yet): starting it from scratch")
             continue
         ckpt = checkpoint.load(head.run / "last.pt")
