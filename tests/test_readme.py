@@ -108,7 +108,7 @@ def test_zarr_dask_xarray_and_tensorstore_read_every_array(store16):
 
     group = zarr.open_group(store16, mode="r")
     names = sorted(name for name, _ in group.arrays())
-    assert names == ["done", "features", "ids", "masks", "split"]
+    assert names == ["done", "features", "ids", "masks", "sources", "split"]
     ds = xr.open_zarr(store16, consolidated=False)
     for name in names:
         want = group[name][...]
