@@ -29,6 +29,19 @@ FEATURE_RTOL = 1e-5
 MIN_AGREEMENT = 0.9999
 
 
+# A test marked `subprocess` fails with its name after this many seconds (pyproject's `timeout` bounds the others):
+# the slowest (a SIGKILL loop, a torchrun job of two ranks, the session stores it builds first) take under 3
+# minutes on two shared CPU cores. Its own subprocess.run(timeout=...) calls stay: they name the command that hung.
+SUBPROCESS_TIMEOUT = 600
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Give each test marked `subprocess` the SUBPROCESS_TIMEOUT, unless it sets its own timeout."""
+    for item in items:
+        if item.get_closest_marker("subprocess") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SUBPROCESS_TIMEOUT))
+
+
 def assert_features_close(a, b) -> None:
     """Equal up to float32 rounding, measured against the largest magnitude (see FEATURE_RTOL)."""
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)

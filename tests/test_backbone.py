@@ -83,6 +83,7 @@ def test_a_checkpoint_of_another_variant_is_named(tmp_path):
         build_backbone(SMALL_CFG, str(tmp_path / "reg.safetensors"))
 
 
+@pytest.mark.subprocess
 def test_random_weights_are_identical_in_every_process():
     a, b = build_backbone(SMALL_CFG, "random"), build_backbone(SMALL_CFG, "random")
     x = torch.randn(1, 3, 112, 112)
@@ -150,6 +151,7 @@ def test_bad_backbone_settings_are_refused():
         build_backbone(SMALL_CFG, "/nonexistent/weights.pth")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://127.0.0.1:9"}])
 def test_auto_weights_fail_fast_and_say_what_to_do_offline(dataset, tmp_path, env):
     # A fresh process, so huggingface_hub reads the environment anew; an empty HF cache so nothing is found.

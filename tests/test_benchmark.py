@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.subprocess  # each runs a benchmark script
+
 KEYS = ["backbone_floor_img_s", "extract_img_s", "decoder_floor_epoch_s", "cached_epoch_s", "cached_inmem_epoch_s",
         "live_epoch_s", "speedup", "ideal_speedup", "cache_overhead", "extract_efficiency", "break_even_epochs",
         "agreement", "agreement_differ", "agreement_pixels", "cache_mb_per_image", "peak_rss_mb", "epoch_s_by_trn_images", "device", "torch", "timm", "zarr",

@@ -19,6 +19,8 @@ from cachedseg.cli import app
 from cachedseg.locks import writer_lock
 from tests.conftest import SMALL, chunk_file, extract_one_thread, one_thread_env, run_cli, written_chunks
 
+pytestmark = pytest.mark.subprocess  # torchrun jobs
+
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
 
 

@@ -214,6 +214,7 @@ def _read_only(path) -> None:
         p.chmod(p.stat().st_mode & ~0o222)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(ROOT and SETPRIV is None, reason="as root, needs setpriv to drop root's capabilities")
 def test_places_that_cannot_be_written_are_named_and_read_only_stores_still_read(dataset, store32, run32, tmp_path):
     ro = tmp_path / "ro"

@@ -91,6 +91,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kill_at", [1, 4])
 def test_killed_extraction_resumes_to_the_same_store(dataset, store32, tmp_path, kill_at):
     path = tmp_path / "killed.zarr"

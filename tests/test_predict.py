@@ -68,6 +68,7 @@ def test_small_frames_still_resize_whole():
                           whole_frame(logits, (120, 160)).argmax(0).to(torch.uint8).numpy())
 
 
+@pytest.mark.subprocess
 def test_labels_of_a_large_frame_never_hold_its_logits(tmp_path):
     # A 3000x2000 frame with 12 classes: resizing it whole makes [12, 2000, 3000] float32, 288 MB (and int64 argmax,
     # 48 MB); in bands the labels (6 MB) and a few 8 MB bands. Measured in a fresh process (see PEAK_GROWTH).

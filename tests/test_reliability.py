@@ -56,6 +56,7 @@ def assert_equal_stores(a, b, close: tuple[str, ...] = ()) -> None:
             assert np.array_equal(a[name][:], b[name][:]), name
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kill_at", [2, 3, 5, 7])
 def test_sigkill_at_any_image_then_rerun_equals_an_uninterrupted_store(dataset, store32_single, tmp_path, kill_at):
     path = tmp_path / "killed.zarr"
@@ -93,6 +94,7 @@ TRAIN_KILL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_killed_training_keeps_a_loadable_checkpoint_and_resumes_exactly(store32, tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     proc = subprocess.run([sys.executable, "-c", TRAIN_KILL, str(store32), str(killed)], env=ENV,
@@ -280,6 +282,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(store32, tmp
     assert (run / "last.pt").read_bytes() == good
 
 
+@pytest.mark.subprocess
 def test_verbose_shows_the_traceback_wherever_it_is_placed(tmp_path):
     from cachedseg.errors import CachedsegError
     result = run_cli("--verbose", "extract", tmp_path / "nowhere", *SMALL, ok=False)
@@ -305,6 +308,7 @@ CHECK_BEFORE_TORCH = textwrap.dedent("""
     (["train", "--live", "nowhere"], "nowhere"), (["evaluate", "nowhere", "--store", "x.zarr"], "nowhere"),
     (["predict", "x.jpg", "--run", "r"], "x.jpg"), (["info", "nowhere"], "nowhere"),
     (["train", "s3://bucket/x.zarr"], "s3://bucket/x.zarr"), (["info", "s3://bucket/x.zarr"], "s3://bucket/x.zarr")])
+@pytest.mark.subprocess
 def test_a_mistyped_path_is_answered_before_torch_loads(tmp_path, args, culprit):
     # no S3 credentials, and an endpoint that refuses at once: a bucket that cannot be reached is one clean line too
     env = {**{k: v for k, v in ENV.items() if not k.startswith("AWS_")}, "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
@@ -316,6 +320,7 @@ def test_a_mistyped_path_is_answered_before_torch_loads(tmp_path, args, culprit)
     assert len(proc.stderr.strip().splitlines()) == 1 and culprit in proc.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("delay_ms", [0, 7, 23])
 def test_external_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_store(dataset, store32_single,
                                                                                      tmp_path, delay_ms):

@@ -16,6 +16,8 @@ from cachedseg.locks import writer_lock
 from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
 from tests.test_distributed import torchrun
 
+pytestmark = pytest.mark.subprocess  # a moto server, torchrun jobs
+
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
