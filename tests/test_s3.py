@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
+from cachedseg.errors import CachedsegError
 from cachedseg.locks import writer_lock
 from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
 from tests.test_distributed import torchrun
@@ -94,9 +95,10 @@ def test_the_bucket_lease_refuses_a_second_job_and_expires(bucket, dataset):
     with writer_lock(url, "the-other-job"):
         result = run_cli("extract", dataset, "--store", url, *SMALL, "--workers", "0", ok=False)
         one_line_error(result, "the-other-job", f"pid {os.getpid()}")
-        with pytest.raises(Exception, match="the-other-job"):
+        with pytest.raises(CachedsegError) as refused:  # the library refuses a third job, naming the holder too
             with writer_lock(url, "a-third-job"):
                 pass
+        assert "the-other-job" in str(refused.value) and f"pid {os.getpid()}" in str(refused.value)
     # a job killed with its lease held: the lease expires, and the next job takes it over
     fs = s3fs.S3FileSystem()
     fs.pipe_file(f"{url.removeprefix('s3://')}.lock",

@@ -1,5 +1,6 @@
 """Stage two through the CLI: decoders, training runs, evaluation, prediction, and the identity guarantee."""
 
+import csv
 import json
 
 import numpy as np
@@ -54,13 +55,20 @@ def test_train_writes_a_complete_run_folder(run32):
     assert {"last.pt", "best.pt", "metrics.csv", "metrics.json", "curves.png"} <= {p.name for p in run32.iterdir()}
     rows = json.loads((run32 / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert all(0 <= r["val_miou"] <= 1 and 0 <= r["val_pixel_acc"] <= 1 and r["train_loss"] > 0 for r in rows)
-    assert (run32 / "metrics.csv").read_text().splitlines()[0].startswith("epoch,train_loss,val_miou,val_pixel_acc")
+    with open(run32 / "metrics.csv", newline="") as f:  # the same rows as metrics.json, columns in this order
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:4] == ["epoch", "train_loss", "val_miou", "val_pixel_acc"]
+    assert [{k: float(v) for k, v in r.items()} for r in table] == [{k: float(v) for k, v in r.items()} for r in rows]
     assert Image.open(run32 / "curves.png").size[0] > 100
     ckpt = checkpoint.load_run(run32)  # no flags: everything comes from the checkpoint
     assert ckpt.spec.backbone == "vit_small_patch14_dinov2" and ckpt.spec.dtype == "float32"
     assert ckpt.decoder_config.name == "conv" and ckpt.decoder_config.in_channels == 384
-    assert ckpt.train_config.lr == 1e-4 and ckpt.weights == "random" and ckpt.epoch in (1, 2)
+    assert ckpt.train_config.lr == 1e-4 and ckpt.weights == "random"
+    # best.pt is the epoch of the highest val_miou (the first on a tie), last.pt the last one; each holds the rows up to its epoch
+    best = max(rows, key=lambda r: r["val_miou"])
+    assert ckpt.epoch == best["epoch"] and ckpt.metrics == rows[:best["epoch"]]
+    last = checkpoint.load_run(run32, "last")
+    assert last.epoch == 2 and last.metrics == rows
 
 
 def test_training_learns_something(store32, tmp_path):
