@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cachedseg.store import FeatureStore
 from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -264,7 +265,8 @@ def test_places_that_cannot_be_written_are_named_and_read_only_stores_still_read
 
 def test_outputs_into_missing_folders_are_created_and_files_in_the_way_named(store32, run32, tmp_path):
     run_cli("evaluate", run32, "--store", store32, "--json", tmp_path / "new" / "deeper" / "e.json")
-    assert json.loads((tmp_path / "new" / "deeper" / "e.json").read_text())["images"] > 0
+    scored = json.loads((tmp_path / "new" / "deeper" / "e.json").read_text())["images"]
+    assert scored == FeatureStore.open(store32).splits.count("val")  # the default split, every image of it
     (tmp_path / "file").write_text("x")
     one_line_error(run_cli("evaluate", run32, "--store", store32, "--json", tmp_path / "file" / "e.json", ok=False),
                    tmp_path / "file")
