@@ -16,8 +16,8 @@ from PIL import Image
 from cachedseg import checkpoint
 from cachedseg.locks import writer_lock
 from cachedseg.store import decode_ids
-from tests.conftest import (SMALL, TRAIN, assert_features_close, chunk_file, one_line_error, run_cli,
-                            written_chunks)
+from tests.conftest import (SMALL, TRAIN, assert_features_close, assert_same_store, chunk_file, one_line_error,
+                            run_cli, written_chunks)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -46,16 +46,6 @@ def first_id(data, split="trn"):
     return (data / "ImageSets" / f"{split}.txt").read_text().split()[0]
 
 
-def assert_equal_stores(a, b, close: tuple[str, ...] = ()) -> None:
-    """Every array of two stores equal, bit for bit (those in `close`: up to float32 rounding)."""
-    a, b = zarr.open_group(str(a)), zarr.open_group(str(b))
-    for name in ("features", "masks", "done", "ids", "split"):
-        if name in close:
-            assert_features_close(a[name][:], b[name][:])
-        else:
-            assert np.array_equal(a[name][:], b[name][:]), name
-
-
 @pytest.mark.subprocess
 @pytest.mark.parametrize("kill_at", [2, 3, 5, 7])
 def test_sigkill_at_any_image_then_rerun_equals_an_uninterrupted_store(dataset, store32_single, tmp_path, kill_at):
@@ -71,7 +61,7 @@ def test_sigkill_at_any_image_then_rerun_equals_an_uninterrupted_store(dataset, 
     for i in np.flatnonzero(done):
         assert np.array_equal(zarr.open_group(str(path))["features"][i], ref["features"][i])
     run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--batch-size", "1")
-    assert_equal_stores(path, store32_single)
+    assert_same_store(path, store32_single)
 
 
 def test_a_second_writer_is_refused_with_the_holders_name(dataset, tmp_path):
@@ -149,7 +139,7 @@ def test_a_deleted_chunk_is_an_error_naming_the_image_not_fill_values(dataset, s
     one_line_error(run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False), victim_id, redo)
     one_line_error(run_cli("train", path, "--run", tmp_path / "r2", *TRAIN, "--in-memory", ok=False), victim_id, redo)
     run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--redo", victim_id)
-    assert_equal_stores(path, store32, close=["features"])
+    assert_same_store(path, store32, close=["features"])
 
 
 @pytest.mark.parametrize("array", ["ids", "split", "done"])
@@ -163,7 +153,7 @@ def test_a_flipped_byte_in_a_small_array_is_detected(dataset, store32, tmp_path,
     one_line_error(run_cli("train", path, "--run", tmp_path / "r", *TRAIN, ok=False), path, array)
     if array == "done":  # extract recomputes the images whose flag it cannot read
         run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32")
-        assert_equal_stores(path, store32, close=["features"])
+        assert_same_store(path, store32, close=["features"])
 
 
 def _break(kind, data):
@@ -342,4 +332,4 @@ def test_external_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_
     done = zarr.open_group(str(path))["done"][:]
     assert 0 < done.sum() < len(done)  # the kill came after the first image and before the end
     run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--batch-size", "1")
-    assert_equal_stores(path, store32_single)  # every image computed alone in both: the same computation
+    assert_same_store(path, store32_single)  # every image computed alone in both: the same computation

@@ -8,14 +8,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import zarr
 
 from cachedseg.errors import CachedsegError
 from cachedseg.locks import writer_lock
-from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
-from tests.test_distributed import torchrun
+from tests.conftest import SMALL, TRAIN, assert_same_store, one_line_error, run_cli, torchrun
 
 pytestmark = pytest.mark.subprocess  # a moto server, torchrun jobs
 
@@ -58,13 +55,6 @@ def bucket():
             else:
                 os.environ[key] = value
         s3fs.S3FileSystem.clear_instance_cache()
-
-
-def assert_same_store(url, local) -> None:
-    """Every array of a bucket store equal to a local one's."""
-    a, b = zarr.open_group(url, mode="r"), zarr.open_group(str(local), mode="r")
-    for name in ("features", "masks", "done", "ids", "split"):
-        assert np.array_equal(a[name][:], b[name][:]), name
 
 
 def test_extract_train_evaluate_and_info_work_on_a_bucket(bucket, dataset, store32, run32, tmp_path):

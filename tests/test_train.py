@@ -64,7 +64,7 @@ def test_train_writes_a_complete_run_folder(run32):
     assert ckpt.spec.backbone == "vit_small_patch14_dinov2" and ckpt.spec.dtype == "float32"
     assert ckpt.decoder_config.name == "conv" and ckpt.decoder_config.in_channels == 384
     assert ckpt.train_config.lr == 1e-4 and ckpt.weights == "random"
-    # best.pt is the epoch of the highest val_miou (the first on a tie), last.pt the last one; each holds the rows up to its epoch
+    # best.pt: the epoch of the highest val_miou (the first on a tie); last.pt: the last; each has the rows up to it
     best = max(rows, key=lambda r: r["val_miou"])
     assert ckpt.epoch == best["epoch"] and ckpt.metrics == rows[:best["epoch"]]
     last = checkpoint.load_run(run32, "last")
