@@ -12,6 +12,7 @@ import pytest
 
 from cachedseg.errors import CachedsegError
 from cachedseg.locks import writer_lock
+from cachedseg.store import FeatureStore
 from tests.conftest import SMALL, TRAIN, assert_same_store, one_line_error, run_cli, torchrun
 
 pytestmark = pytest.mark.subprocess  # a moto server, torchrun jobs
@@ -61,7 +62,8 @@ def test_extract_train_evaluate_and_info_work_on_a_bucket(bucket, dataset, store
     url = f"{bucket}/small.zarr"
     run_cli("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--workers", "0")
     assert_same_store(url, store32)  # the same computation as the local store's (batches of 4)
-    assert "8 done, 0 pending" in run_cli("info", url).output
+    described = FeatureStore.open(url).describe()  # what info prints
+    assert (described["done"], described["pending"]) == (8, 0) and url in run_cli("info", url).output
     run_cli("train", url, "--run", tmp_path / "run", *TRAIN)
     run_cli("evaluate", run32, "--store", url, "--json", tmp_path / "bucket.json")
     run_cli("evaluate", run32, "--store", store32, "--json", tmp_path / "local.json")
