@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywher
 
 import numpy as np
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from cachedseg.cli import app
@@ -29,12 +30,41 @@ FEATURE_RTOL = 1e-5
 MIN_AGREEMENT = 0.9999
 
 
+# A test marked `subprocess` fails with its name after this many seconds (pyproject's `timeout` bounds the others):
+# the slowest (a SIGKILL loop, a torchrun job of two ranks, the session stores it builds first) take under 3
+# minutes on two shared CPU cores. Its own subprocess.run(timeout=...) calls stay: they name the command that hung.
+SUBPROCESS_TIMEOUT = 600
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Give each test marked `subprocess` the SUBPROCESS_TIMEOUT, unless it sets its own timeout."""
+    for item in items:
+        if item.get_closest_marker("subprocess") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SUBPROCESS_TIMEOUT))
+
+
 def assert_features_close(a, b) -> None:
     """Equal up to float32 rounding, measured against the largest magnitude (see FEATURE_RTOL)."""
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
     assert a.shape == b.shape
     bound = FEATURE_RTOL * max(float(np.abs(a).max()), float(np.abs(b).max()), 1e-12)
     assert float(np.abs(a - b).max()) <= bound, f"max |a - b| = {np.abs(a - b).max():.3g} > {bound:.3g}"
+
+
+# Every array of a store (cachedseg.store's docstring lists them): the copies of one store must agree on all.
+STORE_ARRAYS = ("features", "masks", "ids", "split", "done", "sources")
+
+
+def assert_same_store(a, b, close: tuple[str, ...] = ()) -> None:
+    """Two stores (folders or URLs) with the same arrays, equal bit for bit; those in `close` up to float32 rounding
+    (FEATURE_RTOL), for features computed in other batches. `sources` too: both were extracted from the same files."""
+    a, b = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert sorted(a.array_keys()) == sorted(b.array_keys()) == sorted(STORE_ARRAYS)
+    for name in STORE_ARRAYS:
+        if name in close:
+            assert_features_close(a[name][:], b[name][:])
+        else:
+            assert np.array_equal(a[name][:], b[name][:]), name
 
 
 def chunk_file(store, array: str, index: int):
@@ -97,6 +127,18 @@ def store32_single(dataset, tmp_path_factory):
 def one_thread_env() -> dict:
     """The environment of a torchrun rank: offline, one thread (torchrun's default for several ranks)."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun(*args, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m cachedseg ARGS`, each rank offline with one thread."""
+    cmd = [*TORCHRUN[:-1], str(nproc), "-m", "cachedseg", *map(str, args)]
+    proc = subprocess.run(cmd, env=one_thread_env(), capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def extract_one_thread(dataset, store, *extra: str) -> None:

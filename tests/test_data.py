@@ -73,10 +73,10 @@ def test_read_dataset_names_a_missing_file(dataset, tmp_path):
     shutil.copytree(dataset, copy)
     victim = (copy / "ImageSets" / "val.txt").read_text().split()[0]
     (copy / "JPEGImages" / f"{victim}.jpg").unlink()
-    with pytest.raises(CachedsegError, match=f"{victim}.jpg is missing"):
+    with pytest.raises(CachedsegError, match=f"{victim}.jpg"):
         read_dataset(copy)
     (copy / "ImageSets" / "val.txt").write_text("\n")
-    with pytest.raises(CachedsegError, match="lists no images"):
+    with pytest.raises(CachedsegError, match="val.txt"):
         read_dataset(copy)
     with pytest.raises(CachedsegError, match="nowhere"):
         read_dataset(tmp_path / "nowhere")
@@ -86,4 +86,6 @@ def test_a_mistyped_dataset_path_suggests_the_folder_that_exists(dataset):
     typo = dataset.with_name(dataset.name[:-1])  # synth -> synt
     with pytest.raises(CachedsegError) as err:
         read_dataset(typo)
-    assert f"did you mean {dataset}?" in str(err.value) and "cachedseg synth" not in str(err.value)
+    message = str(err.value)
+    assert str(typo) in message.replace(str(dataset), "") and str(dataset) in message  # the path given, the one meant
+    assert "cachedseg synth" not in message  # not the advice to make a dataset: there is one

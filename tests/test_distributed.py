@@ -4,9 +4,7 @@ shows them (with only the process counts changed)."""
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,28 +15,12 @@ import zarr
 from cachedseg import checkpoint
 from cachedseg.cli import app
 from cachedseg.locks import writer_lock
-from tests.conftest import SMALL, chunk_file, extract_one_thread, one_thread_env, run_cli, written_chunks
+from tests.conftest import (SMALL, TORCHRUN, assert_same_store, chunk_file, extract_one_thread, one_thread_env,
+                            run_cli, torchrun, written_chunks)
 
-TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-
+pytestmark = pytest.mark.subprocess  # torchrun jobs
 
 env = one_thread_env  # offline, one thread per rank (two ranks on two cores)
-
-
-def torchrun(*args, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N -m cachedseg ARGS`."""
-    cmd = [*TORCHRUN[:-1], str(nproc), "-m", "cachedseg", *map(str, args)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def assert_same_store(a, b) -> None:
-    """Equal arrays (the computation was the same: every image alone, by a one-thread process, in both)."""
-    a, b = zarr.open_group(str(a)), zarr.open_group(str(b))
-    for name in ("features", "masks", "done", "ids", "split"):
-        assert np.array_equal(a[name][:], b[name][:]), name
 
 
 def test_two_ranks_write_one_sharded_store_equal_to_a_one_process_store(dataset, store32_one_thread, tmp_path):

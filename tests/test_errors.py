@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cachedseg.store import FeatureStore
 from tests.conftest import SMALL, TRAIN, one_line_error, run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -214,6 +215,7 @@ def _read_only(path) -> None:
         p.chmod(p.stat().st_mode & ~0o222)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(ROOT and SETPRIV is None, reason="as root, needs setpriv to drop root's capabilities")
 def test_places_that_cannot_be_written_are_named_and_read_only_stores_still_read(dataset, store32, run32, tmp_path):
     ro = tmp_path / "ro"
@@ -256,14 +258,16 @@ def test_places_that_cannot_be_written_are_named_and_read_only_stores_still_read
         one_line_error(result, culprit)
     for (_, args), result in zip(reads, results[len(refused):]):
         assert result.exit_code == 0, (args, result.output, result.exception)
-    assert "0 extracted, 8 already done" in results[len(refused)].output
+    # extract found every image of the read-only store done: it wrote nothing (no file, no lock) and it is whole
+    assert FeatureStore.open(ro / "s.zarr").describe()["done"] == len(FeatureStore.open(store32)) == 8
     assert (out / "r" / "best.pt").is_file() and (out / "e.json").is_file() and (out / "r.html").is_file()
     assert sorted(p.name for p in ro.rglob("*")) == before  # nothing written, no lock file left
 
 
 def test_outputs_into_missing_folders_are_created_and_files_in_the_way_named(store32, run32, tmp_path):
     run_cli("evaluate", run32, "--store", store32, "--json", tmp_path / "new" / "deeper" / "e.json")
-    assert json.loads((tmp_path / "new" / "deeper" / "e.json").read_text())["images"] > 0
+    scored = json.loads((tmp_path / "new" / "deeper" / "e.json").read_text())["images"]
+    assert scored == FeatureStore.open(store32).splits.count("val")  # the default split, every image of it
     (tmp_path / "file").write_text("x")
     one_line_error(run_cli("evaluate", run32, "--store", store32, "--json", tmp_path / "file" / "e.json", ok=False),
                    tmp_path / "file")

@@ -1,5 +1,6 @@
 """`cachedseg extract`: the documented store layout, exact features, resume, and refusals."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 import zarr
 
+from cachedseg import checkpoint
 from cachedseg.backbone import BackboneConfig, build_backbone
 from cachedseg.classes import CLASS_NAMES
 from cachedseg.data import load_image, load_mask, preprocess_image, preprocess_mask, read_dataset
@@ -91,6 +93,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kill_at", [1, 4])
 def test_killed_extraction_resumes_to_the_same_store(dataset, store32, tmp_path, kill_at):
     path = tmp_path / "killed.zarr"
@@ -116,10 +119,11 @@ def test_mismatched_store_is_refused_until_overwrite(dataset, tmp_path):
     path = tmp_path / "s.zarr"
     run_cli("extract", dataset, "--store", path, *SMALL)
     result = run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", ok=False)
-    one_line_error(result, "dtype: store has 'float16', asked for 'float32'", "--overwrite")
+    one_line_error(result, path, "dtype", "'float16'", "'float32'", "--overwrite")  # the field, both values
     other = run_cli("extract", dataset, "--store", path, "--backbone", "vit_small_patch14_reg4_dinov2",
                     "--image-size", "112", "--weights", "random", ok=False)
-    one_line_error(other, "backbone: store has 'vit_small_patch14_dinov2'")
+    one_line_error(other, "backbone", "'vit_small_patch14_dinov2'", "--overwrite")
+    assert zarr.open_group(str(path)).attrs["dtype"] == "float16"  # refused: the store is as it was
     run_cli("extract", dataset, "--store", path, *SMALL, "--dtype", "float32", "--overwrite")
     assert zarr.open_group(str(path)).attrs["dtype"] == "float32"
 
@@ -144,11 +148,19 @@ def test_dataset_errors_are_one_line_messages(dataset, tmp_path):
 
 
 def test_info_describes_a_store_and_a_run(store32, run32, tmp_path):
+    # the figures info prints for a store are FeatureStore.describe()'s; the output names its values
+    d = FeatureStore.open(store32).describe()
+    assert (d["done"], d["pending"], d["skipped_bad"], d["trn"] + d["val"]) == (8, 0, 0, 8)
+    assert (d["backbone"], d["dtype"], d["channels"], tuple(d["input_size"]), tuple(d["grid"])) == (
+        "vit_small_patch14_dinov2", "float32", 384, (112, 112), (8, 8))
     out = run_cli("info", store32).output
-    assert "vit_small_patch14_dinov2 @ 112x112 px" in out and "8 done, 0 pending, 0 skipped as bad" in out
-    assert "[N, 1, 1, 384, 8, 8] float32" in out
+    for value in (store32, d["backbone"], d["fingerprint"], d["dtype"], "112x112"):
+        assert str(value) in out, value
     out = run_cli("info", run32).output
-    assert "conv (" in out and "mIoU" in out
+    best = max(json.loads((run32 / "metrics.json").read_text()), key=lambda r: r["val_miou"])
+    ckpt = checkpoint.load_run(run32, "last")
+    for value in (run32, ckpt.decoder_config.name, ckpt.spec.fingerprint, f"{best['val_miou']:.4f}", store32):
+        assert str(value) in out, value
 
 
 def test_info_names_what_it_found_instead(dataset, store32, tmp_path):

@@ -78,6 +78,7 @@ def test_confusion_counts_in_chunks_what_it_counts_at_once(monkeypatch):
     assert torch.equal(confusion(pred, target, 6), expected)
 
 
+@pytest.mark.subprocess
 def test_confusion_of_a_native_resolution_frame_needs_no_int64_copies_of_it():
     # A 4000x3000 label map and prediction (uint8, 12 MB each): every int64 copy of one is 96 MB.
     code = PEAK_GROWTH + textwrap.dedent("""

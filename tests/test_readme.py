@@ -82,6 +82,7 @@ def test_every_cachedseg_line_of_the_readme_parses_against_the_cli():
                 parses(args)
 
 
+@pytest.mark.subprocess
 def test_every_make_line_names_a_target_and_variables_of_the_makefile(tmp_path):
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
@@ -127,6 +128,7 @@ def test_the_python_blocks_run_on_a_small_store(store16, dataset):
         exec(compile(code, "README.md", "exec"), {})
 
 
+@pytest.mark.subprocess
 def test_the_using_it_block_runs_as_written_scaled_down(tmp_path, monkeypatch):
     (block,) = blocks("bash", section("Using it"))
     assert "--weights random" in block  # the step says what to add on a machine without the hub

@@ -31,6 +31,7 @@ def cells(dom: str, table: str) -> list[list[str]]:
     return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)[1:]]
 
 
+@pytest.mark.subprocess
 def test_a_run_report_shows_the_runs_numbers_and_every_image_loads(dataset, store32, run32, tmp_path):
     run_cli("report", run32, "--out", tmp_path / "run.html")
     dom = render(tmp_path / "run.html", tmp_path)
@@ -46,6 +47,7 @@ def test_a_run_report_shows_the_runs_numbers_and_every_image_loads(dataset, stor
     assert len(cells(dom, "classes")) == 12
 
 
+@pytest.mark.subprocess
 def test_a_sweep_report_compares_the_configs_and_links_each_report(store32, tmp_path):
     sweep = tmp_path / "sweep"
     run_cli("train", store32, "--run-dir", sweep, "--decoder", "linear,conv", "--epochs", "1", "--workers", "0")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cachedseg import checkpoint
+from cachedseg.errors import CachedsegError
 from cachedseg.features import cached_source
 from cachedseg.train import train_heads
 from tests.conftest import one_line_error, run_cli
@@ -61,8 +62,9 @@ def test_heads_that_do_not_fit_are_refused_up_front_with_the_numbers(store32, tm
 def test_configs_that_cannot_share_batches_are_refused(store32, tmp_path):
     from cachedseg.checkpoint import TrainConfig
     plans = [(tmp_path / "a", TrainConfig(epochs=1)), (tmp_path / "b", TrainConfig(epochs=2))]
-    with pytest.raises(Exception, match="--epochs"):
+    with pytest.raises(CachedsegError, match="--epochs"):
         train_heads(cached_source(store32), plans)
+    assert not any(run.exists() for run, _ in plans)  # refused before any run folder is made
     one_line_error(run_cli("train", store32, "--run-dir", tmp_path / "c", "--lr", "1e-4,x", ok=False), "--lr")
 
 

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TRAIN, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,7 @@ def cli_process(*args, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
+@pytest.mark.subprocess
 def test_after_ctrl_c_the_command_train_names_continues_the_run(store32, tmp_path):
     run = tmp_path / "run"
     proc = cli_process("train", store32, "--run-dir", run, "--epochs", "6", "--workers", "0", "--device", "cpu")
@@ -119,6 +122,7 @@ def whole_on_one_line(text: str, *paths) -> None:
         assert any(path in line for line in lines), (path, text)
 
 
+@pytest.mark.subprocess
 def test_paths_a_user_copies_are_never_wrapped_on_a_narrow_terminal_or_in_a_pipe(dataset, store32, monkeypatch,
                                                                                 tmp_path):
     import io
