@@ -19,9 +19,8 @@ from cachedseg.data import load_image
 from cachedseg.errors import CachedsegError
 from cachedseg.evaluate import EvalResult, predictions, score, trained_on
 from cachedseg.paths import check_writable
-from cachedseg.predict import PALETTE, colorize
+from cachedseg.pictures import PALETTE, close, colorize, curves_figure, pyplot
 from cachedseg.sweep import read_summary
-from cachedseg.train import curves_figure
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1d2329; }
@@ -206,7 +205,7 @@ def _png(figure) -> str:
     """A matplotlib figure as an embedded PNG."""
     buf = io.BytesIO()
     figure.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _close(figure)
+    close(figure)
     return f"<img alt='' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
@@ -214,23 +213,12 @@ def _svg(figure) -> str:
     """A matplotlib figure as inline SVG (sharp at any zoom)."""
     buf = io.StringIO()
     figure.savefig(buf, format="svg", bbox_inches="tight")
-    _close(figure)
+    close(figure)
     return buf.getvalue()[buf.getvalue().index("<svg"):]
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _close(figure) -> None:
-    _plt().close(figure)
-
-
 def _iou_bars(result: EvalResult):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 3))
     values = [v or 0.0 for v in result.iou]
     ax.bar(range(len(values)), values, color=[PALETTE[i] / 255 for i in range(len(values))], edgecolor="black")
@@ -240,7 +228,7 @@ def _iou_bars(result: EvalResult):
 
 
 def _confusion_figure(result: EvalResult):
-    plt = _plt()
+    plt = pyplot()
     conf = result.confusion.astype(float)
     share = conf / np.maximum(conf.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
@@ -253,7 +241,7 @@ def _confusion_figure(result: EvalResult):
 
 
 def _sweep_bars(summary: dict):
-    plt = _plt()
+    plt = pyplot()
     runs = summary["runs"]
     fig, ax = plt.subplots(figsize=(10, max(2, 0.3 * len(runs))))
     ax.barh([r["name"] for r in runs][::-1], [r["best_val_miou"] for r in runs][::-1], color="#4a7fb5")

@@ -30,6 +30,7 @@ from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource, free_memory, worker_init
 from cachedseg.metrics import confusion, scores
 from cachedseg.paths import check_writable
+from cachedseg.pictures import close, curves_figure
 from cachedseg.store import StoreSpec
 
 
@@ -365,24 +366,4 @@ def _write_metrics(rows: list[dict], run: Path) -> None:
     (run / "metrics.json").write_text(json.dumps(rows, indent=2))
     fig = curves_figure(rows)
     fig.savefig(run / "curves.png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-
-
-def curves_figure(rows: list[dict]):
-    """Training loss, and val mIoU and pixel accuracy, by epoch (a matplotlib figure; curves.png and reports)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o")
-    ax1.set(xlabel="epoch", ylabel="train loss", title="Training loss")
-    ax2.plot(epochs, [r["val_miou"] for r in rows], marker="o", label="val mIoU")
-    ax2.plot(epochs, [r["val_pixel_acc"] for r in rows], marker="s", label="val pixel accuracy")
-    ax2.set(xlabel="epoch", ylim=(0, 1), title="Validation (decoder output size)")
-    ax2.legend()
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return fig
+    close(fig)
