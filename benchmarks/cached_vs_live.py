@@ -148,7 +148,7 @@ def replicate(store: Path, times: int, out: Path) -> Path:
 def timed_epoch(source, run: Path, config: TrainConfig, device: torch.device) -> tuple[float, Path]:
     """Training seconds of the last epoch of a real `train` run."""
     rows = train(source, run, config, device)
-    return rows[-1]["train_seconds"], run
+    return rows[-1].train_seconds, run
 
 
 def agreement(cached_run: Path, live_run: Path, store: Path, device: torch.device) -> tuple[int, int]:

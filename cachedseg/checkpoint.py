@@ -20,6 +20,7 @@ from cachedseg import __version__
 from cachedseg.decoders import DecoderConfig, build_decoder
 from cachedseg.errors import CachedsegError, first_line, load_failure
 from cachedseg.paths import checkpoint_path
+from cachedseg.runs import EpochMetrics
 from cachedseg.store import StoreSpec
 
 FORMAT = "cachedseg-checkpoint"
@@ -89,7 +90,7 @@ class Checkpoint:
     spec: StoreSpec
     weights: str
     epoch: int
-    metrics: list[dict]
+    metrics: list[EpochMetrics]
     decoder_state: dict[str, torch.Tensor]
     optimizer_state: dict | None = None
     rng: dict | None = field(default=None, repr=False)
@@ -118,7 +119,8 @@ def save(ckpt: Checkpoint, path: str | Path) -> None:
     path = Path(path)
     state = {"format": FORMAT, "package_version": __version__, "epoch": ckpt.epoch,
              "decoder_config": asdict(ckpt.decoder_config), "train_config": asdict(ckpt.train_config),
-             "spec": asdict(ckpt.spec), "weights": ckpt.weights, "metrics": ckpt.metrics,
+             "spec": asdict(ckpt.spec), "weights": ckpt.weights,
+             "metrics": [r.to_dict() for r in ckpt.metrics],
              "decoder": ckpt.decoder_state, "optimizer": ckpt.optimizer_state, "rng": ckpt.rng,
              "source": ckpt.source, "versions": ckpt.versions or versions()}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -166,7 +168,7 @@ def load(path: str | Path) -> Checkpoint:
         ckpt = Checkpoint(decoder_config=DecoderConfig(**state["decoder_config"]),
                           train_config=TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known}),
                           spec=StoreSpec.from_attrs(state["spec"]), weights=state["weights"], epoch=state["epoch"],
-                          metrics=state["metrics"], decoder_state=state["decoder"],
+                          metrics=[EpochMetrics.from_dict(r) for r in state["metrics"]], decoder_state=state["decoder"],
                           optimizer_state=state.get("optimizer"), rng=state.get("rng"),
                           source=state.get("source", ""), versions=state.get("versions", {}))
     except (KeyError, TypeError) as exc:

@@ -4,10 +4,13 @@ matplotlib set-up), drawn for `predict`, `train` and `report`. Drawing is neithe
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from cachedseg.runs import EpochMetrics
 
 # One fixed colour per class (background, person, bike, car, drone, boat, animal, obstacle, construction,
 # vegetation, road, sky); every colour and overlay PNG carries a legend of the classes it shows.
@@ -88,16 +91,16 @@ def close(figure) -> None:
     pyplot().close(figure)
 
 
-def curves_figure(rows: list[dict]):
+def curves_figure(rows: list[EpochMetrics]):
     """Training loss, and val mIoU and pixel accuracy, by epoch (a matplotlib figure; curves.png and reports)."""
     from matplotlib.ticker import MaxNLocator
     plt = pyplot()
-    epochs = [r["epoch"] for r in rows]
+    epochs = [r.epoch for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o")
+    ax1.plot(epochs, [r.train_loss for r in rows], marker="o")
     ax1.set(xlabel="epoch", ylabel="train loss", title="Training loss")
-    ax2.plot(epochs, [r["val_miou"] for r in rows], marker="o", label="val mIoU")
-    ax2.plot(epochs, [r["val_pixel_acc"] for r in rows], marker="s", label="val pixel accuracy")
+    ax2.plot(epochs, [r.val_miou for r in rows], marker="o", label="val mIoU")
+    ax2.plot(epochs, [r.val_pixel_acc for r in rows], marker="s", label="val pixel accuracy")
     ax2.set(xlabel="epoch", ylim=(0, 1), title="Validation (decoder output size)")
     ax2.legend()
     for ax in (ax1, ax2):

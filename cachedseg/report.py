@@ -20,7 +20,7 @@ from cachedseg.errors import CachedsegError
 from cachedseg.evaluate import EvalResult, predictions, score, trained_on
 from cachedseg.paths import check_writable
 from cachedseg.pictures import PALETTE, close, colorize, curves_figure, pyplot
-from cachedseg.sweep import read_summary
+from cachedseg.runs import EpochMetrics, RunFolder, best_row
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1d2329; }
@@ -63,8 +63,8 @@ def report(path: str | Path, out: str | Path | None = None, store: str | None = 
     path = Path(path)
     if samples < 0:
         raise CachedsegError(f"--samples {samples}: give 0 (no images) or more")
-    summary = read_summary(path)
-    out = Path(out) if out else path / "report.html"
+    summary = RunFolder(path).read_sweep_summary()
+    out = Path(out) if out else RunFolder(path).report
     check_writable(out, "the report")  # before the scoring pass, not after it
     if summary is not None:
         for row in summary["runs"]:
@@ -93,7 +93,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
     root = Path(data) if data else Path(_dataset_of(store))
     spec, cfg = best.spec, best.decoder_config
     rows = last.metrics
-    top = max(rows, key=lambda r: r["val_miou"])
+    top = best_row(rows)
     settings = [
         ("decoder", f"{cfg.name}, reading the last {cfg.layers} of {spec.layers} layer(s)"),
         ("recipe", best.train_config.describe(spec.layers)),
@@ -104,7 +104,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
         ("versions at training", ", ".join(f"{k} {v}" for k, v in best.versions.items()) or "not recorded"),
         ("versions now", ", ".join(f"{k} {v}" for k, v in versions().items()))]
     return _page(f"Run {_name(run)}", [
-        f"<p class=muted>best val mIoU <b id=best-miou>{top['val_miou']:.4f}</b> at epoch {top['epoch']} of "
+        f"<p class=muted>best val mIoU <b id=best-miou>{top.val_miou:.4f}</b> at epoch {top.epoch} of "
         f"{len(rows)}; scored below at the labels' native resolution on {result.images} val images with best.pt</p>",
         "<h2>Training</h2>", _svg(curves_figure(rows)), _metrics_table(rows),
         "<h2>Per-class IoU (val, native resolution)</h2>", _class_table(result), _svg(_iou_bars(result)),
@@ -146,11 +146,11 @@ def _page(title: str, parts: list[str]) -> str:
             + "\n".join(parts) + f"{CHECK}</body></html>")
 
 
-def _metrics_table(rows: list[dict]) -> str:
+def _metrics_table(rows: list[EpochMetrics]) -> str:
     """Each epoch's numbers, as metrics.json has them (4 decimals)."""
-    body = "".join(f"<tr><td class=n>{r['epoch']}</td><td class=n>{r['train_loss']:.4f}</td>"
-                   f"<td class=n>{r['val_miou']:.4f}</td><td class=n>{r['val_pixel_acc']:.4f}</td>"
-                   f"<td class=n>{r['seconds']:.1f}</td></tr>" for r in rows)
+    body = "".join(f"<tr><td class=n>{r.epoch}</td><td class=n>{r.train_loss:.4f}</td>"
+                   f"<td class=n>{r.val_miou:.4f}</td><td class=n>{r.val_pixel_acc:.4f}</td>"
+                   f"<td class=n>{r.seconds:.1f}</td></tr>" for r in rows)
     return ("<table id=metrics><tr><th>epoch</th><th>train loss</th><th>val mIoU</th><th>val pixel acc</th>"
             f"<th>seconds</th></tr>{body}</table>")
 

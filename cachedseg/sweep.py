@@ -14,7 +14,6 @@ val mIoU, naming the best.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -23,9 +22,8 @@ from cachedseg import distributed
 from cachedseg.checkpoint import TrainConfig
 from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource
+from cachedseg.runs import EpochMetrics, RunFolder, best_row
 from cachedseg.train import train_heads
-
-SUMMARY = "sweep.json"
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ def name(config: TrainConfig) -> str:
 
 def sweep(source: FeatureSource, run: str | Path, configs: list[TrainConfig], device: str = "cpu",
           resume: bool = False, progress: Callable[[int, int], None] | None = None,
-          on_epoch: Callable[[Path, dict], None] | None = None,
+          on_epoch: Callable[[Path, EpochMetrics], None] | None = None,
           log: Callable[[str], None] | None = None) -> SweepResult:
     """Train `configs` in one pass over `source`, each into `run/<name>`, and summarise them in `run/sweep.json`.
 
@@ -88,18 +86,11 @@ def sweep(source: FeatureSource, run: str | Path, configs: list[TrainConfig], de
     histories = train_heads(source, plans, device, resume, progress, on_epoch, log)
     rows = []
     for (path, config), history in zip(plans, histories):
-        best = max(history, key=lambda r: r["val_miou"])
-        rows.append({"name": path.name, "run": str(path), "config": asdict(config), "best_val_miou": best["val_miou"],
-                     "best_epoch": best["epoch"], "best_val_pixel_acc": best["val_pixel_acc"],
-                     "final_train_loss": history[-1]["train_loss"]})
+        top = best_row(history)
+        rows.append({"name": path.name, "run": str(path), "config": asdict(config), "best_val_miou": top.val_miou,
+                     "best_epoch": top.epoch, "best_val_pixel_acc": top.val_pixel_acc,
+                     "final_train_loss": history[-1].train_loss})
     rows.sort(key=lambda r: -r["best_val_miou"])
     if distributed.context(str(device)).main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / SUMMARY).write_text(json.dumps({"best": rows[0]["name"], "runs": rows}, indent=2))
+        RunFolder(run).write_sweep_summary({"best": rows[0]["name"], "runs": rows})
     return SweepResult(run, rows)
-
-
-def read_summary(run: str | Path) -> dict | None:
-    """A sweep folder's summary, or None if `run` is not a sweep folder."""
-    path = Path(run) / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None

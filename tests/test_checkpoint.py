@@ -8,6 +8,7 @@ from cachedseg.checkpoint import Checkpoint, TrainConfig
 from cachedseg.classes import CLASS_NAMES
 from cachedseg.decoders import build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
+from cachedseg.runs import EpochMetrics
 from cachedseg.store import StoreSpec
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(112, 154),
@@ -21,7 +22,7 @@ def make_checkpoint() -> Checkpoint:
     torch.manual_seed(1)
     decoder = build_decoder(cfg)
     return Checkpoint(decoder_config=cfg, train_config=TrainConfig(epochs=3, lr=3e-4), spec=SPEC, weights="random",
-                      epoch=2, metrics=[{"epoch": 1, "val_miou": 0.1}, {"epoch": 2, "val_miou": 0.2}],
+                      epoch=2, metrics=[EpochMetrics(1, 2.0, 0.1, 0.5, 1.0, 1.5), EpochMetrics(2, 1.5, 0.2, 0.6, 1.0, 1.5)],
                       decoder_state=decoder.state_dict(), optimizer_state=None,
                       rng={"sampler": torch.Generator().get_state(), "torch": torch.get_rng_state()})
 
