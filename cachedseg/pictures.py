@@ -4,13 +4,10 @@ matplotlib set-up), drawn for `predict`, `train` and `report`. Drawing is neithe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-if TYPE_CHECKING:
-    from cachedseg.runs import EpochMetrics
 
 # One fixed colour per class (background, person, bike, car, drone, boat, animal, obstacle, construction,
 # vegetation, road, sky); every colour and overlay PNG carries a legend of the classes it shows.
@@ -91,8 +88,9 @@ def close(figure) -> None:
     pyplot().close(figure)
 
 
-def curves_figure(rows: list[EpochMetrics]):
-    """Training loss, and val mIoU and pixel accuracy, by epoch (a matplotlib figure; curves.png and reports)."""
+def curves_figure(rows: list):
+    """Training loss, and val mIoU and pixel accuracy, by epoch, of `cachedseg.runs.EpochMetrics` rows (a matplotlib
+    figure; curves.png and reports). Pictures import nothing of cachedseg: they draw what they are given."""
     from matplotlib.ticker import MaxNLocator
     plt = pyplot()
     epochs = [r.epoch for r in rows]
