@@ -45,10 +45,9 @@ from cachedseg.decoders import DECODERS, build_decoder, decoder_config
 from cachedseg.extract import extract
 from cachedseg.features import cached_source, live_source
 from cachedseg import checkpoint
-from cachedseg.checkpoint import TrainConfig
 from cachedseg.store import FeatureStore
 from cachedseg.synth import synthesize
-from cachedseg.train import epoch_batches, targets, train
+from cachedseg.train import TrainConfig, epoch_batches, targets, train
 from results_md import machine
 
 RESULTS = Path(__file__).parent / "results"

@@ -366,7 +366,7 @@ def train(
     _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
                   _at_least(0, workers=workers))
     from cachedseg.backbone import build_backbone, resolve_device
-    from cachedseg.checkpoint import TrainConfig
+    from cachedseg.train import TrainConfig
     from cachedseg.features import cached_source, live_source
     from cachedseg.sweep import grid
 
@@ -690,7 +690,7 @@ def demo(
     import shutil
 
     from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
-    from cachedseg.checkpoint import TrainConfig
+    from cachedseg.train import TrainConfig
     from cachedseg.features import cached_source
     from cachedseg.store import is_store
 

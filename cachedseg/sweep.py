@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 from cachedseg import distributed
-from cachedseg.checkpoint import TrainConfig
 from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource
 from cachedseg.runs import EpochMetrics, RunFolder, best_row
-from cachedseg.train import train_heads
+from cachedseg.train import TrainConfig, train_heads
 
 
 @dataclass(frozen=True)

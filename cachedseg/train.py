@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cachedseg import checkpoint, distributed
-from cachedseg.checkpoint import Checkpoint, TrainConfig
+from cachedseg.checkpoint import Checkpoint
 from cachedseg.classes import IGNORE_INDEX
 from cachedseg.data import collate
 from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
@@ -28,6 +28,7 @@ from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource, free_memory, worker_init
 from cachedseg.metrics import confusion, scores
 from cachedseg.paths import check_writable
+from cachedseg.recipe import TrainConfig  # defined there for checkpoint.py; its home is here
 from cachedseg.runs import EpochMetrics, RunFolder, is_best
 from cachedseg.store import StoreSpec
 

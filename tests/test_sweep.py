@@ -60,7 +60,7 @@ def test_heads_that_do_not_fit_are_refused_up_front_with_the_numbers(store32, tm
 
 
 def test_configs_that_cannot_share_batches_are_refused(store32, tmp_path):
-    from cachedseg.checkpoint import TrainConfig
+    from cachedseg.train import TrainConfig
     plans = [(tmp_path / "a", TrainConfig(epochs=1)), (tmp_path / "b", TrainConfig(epochs=2))]
     with pytest.raises(Exception, match="--epochs"):
         train_heads(cached_source(store32), plans)
