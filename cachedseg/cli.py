@@ -428,10 +428,10 @@ def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
     for column in ("run", "best val mIoU", "epoch", "pixel acc", "final loss"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in result.runs:
-        table.add_row(escape(row["name"]), f"{row['best_val_miou']:.4f}", str(row["best_epoch"]),
-                      f"{row['best_val_pixel_acc']:.4f}", f"{row['final_train_loss']:.4f}")
+        table.add_row(escape(row.name), f"{row.best_val_miou:.4f}", str(row.best_epoch),
+                      f"{row.best_val_pixel_acc:.4f}", f"{row.final_train_loss:.4f}")
     console.print(table)
-    console.print(f"best: [bold]{escape(result.best['run'])}[/]; summary in "
+    console.print(f"best: [bold]{escape(result.best.run)}[/]; summary in "
                   f"{escape(str(runs.RunFolder(run).sweep_summary))}", soft_wrap=True)
     return result
 

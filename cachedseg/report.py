@@ -20,7 +20,7 @@ from cachedseg.errors import CachedsegError
 from cachedseg.evaluate import EvalResult, predictions, score, trained_on
 from cachedseg.paths import check_writable
 from cachedseg.pictures import PALETTE, close, colorize, curves_figure, pyplot
-from cachedseg.runs import EpochMetrics, RunFolder, best_row
+from cachedseg.runs import REPORT, EpochMetrics, RunFolder, SweepRow, best_row
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1d2329; }
@@ -67,8 +67,8 @@ def report(path: str | Path, out: str | Path | None = None, store: str | None = 
     out = Path(out) if out else RunFolder(path).report
     check_writable(out, "the report")  # before the scoring pass, not after it
     if summary is not None:
-        for row in summary["runs"]:
-            report(Path(row["run"]), None, store, data, samples, device)
+        for row in summary:
+            report(Path(row.run), None, store, data, samples, device)
         page = _sweep_page(path, summary)
     else:
         page = _run_page(path, store, data, samples, device, out.parent)
@@ -116,18 +116,18 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
         "<h2>Settings and provenance</h2>", _kv_table(settings)])
 
 
-def _sweep_page(run: Path, summary: dict) -> str:
+def _sweep_page(run: Path, summary: list[SweepRow]) -> str:
     """The comparison of a sweep's configs, each linking to its own report."""
     rows = "".join(
-        f"<tr><td><a href='{html.escape(Path(r['run']).name)}/report.html'>{html.escape(r['name'])}</a></td>"
-        f"<td>{html.escape(r['config']['decoder'])}</td><td class=n>{r['config']['lr']:g}</td>"
-        f"<td class=n>{r['config']['layers'] or 'all'}</td><td class=n>{r['config']['seed']}</td>"
-        f"<td class=n>{r['best_val_miou']:.4f}</td><td class=n>{r['best_epoch']}</td>"
-        f"<td class=n>{r['best_val_pixel_acc']:.4f}</td><td class=n>{r['final_train_loss']:.4f}</td></tr>"
-        for r in summary["runs"])
+        f"<tr><td><a href='{html.escape(Path(r.run).name)}/{REPORT}'>{html.escape(r.name)}</a></td>"
+        f"<td>{html.escape(r.config.decoder)}</td><td class=n>{r.config.lr:g}</td>"
+        f"<td class=n>{r.config.layers or 'all'}</td><td class=n>{r.config.seed}</td>"
+        f"<td class=n>{r.best_val_miou:.4f}</td><td class=n>{r.best_epoch}</td>"
+        f"<td class=n>{r.best_val_pixel_acc:.4f}</td><td class=n>{r.final_train_loss:.4f}</td></tr>"
+        for r in summary)
     return _page(f"Sweep {_name(run)}", [
-        f"<p class=muted>{len(summary['runs'])} configs trained in one pass over the cache; best: "
-        f"<b>{html.escape(summary['best'])}</b></p>",
+        f"<p class=muted>{len(summary)} configs trained in one pass over the cache; best: "
+        f"<b>{html.escape(summary[0].name)}</b></p>",
         "<table id=sweep><tr><th>run</th><th>decoder</th><th>lr</th><th>layers</th><th>seed</th>"
         f"<th>best val mIoU</th><th>epoch</th><th>pixel acc</th><th>final loss</th></tr>{rows}</table>",
         _svg(_sweep_bars(summary))])
@@ -240,11 +240,10 @@ def _confusion_figure(result: EvalResult):
     return fig
 
 
-def _sweep_bars(summary: dict):
+def _sweep_bars(runs: list[SweepRow]):
     plt = pyplot()
-    runs = summary["runs"]
     fig, ax = plt.subplots(figsize=(10, max(2, 0.3 * len(runs))))
-    ax.barh([r["name"] for r in runs][::-1], [r["best_val_miou"] for r in runs][::-1], color="#4a7fb5")
+    ax.barh([r.name for r in runs][::-1], [r.best_val_miou for r in runs][::-1], color="#4a7fb5")
     ax.set(xlabel="best val mIoU", title="Configs, best first")
     return fig
 

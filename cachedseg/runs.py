@@ -21,6 +21,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from cachedseg.recipe import TrainConfig
+
 LAST, BEST = "last.pt", "best.pt"
 CHECKPOINTS = (BEST, LAST)
 METRICS_CSV, METRICS_JSON, CURVES = "metrics.csv", "metrics.json", "curves.png"
@@ -70,6 +72,50 @@ def best_row(rows: list[EpochMetrics]) -> EpochMetrics:
 def is_best(rows: list[EpochMetrics]) -> bool:
     """Whether the last row is at least as good as every one before it: its checkpoint becomes best.pt."""
     return rows[-1].val_miou >= best_row(rows).val_miou
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One config of a sweep, as sweep.json lists it (best val mIoU first).
+
+    Attributes:
+        name: The sub-run's folder name (see `cachedseg.sweep.name`).
+        run: The sub-run folder.
+        config: Its recipe.
+        best_val_miou: Its best row's val mIoU (see `best_row`).
+        best_epoch: That row's epoch.
+        best_val_pixel_acc: That row's val pixel accuracy.
+        final_train_loss: The last epoch's training loss.
+    """
+
+    name: str
+    run: str
+    config: TrainConfig
+    best_val_miou: float
+    best_epoch: int
+    best_val_pixel_acc: float
+    final_train_loss: float
+
+    @classmethod
+    def of(cls, run: Path, config: TrainConfig, history: list[EpochMetrics]) -> SweepRow:
+        """The row of the sub-run `run`, trained with `config`, from its metrics rows."""
+        top = best_row(history)
+        return cls(run.name, str(run), config, top.val_miou, top.epoch, top.val_pixel_acc, history[-1].train_loss)
+
+    def to_dict(self) -> dict:
+        """The row as sweep.json holds it (the config as a dict of its fields)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict) -> SweepRow:
+        """A row as `to_dict` wrote it (config fields this version does not know are left out, as checkpoints do).
+
+        Raises:
+            KeyError: For a row that lacks a field.
+        """
+        known = {f.name for f in fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in row["config"].items() if k in known})
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name != "config"}, config=config)
 
 
 @dataclass(frozen=True)
@@ -126,11 +172,14 @@ class RunFolder:
         """The rows of metrics.json."""
         return [EpochMetrics.from_dict(r) for r in json.loads(self.metrics_json.read_text())]
 
-    def write_sweep_summary(self, summary: dict) -> None:
-        """sweep.json: {"best": name, "runs": [row, ...]}."""
+    def write_sweep_summary(self, rows: list[SweepRow]) -> None:
+        """sweep.json: {"best": the first row's name, "runs": [row, ...]} for `rows`, best first."""
         self.path.mkdir(parents=True, exist_ok=True)
-        self.sweep_summary.write_text(json.dumps(summary, indent=2))
+        self.sweep_summary.write_text(json.dumps({"best": rows[0].name, "runs": [r.to_dict() for r in rows]},
+                                                 indent=2))
 
-    def read_sweep_summary(self) -> dict | None:
-        """sweep.json, or None if this is not a sweep folder."""
-        return json.loads(self.sweep_summary.read_text()) if self.sweep_summary.is_file() else None
+    def read_sweep_summary(self) -> list[SweepRow] | None:
+        """The rows of sweep.json, best first, or None if this is not a sweep folder."""
+        if not self.sweep_summary.is_file():
+            return None
+        return [SweepRow.from_dict(r) for r in json.loads(self.sweep_summary.read_text())["runs"]]

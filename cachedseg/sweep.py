@@ -14,14 +14,14 @@ val mIoU, naming the best.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from cachedseg import distributed
 from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource
-from cachedseg.runs import EpochMetrics, RunFolder, best_row
+from cachedseg.runs import EpochMetrics, RunFolder, SweepRow
 from cachedseg.train import TrainConfig, train_heads
 
 
@@ -31,15 +31,14 @@ class SweepResult:
 
     Attributes:
         run: The sweep folder.
-        runs: One summary row per config, best val mIoU first: name, run, config, best_val_miou, best_epoch,
-            best_val_pixel_acc, final_train_loss.
+        runs: One summary row per config, best val mIoU first.
     """
 
     run: Path
-    runs: list[dict]
+    runs: list[SweepRow]
 
     @property
-    def best(self) -> dict:
+    def best(self) -> SweepRow:
         """The row of the config with the best val mIoU."""
         return self.runs[0]
 
@@ -83,13 +82,8 @@ def sweep(source: FeatureSource, run: str | Path, configs: list[TrainConfig], de
     run = Path(run)
     plans = [(run / name(c), c) for c in configs]
     histories = train_heads(source, plans, device, resume, progress, on_epoch, log)
-    rows = []
-    for (path, config), history in zip(plans, histories):
-        top = best_row(history)
-        rows.append({"name": path.name, "run": str(path), "config": asdict(config), "best_val_miou": top.val_miou,
-                     "best_epoch": top.epoch, "best_val_pixel_acc": top.val_pixel_acc,
-                     "final_train_loss": history[-1].train_loss})
-    rows.sort(key=lambda r: -r["best_val_miou"])
+    rows = sorted((SweepRow.of(path, config, history) for (path, config), history in zip(plans, histories)),
+                  key=lambda r: -r.best_val_miou)
     if distributed.context(str(device)).main:
-        RunFolder(run).write_sweep_summary({"best": rows[0]["name"], "runs": rows})
+        RunFolder(run).write_sweep_summary(rows)
     return SweepResult(run, rows)

@@ -4,11 +4,13 @@ import csv
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from pathlib import Path
+from dataclasses import asdict, replace
 
 import pytest
 
-from cachedseg.runs import EpochMetrics, RunFolder, best_row, is_best
+from cachedseg.runs import EpochMetrics, RunFolder, SweepRow, best_row, is_best
+from cachedseg.train import TrainConfig
 
 ROWS = [EpochMetrics(1, 2.5, 0.25, 0.5, 1.25, 1.5), EpochMetrics(2, 2.0, 0.5, 0.75, 1.0, 1.75),
         EpochMetrics(3, 1.5, 0.5, 0.8, 1.0, 2.0)]
@@ -44,11 +46,24 @@ def test_a_folder_names_its_files_and_knows_a_sweep(tmp_path):
     assert (folder.last.name, folder.best.name, folder.checkpoint("last"), folder.report.name) == \
         ("last.pt", "best.pt", tmp_path / "last.pt", "report.html")
     assert not folder.has_checkpoint() and folder.read_sweep_summary() is None
-    folder.write_sweep_summary({"best": "a", "runs": []})
-    assert json.loads((tmp_path / "sweep.json").read_text()) == {"best": "a", "runs": []}
-    assert folder.read_sweep_summary() == {"best": "a", "runs": []}
+    rows = [SweepRow.of(tmp_path / "conv-l0-lr0.001-s0", TrainConfig(lr=1e-3, data_seed=0), ROWS),
+            SweepRow.of(tmp_path / "linear-l0-lr0.0001-s0", TrainConfig(decoder="linear", data_seed=0), ROWS[:1])]
+    folder.write_sweep_summary(rows)
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert written["best"] == "conv-l0-lr0.001-s0" and written["runs"][0] == {
+        "name": "conv-l0-lr0.001-s0", "run": str(tmp_path / "conv-l0-lr0.001-s0"),
+        "config": asdict(TrainConfig(lr=1e-3, data_seed=0)), "best_val_miou": 0.5, "best_epoch": 2,
+        "best_val_pixel_acc": 0.75, "final_train_loss": 1.5}
+    assert [list(r) for r in written["runs"]] == [list(written["runs"][0])] * 2
+    assert folder.read_sweep_summary() == rows
     (tmp_path / "last.pt").touch()
     assert folder.has_checkpoint()
+
+
+def test_a_sweep_row_from_an_older_or_newer_config_reads_back():
+    row = SweepRow.of(Path("s/a"), TrainConfig(seed=3), ROWS).to_dict()
+    row["config"] = {k: v for k, v in row["config"].items() if k != "workers"} | {"later_option": 1}
+    assert SweepRow.from_dict(row).config == TrainConfig(seed=3)
 
 
 def test_the_run_folder_module_loads_without_torch_or_matplotlib():
