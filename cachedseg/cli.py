@@ -366,9 +366,9 @@ def train(
     _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
                   _at_least(0, workers=workers))
     from cachedseg.backbone import build_backbone, resolve_device
-    from cachedseg.train import TrainConfig
     from cachedseg.features import cached_source, live_source
     from cachedseg.sweep import grid
+    from cachedseg.train import TrainConfig
 
     # a rerun without --resume is refused (the run folder holds a run now): name the command that continues
     with user_errors(lambda: f"last.pt holds the last finished epoch; continue with {rerun('--resume')}"):
@@ -690,9 +690,9 @@ def demo(
     import shutil
 
     from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
-    from cachedseg.train import TrainConfig
     from cachedseg.features import cached_source
     from cachedseg.store import is_store
+    from cachedseg.train import TrainConfig
 
     data, store, run, preds = out / "data", out / "features.zarr", out / "run", out / "predictions"
     _light_checks(_at_least(2, count=count), _at_least(1, epochs=epochs, layers=layers, short_side=short_side),
