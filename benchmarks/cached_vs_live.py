@@ -45,10 +45,9 @@ from cachedseg.decoders import DECODERS, build_decoder, decoder_config
 from cachedseg.extract import extract
 from cachedseg.features import cached_source, live_source
 from cachedseg import checkpoint
-from cachedseg.checkpoint import TrainConfig
 from cachedseg.store import FeatureStore
 from cachedseg.synth import synthesize
-from cachedseg.train import epoch_batches, targets, train
+from cachedseg.train import TrainConfig, epoch_batches, targets, train
 from results_md import machine
 
 RESULTS = Path(__file__).parent / "results"
@@ -148,7 +147,7 @@ def replicate(store: Path, times: int, out: Path) -> Path:
 def timed_epoch(source, run: Path, config: TrainConfig, device: torch.device) -> tuple[float, Path]:
     """Training seconds of the last epoch of a real `train` run."""
     rows = train(source, run, config, device)
-    return rows[-1]["train_seconds"], run
+    return rows[-1].train_seconds, run
 
 
 def agreement(cached_run: Path, live_run: Path, store: Path, device: torch.device) -> tuple[int, int]:

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 import cachedseg
+from cachedseg.runs import RunFolder
 from cachedseg.synth import synthesize
 from results_md import append, machine
 
@@ -111,7 +112,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = ["--device", args.device]
     small, run = work / "small", work / "run"
-    if not (run / "best.pt").exists():
+    if not RunFolder(run).best.exists():
         synthesize(small, count=8, width=160, height=120, seed=0)
         subprocess.run(cli("extract", small, "--store", work / "small.zarr", *SMALL, "--workers", "0", *device),
                        check=True, capture_output=True)

@@ -35,13 +35,12 @@ from pathlib import Path
 import torch
 
 from cachedseg.backbone import BackboneConfig, resolve_device, size_for_short_side
-from cachedseg.checkpoint import TrainConfig
 from cachedseg.classes import CLASS_NAMES
 from cachedseg.evaluate import evaluate
 from cachedseg.extract import extract
 from cachedseg.features import cached_source
 from cachedseg.synth import synthesize
-from cachedseg.train import train
+from cachedseg.train import TrainConfig, train
 from results_md import append, machine
 
 RESULTS = Path(__file__).parent / "results"

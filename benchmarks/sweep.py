@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 
 from cachedseg.backbone import BackboneConfig, resolve_device, size_for_short_side
-from cachedseg.checkpoint import TrainConfig
 from cachedseg.extract import extract
 from cachedseg.features import cached_source
 from cachedseg.synth import synthesize
-from cachedseg.train import train, train_heads
+from cachedseg.train import TrainConfig, train, train_heads
 from results_md import append, machine
 
 RESULTS = Path(__file__).parent / "results"

@@ -20,50 +20,11 @@ from cachedseg import __version__
 from cachedseg.decoders import DecoderConfig, build_decoder
 from cachedseg.errors import CachedsegError, first_line, load_failure
 from cachedseg.paths import checkpoint_path
+from cachedseg.recipe import TrainConfig
+from cachedseg.runs import EpochMetrics
 from cachedseg.store import StoreSpec
 
 FORMAT = "cachedseg-checkpoint"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The training recipe: the seed design's (Adam 1e-4, 11 epochs, batch 2), with the best measured decoder.
-
-    Attributes:
-        epochs: Passes over the trn images.
-        lr: Adam learning rate.
-        batch_size: Images per step.
-        decoder: Decoder name (`seed`, `upconv`, `linear` or `conv`).
-        layers: How many of the last cached layers the decoder reads (None: all the features hold).
-        seed: Seeds the decoder's initialisation and (unless `data_seed` is given) the shuffling and view draws,
-            identically for cached and live runs.
-        data_seed: Seeds the shuffling and view draws on its own (heads trained in one pass share it).
-        decoder_precision: `float32`, or `bfloat16` autocast for the decoder's forward pass (for GPUs).
-        channels_last: Run the decoder in channels-last memory layout (faster convolutions on GPUs).
-        compile: Compile the decoder with `torch.compile` (pays off on long GPU runs).
-        workers: DataLoader worker processes (None: 0 on a CPU, where reads are cheap next to the decoder and
-            workers only compete for cores; min(4, CPUs) on a GPU).
-    """
-
-    epochs: int = 11
-    lr: float = 1e-4
-    batch_size: int = 2
-    decoder: str = "conv"
-    layers: int | None = None
-    seed: int = 0
-    data_seed: int | None = None
-    decoder_precision: str = "float32"
-    channels_last: bool = False
-    compile: bool = False
-    workers: int | None = None
-
-    def describe(self, cached_layers: int) -> str:
-        """The recipe in words, with what each unset (None) setting meant for the run: `cached_layers` is how many
-        layers its features held."""
-        meant = {"layers": f"all ({cached_layers})" if self.layers is None else self.layers,
-                 "data_seed": f"= seed ({self.seed})" if self.data_seed is None else self.data_seed,
-                 "workers": "auto (0 on a CPU, min(4, CPUs) on a GPU)" if self.workers is None else self.workers}
-        return ", ".join(f"{k} {meant.get(k, v)}" for k, v in asdict(self).items())
 
 
 @dataclass(frozen=True)
@@ -89,7 +50,7 @@ class Checkpoint:
     spec: StoreSpec
     weights: str
     epoch: int
-    metrics: list[dict]
+    metrics: list[EpochMetrics]
     decoder_state: dict[str, torch.Tensor]
     optimizer_state: dict | None = None
     rng: dict | None = field(default=None, repr=False)
@@ -118,7 +79,8 @@ def save(ckpt: Checkpoint, path: str | Path) -> None:
     path = Path(path)
     state = {"format": FORMAT, "package_version": __version__, "epoch": ckpt.epoch,
              "decoder_config": asdict(ckpt.decoder_config), "train_config": asdict(ckpt.train_config),
-             "spec": asdict(ckpt.spec), "weights": ckpt.weights, "metrics": ckpt.metrics,
+             "spec": asdict(ckpt.spec), "weights": ckpt.weights,
+             "metrics": [r.to_dict() for r in ckpt.metrics],
              "decoder": ckpt.decoder_state, "optimizer": ckpt.optimizer_state, "rng": ckpt.rng,
              "source": ckpt.source, "versions": ckpt.versions or versions()}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -166,7 +128,7 @@ def load(path: str | Path) -> Checkpoint:
         ckpt = Checkpoint(decoder_config=DecoderConfig(**state["decoder_config"]),
                           train_config=TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known}),
                           spec=StoreSpec.from_attrs(state["spec"]), weights=state["weights"], epoch=state["epoch"],
-                          metrics=state["metrics"], decoder_state=state["decoder"],
+                          metrics=[EpochMetrics.from_dict(r) for r in state["metrics"]], decoder_state=state["decoder"],
                           optimizer_state=state.get("optimizer"), rng=state.get("rng"),
                           source=state.get("source", ""), versions=state.get("versions", {}))
     except (KeyError, TypeError) as exc:

@@ -19,7 +19,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from cachedseg import paths
+from cachedseg import paths, runs
 from cachedseg.errors import CachedsegError
 
 app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache.\n\n"
@@ -317,14 +317,14 @@ def _extract(data, store, backbone, **options):
     return result
 
 
-def _metrics_table(rows: list[dict], title: str) -> Table:
+def _metrics_table(rows: list[runs.EpochMetrics], title: str) -> Table:
     """The seed's results table: epoch, training loss, validation mIoU, pixel accuracy, time."""
     table = Table(title=title)
     for name in ("Epoch", "Training loss", "Validation mIoU", "Pixel accuracy", "Seconds"):
         table.add_column(name, justify="right")
     for r in rows:
-        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_miou']:.4f}", f"{r['val_pixel_acc']:.4f}",
-                      f"{r['seconds']:.1f}")
+        table.add_row(str(r.epoch), f"{r.train_loss:.4f}", f"{r.val_miou:.4f}", f"{r.val_pixel_acc:.4f}",
+                      f"{r.seconds:.1f}")
     return table
 
 
@@ -354,7 +354,7 @@ def train(
     precision: str = typer.Option("float32", help="With --live: " + PRECISION_HELP),
     dtype: str = typer.Option("float16", help="With --live: cast features to this dtype, as a cache would store them."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-) -> list[dict]:
+) -> list[runs.EpochMetrics]:
     """Train the decoder from cached features (or, with --live, from the images), validating each epoch.
 
     The run folder gets last.pt, best.pt (by val mIoU), metrics.csv, metrics.json and curves.png.
@@ -366,9 +366,9 @@ def train(
     _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
                   _at_least(0, workers=workers))
     from cachedseg.backbone import build_backbone, resolve_device
-    from cachedseg.checkpoint import TrainConfig
     from cachedseg.features import cached_source, live_source
     from cachedseg.sweep import grid
+    from cachedseg.train import TrainConfig
 
     # a rerun without --resume is refused (the run folder holds a run now): name the command that continues
     with user_errors(lambda: f"last.pt holds the last finished epoch; continue with {rerun('--resume')}"):
@@ -417,9 +417,9 @@ def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
     console.print(f"sweeping {len(configs)} configs in one pass over {kind} {source.spec.backbone} features -> "
                   f"{escape(str(run))}", soft_wrap=True)
     with Reporter("batch") as reporter:
-        def on_epoch(sub: Path, r: dict) -> None:
-            reporter.print(f"{escape(sub.name):>28} epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  "
-                           f"val mIoU {r['val_miou']:.4f}  pixel acc {r['val_pixel_acc']:.4f}")
+        def on_epoch(sub: Path, r: runs.EpochMetrics) -> None:
+            reporter.print(f"{escape(sub.name):>28} epoch {r.epoch:>3}  loss {r.train_loss:.4f}  "
+                           f"val mIoU {r.val_miou:.4f}  pixel acc {r.val_pixel_acc:.4f}")
 
         result = run_sweep(source, run, configs, device, resume=resume, on_epoch=on_epoch,
                            progress=reporter.callback("epoch") if reporter.bar else None,
@@ -428,15 +428,15 @@ def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
     for column in ("run", "best val mIoU", "epoch", "pixel acc", "final loss"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in result.runs:
-        table.add_row(escape(row["name"]), f"{row['best_val_miou']:.4f}", str(row["best_epoch"]),
-                      f"{row['best_val_pixel_acc']:.4f}", f"{row['final_train_loss']:.4f}")
+        table.add_row(escape(row.name), f"{row.best_val_miou:.4f}", str(row.best_epoch),
+                      f"{row.best_val_pixel_acc:.4f}", f"{row.final_train_loss:.4f}")
     console.print(table)
-    console.print(f"best: [bold]{escape(result.best['run'])}[/]; summary in {escape(str(run / 'sweep.json'))}",
-                  soft_wrap=True)
+    console.print(f"best: [bold]{escape(result.best.run)}[/]; summary in "
+                  f"{escape(str(runs.RunFolder(run).sweep_summary))}", soft_wrap=True)
     return result
 
 
-def _train(source, run: Path, config, device, resume: bool, kind: str) -> list[dict]:
+def _train(source, run: Path, config, device, resume: bool, kind: str) -> list[runs.EpochMetrics]:
     """Run `cachedseg.train.train` with progress and the seed's per-epoch table."""
     from cachedseg.train import train as run_train
 
@@ -456,14 +456,14 @@ def _train(source, run: Path, config, device, resume: bool, kind: str) -> list[d
             if bar:
                 bar(done, total)
 
-        def on_epoch(r: dict) -> None:
-            reporter.print(f"{r['epoch']:>5} {r['train_loss']:>14.4f} {r['val_miou']:>16.4f} "
-                           f"{r['val_pixel_acc']:>15.4f} {r['seconds']:>8.1f}")
+        def on_epoch(r: runs.EpochMetrics) -> None:
+            reporter.print(f"{r.epoch:>5} {r.train_loss:>14.4f} {r.val_miou:>16.4f} "
+                           f"{r.val_pixel_acc:>15.4f} {r.seconds:>8.1f}")
 
         rows = run_train(source, run, config, device, resume=resume, on_epoch=on_epoch, progress=progress,
                          log=lambda message: reporter.print(f"[yellow]note:[/] {escape(message)}"))
-    best = max(rows, key=lambda r: r["val_miou"])
-    console.print(f"best val mIoU {best['val_miou']:.4f} (epoch {best['epoch']}); checkpoints, metrics and "
+    best = runs.best_row(rows)
+    console.print(f"best val mIoU {best.val_miou:.4f} (epoch {best.epoch}); checkpoints, metrics and "
                   f"curves.png in [bold]{escape(str(run))}[/]", soft_wrap=True)
     return rows
 
@@ -601,11 +601,11 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
             rows += [(f"bad: {k}", v) for k, v in d.get("bad", {}).items()]
         else:
             p = Path(path)
-            if p.is_file() and p.suffix != ".pt" or p.is_dir() and not any((p / n).exists() for n in paths.CHECKPOINTS):
+            if p.is_file() and p.suffix != ".pt" or p.is_dir() and not runs.RunFolder(p).has_checkpoint():
                 raise CachedsegError(f"{path} is neither a feature store (a Zarr folder from `cachedseg extract`) nor "
                                      "a run (a folder with best.pt/last.pt from `cachedseg train`, or a .pt file)")
             ckpt = checkpoint.load_run(path, which="last")  # the whole history; best.pt stops at its epoch
-            best = max(ckpt.metrics, key=lambda r: r["val_miou"])
+            best = runs.best_row(ckpt.metrics)
             params = sum(p.numel() for p in ckpt.decoder().parameters())
             rows = [("decoder", f"{ckpt.decoder_config.name} ({params:,} parameters)"),
                     ("features", f"{ckpt.spec.backbone} @ {ckpt.spec.input_size[1]}x{ckpt.spec.input_size[0]} px, "
@@ -614,8 +614,8 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
                                  f"fingerprint {ckpt.spec.fingerprint}"),
                     ("recipe", ckpt.train_config.describe(ckpt.spec.layers)),
                     ("epochs trained", str(ckpt.epoch)),
-                    ("best val", f"mIoU {best['val_miou']:.4f}, pixel accuracy {best['val_pixel_acc']:.4f} "
-                                 f"(epoch {best['epoch']})"),
+                    ("best val", f"mIoU {best.val_miou:.4f}, pixel accuracy {best.val_pixel_acc:.4f} "
+                                 f"(epoch {best.epoch})"),
                     ("weights", ckpt.weights),
                     ("trained on", (f"live features from {ckpt.source.removeprefix('live:')}"
                                     if ckpt.source.startswith("live:") else ckpt.source) or "not recorded")]
@@ -640,9 +640,10 @@ def report(
     def inputs() -> None:
         if not path.is_dir():
             raise CachedsegError(f"no run or sweep folder at {path}{paths.did_you_mean(path)}")
-        if not (path / "sweep.json").is_file():
+        folder = runs.RunFolder(path)
+        if not folder.sweep_summary.is_file():
             paths.checkpoint_path(path)
-        paths.check_writable(out or path / "report.html", "the report")
+        paths.check_writable(out or folder.report, "the report")
     _light_checks(inputs, _at_least(0, samples=samples))
     from cachedseg.report import report as run_report
 
@@ -689,9 +690,9 @@ def demo(
     import shutil
 
     from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
-    from cachedseg.checkpoint import TrainConfig
     from cachedseg.features import cached_source
     from cachedseg.store import is_store
+    from cachedseg.train import TrainConfig
 
     data, store, run, preds = out / "data", out / "features.zarr", out / "run", out / "predictions"
     _light_checks(_at_least(2, count=count), _at_least(1, epochs=epochs, layers=layers, short_side=short_side),

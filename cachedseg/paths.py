@@ -11,8 +11,7 @@ import os
 from pathlib import Path
 
 from cachedseg.errors import CachedsegError
-
-CHECKPOINTS = ("best.pt", "last.pt")
+from cachedseg.runs import RunFolder
 
 
 def is_url(path: str | Path) -> bool:
@@ -93,7 +92,7 @@ def checkpoint_path(run: str | Path, which: str = "best") -> Path:
     if not run.exists():
         raise CachedsegError(f"no run at {run} (expected a run folder with {which}.pt from `cachedseg train`)"
                              f"{did_you_mean(run)}; train one with `cachedseg train STORE --run {run}`")
-    path = run / f"{which}.pt"
+    path = RunFolder(run).checkpoint(which)
     if not path.exists():  # a folder of that name is refused when loaded
         raise CachedsegError(f"{run} holds no {which}.pt, so it is not a trained run (yet); train it with "
                              f"`cachedseg train STORE --run {run}`, or give the run folder that `train` wrote")

@@ -12,12 +12,12 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cachedseg import __version__, checkpoint
@@ -25,18 +25,13 @@ from cachedseg.backbone import Backbone, backbone_for, resolve_device
 from cachedseg.data import load_image, own_pixel_limit, preprocess_image
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_images
+from cachedseg.pictures import legend_strip, picture_rows, present_classes
 from cachedseg.store import StoreSpec
 from cachedseg.views import apply_view
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 KINDS = ("label", "color", "overlay")  # the PNGs written per image, <stem>_<kind>.png
 SOFTWARE = f"cachedseg {__version__}"  # the text chunk marking every PNG cachedseg writes
-# One fixed colour per class (background, person, bike, car, drone, boat, animal, obstacle, construction,
-# vegetation, road, sky); every colour and overlay PNG carries a legend of the classes it shows.
-PALETTE = np.array([(0, 0, 0), (220, 20, 60), (119, 11, 32), (0, 0, 142), (255, 0, 255), (0, 170, 255),
-                    (255, 140, 0), (255, 255, 0), (140, 70, 20), (0, 160, 0), (128, 128, 128), (135, 206, 235)],
-                   dtype=np.uint8)
-PICTURE_ROWS = 256  # rows of a picture drawn at a time
 
 
 # Logits resized to a frame [K, H, W] of up to this many float32 bytes are made whole (a 1280x720 frame with 12
@@ -175,64 +170,6 @@ def failed(items: list[dict]) -> None:
     for item in items:
         if "error" in item:
             raise CachedsegError(item["error"])
-
-
-def colorize(labels: np.ndarray) -> Image.Image:
-    """Class indices [H, W] -> RGB image with the fixed palette (ignored/unknown labels black)."""
-    return Image.fromarray(PALETTE[np.where(labels < len(PALETTE), labels, 0)])
-
-
-def with_legend(picture: Image.Image, labels: np.ndarray, class_names: tuple[str, ...]) -> Image.Image:
-    """`picture` with a strip below it naming, in its colour, each class present in `labels`."""
-    strip = _legend(picture.width, _present(labels), class_names)
-    out = Image.new("RGB", (picture.width, picture.height + strip.height))
-    out.paste(picture if picture.mode == "RGB" else picture.convert("RGB"), (0, 0))
-    out.paste(strip, (0, picture.height))
-    return out
-
-
-def _present(labels: np.ndarray) -> list[int]:
-    """The class indices in `labels` [H, W], found band by band (np.unique sorts a copy of what it is given)."""
-    found: set[int] = set()
-    for y in range(0, labels.shape[0], PICTURE_ROWS):
-        found.update(np.unique(labels[y:y + PICTURE_ROWS]).tolist())
-    return sorted(found)
-
-
-def _legend(width: int, present: list[int], class_names: tuple[str, ...]) -> Image.Image:
-    """The strip under a picture `width` wide naming, in its colour, each class of `present`."""
-    present = [c for c in present if c < len(class_names)]
-    size = max(11, min(18, width // 40))
-    font = ImageFont.load_default(size=size)
-    pad, swatch = size // 2, size
-    items, x, rows = [], pad, 0
-    for c in present:  # lay the entries out left to right, wrapping to new rows
-        entry = swatch + pad // 2 + int(font.getlength(class_names[c])) + 2 * pad
-        if x + entry > width and x > pad:
-            x, rows = pad, rows + 1
-        items.append((c, x, rows))
-        x += entry
-    row_h = size + pad
-    strip = Image.new("RGB", (width, (rows + 1) * row_h + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    for c, x, row in items:
-        y = pad + row * row_h
-        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(v) for v in PALETTE[c]), outline=(0, 0, 0))
-        draw.text((x + swatch + pad // 2, y + size // 2), class_names[c], fill=(0, 0, 0), font=font, anchor="lm")
-    return strip
-
-
-def _picture_rows(labels: np.ndarray, strip: Image.Image, image: Image.Image | None = None) -> Iterator[np.ndarray]:
-    """The colour picture of `labels` (with `image`: the overlay on it) above the legend `strip`, as bands of rows
-    [r, W, 3] uint8: pixel for pixel `with_legend(colorize(labels))` (or `with_legend(Image.blend(image,
-    colorize(labels), 0.5))`), so that no full-frame picture is made on the way (PIL holds RGB in 4 bytes a pixel)."""
-    height, width = labels.shape
-    for y in range(0, height, PICTURE_ROWS):
-        rows = colorize(labels[y:y + PICTURE_ROWS])
-        if image is not None:
-            rows = Image.blend(image.crop((0, y, width, y + rows.height)), rows, 0.5)
-        yield np.asarray(rows)
-    yield np.asarray(strip)
 
 
 def _save_png_rows(bands: Iterable[np.ndarray], width: int, height: int, path: Path) -> None:
@@ -393,10 +330,10 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             files = [out / f"{path.stem}_{kind}.png" for kind in KINDS]
             pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
             _save_png(Image.fromarray(labels, mode="L"), pred.label)
-            strip = _legend(labels.shape[1], _present(labels), ckpt.spec.class_names)
+            strip = legend_strip(labels.shape[1], present_classes(labels), ckpt.spec.class_names)
             size = labels.shape[1], labels.shape[0] + strip.height
-            _save_png_rows(_picture_rows(labels, strip), *size, pred.color)
-            _save_png_rows(_picture_rows(labels, strip, image), *size, pred.overlay)
+            _save_png_rows(picture_rows(labels, strip), *size, pred.color)
+            _save_png_rows(picture_rows(labels, strip, image), *size, pred.overlay)
             written.append(pred)
         if progress:
             progress(len(written), len(paths))

@@ -19,9 +19,8 @@ from cachedseg.data import load_image
 from cachedseg.errors import CachedsegError
 from cachedseg.evaluate import EvalResult, predictions, score, trained_on
 from cachedseg.paths import check_writable
-from cachedseg.predict import PALETTE, colorize
-from cachedseg.sweep import read_summary
-from cachedseg.train import curves_figure
+from cachedseg.pictures import PALETTE, close, colorize, curves_figure, pyplot
+from cachedseg.runs import REPORT, EpochMetrics, RunFolder, SweepRow, best_row
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1d2329; }
@@ -64,12 +63,12 @@ def report(path: str | Path, out: str | Path | None = None, store: str | None = 
     path = Path(path)
     if samples < 0:
         raise CachedsegError(f"--samples {samples}: give 0 (no images) or more")
-    summary = read_summary(path)
-    out = Path(out) if out else path / "report.html"
+    summary = RunFolder(path).read_sweep_summary()
+    out = Path(out) if out else RunFolder(path).report
     check_writable(out, "the report")  # before the scoring pass, not after it
     if summary is not None:
-        for row in summary["runs"]:
-            report(Path(row["run"]), None, store, data, samples, device)
+        for row in summary:
+            report(Path(row.run), None, store, data, samples, device)
         page = _sweep_page(path, summary)
     else:
         page = _run_page(path, store, data, samples, device, out.parent)
@@ -94,7 +93,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
     root = Path(data) if data else Path(_dataset_of(store))
     spec, cfg = best.spec, best.decoder_config
     rows = last.metrics
-    top = max(rows, key=lambda r: r["val_miou"])
+    top = best_row(rows)
     settings = [
         ("decoder", f"{cfg.name}, reading the last {cfg.layers} of {spec.layers} layer(s)"),
         ("recipe", best.train_config.describe(spec.layers)),
@@ -105,7 +104,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
         ("versions at training", ", ".join(f"{k} {v}" for k, v in best.versions.items()) or "not recorded"),
         ("versions now", ", ".join(f"{k} {v}" for k, v in versions().items()))]
     return _page(f"Run {_name(run)}", [
-        f"<p class=muted>best val mIoU <b id=best-miou>{top['val_miou']:.4f}</b> at epoch {top['epoch']} of "
+        f"<p class=muted>best val mIoU <b id=best-miou>{top.val_miou:.4f}</b> at epoch {top.epoch} of "
         f"{len(rows)}; scored below at the labels' native resolution on {result.images} val images with best.pt</p>",
         "<h2>Training</h2>", _svg(curves_figure(rows)), _metrics_table(rows),
         "<h2>Per-class IoU (val, native resolution)</h2>", _class_table(result), _svg(_iou_bars(result)),
@@ -117,18 +116,18 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
         "<h2>Settings and provenance</h2>", _kv_table(settings)])
 
 
-def _sweep_page(run: Path, summary: dict) -> str:
+def _sweep_page(run: Path, summary: list[SweepRow]) -> str:
     """The comparison of a sweep's configs, each linking to its own report."""
     rows = "".join(
-        f"<tr><td><a href='{html.escape(Path(r['run']).name)}/report.html'>{html.escape(r['name'])}</a></td>"
-        f"<td>{html.escape(r['config']['decoder'])}</td><td class=n>{r['config']['lr']:g}</td>"
-        f"<td class=n>{r['config']['layers'] or 'all'}</td><td class=n>{r['config']['seed']}</td>"
-        f"<td class=n>{r['best_val_miou']:.4f}</td><td class=n>{r['best_epoch']}</td>"
-        f"<td class=n>{r['best_val_pixel_acc']:.4f}</td><td class=n>{r['final_train_loss']:.4f}</td></tr>"
-        for r in summary["runs"])
+        f"<tr><td><a href='{html.escape(Path(r.run).name)}/{REPORT}'>{html.escape(r.name)}</a></td>"
+        f"<td>{html.escape(r.config.decoder)}</td><td class=n>{r.config.lr:g}</td>"
+        f"<td class=n>{r.config.layers or 'all'}</td><td class=n>{r.config.seed}</td>"
+        f"<td class=n>{r.best_val_miou:.4f}</td><td class=n>{r.best_epoch}</td>"
+        f"<td class=n>{r.best_val_pixel_acc:.4f}</td><td class=n>{r.final_train_loss:.4f}</td></tr>"
+        for r in summary)
     return _page(f"Sweep {_name(run)}", [
-        f"<p class=muted>{len(summary['runs'])} configs trained in one pass over the cache; best: "
-        f"<b>{html.escape(summary['best'])}</b></p>",
+        f"<p class=muted>{len(summary)} configs trained in one pass over the cache; best: "
+        f"<b>{html.escape(summary[0].name)}</b></p>",
         "<table id=sweep><tr><th>run</th><th>decoder</th><th>lr</th><th>layers</th><th>seed</th>"
         f"<th>best val mIoU</th><th>epoch</th><th>pixel acc</th><th>final loss</th></tr>{rows}</table>",
         _svg(_sweep_bars(summary))])
@@ -147,11 +146,11 @@ def _page(title: str, parts: list[str]) -> str:
             + "\n".join(parts) + f"{CHECK}</body></html>")
 
 
-def _metrics_table(rows: list[dict]) -> str:
+def _metrics_table(rows: list[EpochMetrics]) -> str:
     """Each epoch's numbers, as metrics.json has them (4 decimals)."""
-    body = "".join(f"<tr><td class=n>{r['epoch']}</td><td class=n>{r['train_loss']:.4f}</td>"
-                   f"<td class=n>{r['val_miou']:.4f}</td><td class=n>{r['val_pixel_acc']:.4f}</td>"
-                   f"<td class=n>{r['seconds']:.1f}</td></tr>" for r in rows)
+    body = "".join(f"<tr><td class=n>{r.epoch}</td><td class=n>{r.train_loss:.4f}</td>"
+                   f"<td class=n>{r.val_miou:.4f}</td><td class=n>{r.val_pixel_acc:.4f}</td>"
+                   f"<td class=n>{r.seconds:.1f}</td></tr>" for r in rows)
     return ("<table id=metrics><tr><th>epoch</th><th>train loss</th><th>val mIoU</th><th>val pixel acc</th>"
             f"<th>seconds</th></tr>{body}</table>")
 
@@ -206,7 +205,7 @@ def _png(figure) -> str:
     """A matplotlib figure as an embedded PNG."""
     buf = io.BytesIO()
     figure.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _close(figure)
+    close(figure)
     return f"<img alt='' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
@@ -214,23 +213,12 @@ def _svg(figure) -> str:
     """A matplotlib figure as inline SVG (sharp at any zoom)."""
     buf = io.StringIO()
     figure.savefig(buf, format="svg", bbox_inches="tight")
-    _close(figure)
+    close(figure)
     return buf.getvalue()[buf.getvalue().index("<svg"):]
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _close(figure) -> None:
-    _plt().close(figure)
-
-
 def _iou_bars(result: EvalResult):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 3))
     values = [v or 0.0 for v in result.iou]
     ax.bar(range(len(values)), values, color=[PALETTE[i] / 255 for i in range(len(values))], edgecolor="black")
@@ -240,7 +228,7 @@ def _iou_bars(result: EvalResult):
 
 
 def _confusion_figure(result: EvalResult):
-    plt = _plt()
+    plt = pyplot()
     conf = result.confusion.astype(float)
     share = conf / np.maximum(conf.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
@@ -252,11 +240,10 @@ def _confusion_figure(result: EvalResult):
     return fig
 
 
-def _sweep_bars(summary: dict):
-    plt = _plt()
-    runs = summary["runs"]
+def _sweep_bars(runs: list[SweepRow]):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, max(2, 0.3 * len(runs))))
-    ax.barh([r["name"] for r in runs][::-1], [r["best_val_miou"] for r in runs][::-1], color="#4a7fb5")
+    ax.barh([r.name for r in runs][::-1], [r.best_val_miou for r in runs][::-1], color="#4a7fb5")
     ax.set(xlabel="best val mIoU", title="Configs, best first")
     return fig
 

@@ -14,18 +14,15 @@ val mIoU, naming the best.
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from cachedseg import distributed
-from cachedseg.checkpoint import TrainConfig
 from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource
-from cachedseg.train import train_heads
-
-SUMMARY = "sweep.json"
+from cachedseg.runs import EpochMetrics, RunFolder, SweepRow
+from cachedseg.train import TrainConfig, train_heads
 
 
 @dataclass(frozen=True)
@@ -34,15 +31,14 @@ class SweepResult:
 
     Attributes:
         run: The sweep folder.
-        runs: One summary row per config, best val mIoU first: name, run, config, best_val_miou, best_epoch,
-            best_val_pixel_acc, final_train_loss.
+        runs: One summary row per config, best val mIoU first.
     """
 
     run: Path
-    runs: list[dict]
+    runs: list[SweepRow]
 
     @property
-    def best(self) -> dict:
+    def best(self) -> SweepRow:
         """The row of the config with the best val mIoU."""
         return self.runs[0]
 
@@ -67,7 +63,7 @@ def name(config: TrainConfig) -> str:
 
 def sweep(source: FeatureSource, run: str | Path, configs: list[TrainConfig], device: str = "cpu",
           resume: bool = False, progress: Callable[[int, int], None] | None = None,
-          on_epoch: Callable[[Path, dict], None] | None = None,
+          on_epoch: Callable[[Path, EpochMetrics], None] | None = None,
           log: Callable[[str], None] | None = None) -> SweepResult:
     """Train `configs` in one pass over `source`, each into `run/<name>`, and summarise them in `run/sweep.json`.
 
@@ -86,20 +82,8 @@ def sweep(source: FeatureSource, run: str | Path, configs: list[TrainConfig], de
     run = Path(run)
     plans = [(run / name(c), c) for c in configs]
     histories = train_heads(source, plans, device, resume, progress, on_epoch, log)
-    rows = []
-    for (path, config), history in zip(plans, histories):
-        best = max(history, key=lambda r: r["val_miou"])
-        rows.append({"name": path.name, "run": str(path), "config": asdict(config), "best_val_miou": best["val_miou"],
-                     "best_epoch": best["epoch"], "best_val_pixel_acc": best["val_pixel_acc"],
-                     "final_train_loss": history[-1]["train_loss"]})
-    rows.sort(key=lambda r: -r["best_val_miou"])
+    rows = sorted((SweepRow.of(path, config, history) for (path, config), history in zip(plans, histories)),
+                  key=lambda r: -r.best_val_miou)
     if distributed.context(str(device)).main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / SUMMARY).write_text(json.dumps({"best": rows[0]["name"], "runs": rows}, indent=2))
+        RunFolder(run).write_sweep_summary(rows)
     return SweepResult(run, rows)
-
-
-def read_summary(run: str | Path) -> dict | None:
-    """A sweep folder's summary, or None if `run` is not a sweep folder."""
-    path = Path(run) / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None

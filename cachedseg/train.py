@@ -3,14 +3,12 @@
 Several decoders ("heads") can train in one pass: every batch is read once and fed to each head, as DINOv2's
 linear evaluation trains its grid of classifiers. Under torchrun each rank takes its part of every global batch;
 gradients, batch-norm statistics and validation counts are summed over ranks, so W ranks train as one process
-with the whole batch would. Each run folder holds `last.pt` and `best.pt` (decoder weights plus every config),
-`metrics.csv`, `metrics.json` and `curves.png`, written by rank 0.
+with the whole batch would. Each run folder (see `cachedseg.runs`) holds `last.pt` and `best.pt` (decoder weights
+plus every config), `metrics.csv`, `metrics.json` and `curves.png`, written by rank 0.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import time
@@ -22,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cachedseg import checkpoint, distributed
-from cachedseg.checkpoint import Checkpoint, TrainConfig
+from cachedseg.checkpoint import Checkpoint
 from cachedseg.classes import IGNORE_INDEX
 from cachedseg.data import collate
 from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
@@ -30,6 +28,8 @@ from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource, free_memory, worker_init
 from cachedseg.metrics import confusion, scores
 from cachedseg.paths import check_writable
+from cachedseg.recipe import TrainConfig  # defined there for checkpoint.py; its home is here
+from cachedseg.runs import EpochMetrics, RunFolder, is_best
 from cachedseg.store import StoreSpec
 
 
@@ -79,7 +79,7 @@ class Head:
     decoder_config: DecoderConfig
     decoder: torch.nn.Module  # wrapped in DistributedDataParallel under torchrun
     optimizer: torch.optim.Optimizer
-    rows: list[dict] = field(default_factory=list)
+    rows: list[EpochMetrics] = field(default_factory=list)
     loss: torch.Tensor | None = None  # this epoch's summed loss and labelled pixels, kept on the device
     pixels: torch.Tensor | None = None
 
@@ -91,7 +91,8 @@ class Head:
 
 def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainConfig(), device: str = "cpu",
           resume: bool = False, progress: Callable[[int, int], None] | None = None,
-          on_epoch: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+          on_epoch: Callable[[EpochMetrics], None] | None = None,
+          log: Callable[[str], None] | None = None) -> list[EpochMetrics]:
     """Train a decoder on `source`'s trn images, validating on its val images after every epoch.
 
     Args:
@@ -106,7 +107,7 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
         log: Called with notes worth telling the user.
 
     Returns:
-        One metrics row per epoch: epoch, train_loss, val_miou, val_pixel_acc, train_seconds, seconds.
+        One metrics row per epoch.
 
     Raises:
         CachedsegError: For an unusable run folder, an empty split, or a non-finite loss.
@@ -117,8 +118,8 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
 
 def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], device: str = "cpu",
                 resume: bool = False, progress: Callable[[int, int], None] | None = None,
-                on_epoch: Callable[[Path, dict], None] | None = None,
-                log: Callable[[str], None] | None = None) -> list[list[dict]]:
+                on_epoch: Callable[[Path, EpochMetrics], None] | None = None,
+                log: Callable[[str], None] | None = None) -> list[list[EpochMetrics]]:
     """Train several decoders in one pass over `source`: each batch is read once and fed to every head.
 
     The heads share the batches, so they must share epochs, batch size, views and data seed (`data_seed`, else
@@ -147,7 +148,7 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
                                                                       _data_seed(first)):
             raise CachedsegError("heads trained in one pass share the batches: give them the same --epochs, "
                                  "--batch-size and data seed")
-        if (run / "last.pt").exists() and not resume:
+        if RunFolder(run).last.exists() and not resume:
             raise CachedsegError(f"{run} already holds a trained run; pass --resume to continue it, or another --run")
         check_writable(run, "the run folder", folder=True)
     ctx = distributed.context(str(device))
@@ -186,9 +187,9 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
                 raise CachedsegError(f"the loss of {head.run} became {loss} in epoch {epoch}; the last good "
                                      f"checkpoint is kept there; check the features, or try a lower --lr")
             metrics = scores(conf)
-            head.rows.append({"epoch": epoch, "train_loss": loss, "val_miou": metrics["miou"],
-                              "val_pixel_acc": metrics["pixel_acc"], "train_seconds": train_seconds,
-                              "seconds": time.perf_counter() - start})
+            head.rows.append(EpochMetrics(epoch=epoch, train_loss=loss, val_miou=metrics["miou"],
+                                          val_pixel_acc=metrics["pixel_acc"], train_seconds=train_seconds,
+                                          seconds=time.perf_counter() - start))
         if ctx.main:
             for head in active:
                 _save(head, source, generator)
@@ -320,20 +321,22 @@ def _save(head: Head, source: FeatureSource, generator: torch.Generator) -> None
                       decoder_state=head.module.state_dict(), optimizer_state=head.optimizer.state_dict(),
                       rng={"sampler": generator.get_state(), "torch": torch.get_rng_state()},
                       source=source.location)
-    checkpoint.save(ckpt, head.run / "last.pt")
-    if head.rows[-1]["val_miou"] >= max(r["val_miou"] for r in head.rows):
-        checkpoint.save(ckpt, head.run / "best.pt")
-    _write_metrics(head.rows, head.run)
+    folder = RunFolder(head.run)
+    checkpoint.save(ckpt, folder.last)
+    if is_best(head.rows):
+        checkpoint.save(ckpt, folder.best)
+    folder.write_metrics(head.rows)
 
 
 def _restore_all(heads: list[Head], spec: StoreSpec, generator: torch.Generator, log: Callable[[str], None]) -> None:
     """Load each head's `last.pt`; the shared batches continue from the head that is furthest behind."""
     rng = {}
     for head in heads:
-        if not (head.run / "last.pt").exists():  # a folder named last.pt is refused by load
+        last = RunFolder(head.run).last
+        if not last.exists():  # a folder named last.pt is refused by load
             log(f"nothing to resume in {head.run} (no last.pt yet): starting it from scratch")
             continue
-        ckpt = checkpoint.load(head.run / "last.pt")
+        ckpt = checkpoint.load(last)
         if ckpt.spec != spec or ckpt.decoder_config != head.decoder_config:
             raise CachedsegError(f"{head.run}/last.pt was trained on other features or another decoder; "
                                  "resume it with the same store and --decoder, or start another --run")
@@ -354,35 +357,3 @@ def _workers(config: TrainConfig, device: torch.device, source: FeatureSource) -
     if config.workers is not None:
         return config.workers
     return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-
-
-def _write_metrics(rows: list[dict], run: Path) -> None:
-    """metrics.csv, metrics.json and curves.png."""
-    with open(run / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (run / "metrics.json").write_text(json.dumps(rows, indent=2))
-    fig = curves_figure(rows)
-    fig.savefig(run / "curves.png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-
-
-def curves_figure(rows: list[dict]):
-    """Training loss, and val mIoU and pixel accuracy, by epoch (a matplotlib figure; curves.png and reports)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o")
-    ax1.set(xlabel="epoch", ylabel="train loss", title="Training loss")
-    ax2.plot(epochs, [r["val_miou"] for r in rows], marker="o", label="val mIoU")
-    ax2.plot(epochs, [r["val_pixel_acc"] for r in rows], marker="s", label="val pixel accuracy")
-    ax2.set(xlabel="epoch", ylim=(0, 1), title="Validation (decoder output size)")
-    ax2.legend()
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return fig

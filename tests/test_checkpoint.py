@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from cachedseg import checkpoint
-from cachedseg.checkpoint import Checkpoint, TrainConfig
+from cachedseg.checkpoint import Checkpoint
 from cachedseg.classes import CLASS_NAMES
 from cachedseg.decoders import DECODERS, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
+from cachedseg.runs import EpochMetrics
 from cachedseg.store import StoreSpec
+from cachedseg.train import TrainConfig
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(112, 154),
                  mask_size=(128, 176), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
@@ -21,7 +23,7 @@ def make_checkpoint(decoder: str = "linear") -> Checkpoint:
     torch.manual_seed(1)
     decoder = build_decoder(cfg)
     return Checkpoint(decoder_config=cfg, train_config=TrainConfig(epochs=3, lr=3e-4), spec=SPEC, weights="random",
-                      epoch=2, metrics=[{"epoch": 1, "val_miou": 0.1}, {"epoch": 2, "val_miou": 0.2}],
+                      epoch=2, metrics=[EpochMetrics(1, 2.0, 0.1, 0.5, 1.0, 1.5), EpochMetrics(2, 1.5, 0.2, 0.6, 1.0, 1.5)],
                       decoder_state=decoder.state_dict(), optimizer_state=None,
                       rng={"sampler": torch.Generator().get_state(), "torch": torch.get_rng_state()})
 

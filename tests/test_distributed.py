@@ -73,8 +73,8 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch_and_resume(store3
     steps = 2 * 3  # 6 trn images, global batch 2, 2 epochs
     for run in (two, resumed):
         b = checkpoint.load_run(run, "last")
-        assert [r["train_loss"] for r in b.metrics] == pytest.approx([r["train_loss"] for r in a.metrics], rel=1e-5)
-        assert [r["val_miou"] for r in b.metrics] == pytest.approx([r["val_miou"] for r in a.metrics], abs=1e-4)
+        assert [r.train_loss for r in b.metrics] == pytest.approx([r.train_loss for r in a.metrics], rel=1e-5)
+        assert [r.val_miou for r in b.metrics] == pytest.approx([r.val_miou for r in a.metrics], abs=1e-4)
         diff = torch.cat([(a.decoder_state[k].float() - b.decoder_state[k].float()).abs().flatten()
                           for k in a.decoder_state if a.decoder_state[k].is_floating_point()])
         # Ranks sum gradients and batch-norm statistics in another order, so float32 rounding differs. Adam turns

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from cachedseg.predict import (PICTURE_ROWS, _legend, _picture_rows, _present, _save_png_rows, _taps, colorize,
-                               labels_from_logits, resized_rows, with_legend)
+from cachedseg.pictures import PICTURE_ROWS, colorize, legend_strip, picture_rows, present_classes, with_legend
+from cachedseg.predict import _save_png_rows, _taps, labels_from_logits, resized_rows
 from tests.conftest import PEAK_GROWTH, one_line_error, run_cli
 
 
@@ -95,11 +95,11 @@ def test_pictures_in_bands_are_the_whole_frame_pictures(tmp_path):
     labels[0, 0] = 255  # an ignored label draws black, and names no class
     image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
     names = ("background", "person", "bike", "car", "drone")
-    strip = _legend(width, _present(labels), names)
+    strip = legend_strip(width, present_classes(labels), names)
     for on, expected in ((None, with_legend(colorize(labels), labels, names)),
                          (image, with_legend(Image.blend(image, colorize(labels), 0.5), labels, names))):
         path = tmp_path / "p.png"
-        _save_png_rows(_picture_rows(labels, strip, on), width, height + strip.height, path)
+        _save_png_rows(picture_rows(labels, strip, on), width, height + strip.height, path)
         written = Image.open(path)
         assert written.mode == "RGB" and written.info["Software"].startswith("cachedseg")
         assert np.array_equal(np.asarray(written), np.asarray(expected))

@@ -1,6 +1,7 @@
 """Sweeps: many heads trained in one pass over the cache, each equal to the same config trained alone."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_a_sweep_trains_every_combination_and_ranks_them(store32, tmp_path):
     run_cli("train", store32, "--run-dir", alone, "--decoder", "linear", "--lr", "1e-3", "--seed", "1",
             "--data-seed", "0", *SWEEP)
     a, b = checkpoint.load_run(alone, "last"), checkpoint.load_run(run / "linear-l0-lr0.001-s1", "last")
-    assert a.metrics == [{**r, "seconds": a.metrics[i]["seconds"], "train_seconds": a.metrics[i]["train_seconds"]}
+    assert a.metrics == [replace(r, seconds=a.metrics[i].seconds, train_seconds=a.metrics[i].train_seconds)
                          for i, r in enumerate(b.metrics)]
     assert all(torch.equal(a.decoder_state[k], b.decoder_state[k]) for k in a.decoder_state)
 
@@ -60,7 +61,7 @@ def test_heads_that_do_not_fit_are_refused_up_front_with_the_numbers(store32, tm
 
 
 def test_configs_that_cannot_share_batches_are_refused(store32, tmp_path):
-    from cachedseg.checkpoint import TrainConfig
+    from cachedseg.train import TrainConfig
     plans = [(tmp_path / "a", TrainConfig(epochs=1)), (tmp_path / "b", TrainConfig(epochs=2))]
     with pytest.raises(CachedsegError, match="--epochs"):
         train_heads(cached_source(store32), plans)
@@ -77,8 +78,8 @@ def test_the_gpu_speed_options_run_and_are_recorded(store32, tmp_path):
     run_cli("train", store32, "--run-dir", bf16, "--epochs", "1", "--workers", "0", "--decoder-precision", "bfloat16")
     a, b, c = (checkpoint.load_run(r, "last") for r in (plain, last, bf16))
     assert b.train_config.channels_last and c.train_config.decoder_precision == "bfloat16"
-    assert b.metrics[0]["train_loss"] == pytest.approx(a.metrics[0]["train_loss"], rel=1e-4)
-    assert c.metrics[0]["train_loss"] == pytest.approx(a.metrics[0]["train_loss"], rel=5e-2)  # bfloat16: 8-bit mantissa
+    assert b.metrics[0].train_loss == pytest.approx(a.metrics[0].train_loss, rel=1e-4)
+    assert c.metrics[0].train_loss == pytest.approx(a.metrics[0].train_loss, rel=5e-2)  # bfloat16: 8-bit mantissa
     run_cli("evaluate", last, "--store", store32)  # the checkpoints load and run in plain float32
     one_line_error(run_cli("train", store32, "--run-dir", tmp_path / "x", "--decoder-precision", "float8", ok=False),
                    "--decoder-precision")

@@ -12,7 +12,8 @@ from cachedseg import checkpoint
 from cachedseg.backbone import backbone_for
 from cachedseg.data import load_image, load_mask
 from cachedseg.decoders import DECODERS, build_decoder, decoder_config
-from cachedseg.predict import PALETTE, labels_from_logits, segment
+from cachedseg.pictures import PALETTE
+from cachedseg.predict import labels_from_logits, segment
 from cachedseg.store import FeatureStore, StoreSpec
 from tests.conftest import MIN_AGREEMENT, SMALL, TRAIN, one_line_error, run_cli
 
@@ -66,9 +67,9 @@ def test_train_writes_a_complete_run_folder(run32):
     assert ckpt.train_config.lr == 1e-4 and ckpt.weights == "random"
     # best.pt: the epoch of the highest val_miou (the first on a tie); last.pt: the last; each has the rows up to it
     best = max(rows, key=lambda r: r["val_miou"])
-    assert ckpt.epoch == best["epoch"] and ckpt.metrics == rows[:best["epoch"]]
+    assert ckpt.epoch == best["epoch"] and [m.to_dict() for m in ckpt.metrics] == rows[:best["epoch"]]
     last = checkpoint.load_run(run32, "last")
-    assert last.epoch == 2 and last.metrics == rows
+    assert last.epoch == 2 and [m.to_dict() for m in last.metrics] == rows
 
 
 def test_training_learns_something(store32, tmp_path):
