@@ -20,7 +20,7 @@ from cachedseg import __version__
 from cachedseg.decoders import DecoderConfig, build_decoder
 from cachedseg.errors import CachedsegError, first_line, load_failure
 from cachedseg.paths import checkpoint_path
-from cachedseg.store import StoreSpec
+from cachedseg.spec import StoreSpec
 
 FORMAT = "cachedseg-checkpoint"
 

@@ -18,7 +18,8 @@ from cachedseg.extract import stale_labels
 from cachedseg.features import cached_source
 from cachedseg.metrics import confusion, scores
 from cachedseg.predict import batches, failed, labels_over_views, segment_batch, tta_views
-from cachedseg.store import FeatureStore, check_spec
+from cachedseg.spec import check_spec
+from cachedseg.store import FeatureStore
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from cachedseg.errors import CachedsegError
 from cachedseg import distributed
 from cachedseg.locks import LockUnwritable, writer_lock
 from cachedseg.paths import exists, is_url
+from cachedseg.spec import StoreSpec, check_dtype, check_spec, spec_for
 from cachedseg.store import (BAD, DONE, HASH_BYTES, MISSING_LABEL, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
-                             StoreSpec, check_dtype, check_spec, disk_bytes, is_store, remove_partials, remove_store,
-                             spec_for)
+                             disk_bytes, is_store, remove_partials, remove_store)
 from cachedseg.views import apply_view, check_views
 
 FLOAT16_MAX = 65504.0

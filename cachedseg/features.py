@@ -18,7 +18,8 @@ from cachedseg.backbone import Backbone, weights_source
 from cachedseg.data import SegmentationDataset, read_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import is_url
-from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, spec_for
+from cachedseg.spec import StoreSpec, spec_for
+from cachedseg.store import DONE, PENDING, FeatureStore
 from cachedseg.views import apply_view
 
 

@@ -25,7 +25,7 @@ from cachedseg.backbone import Backbone, backbone_for, resolve_device
 from cachedseg.data import load_image, own_pixel_limit, preprocess_image
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_images
-from cachedseg.store import StoreSpec
+from cachedseg.spec import StoreSpec
 from cachedseg.views import apply_view
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")

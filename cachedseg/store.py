@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +33,15 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from cachedseg import __version__
-from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
+from cachedseg.classes import IGNORE_INDEX, SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.locks import writer_lock
 from cachedseg.paths import check_local, check_store, exists, filesystem, is_url
-from cachedseg.views import apply_view, check_views
+from cachedseg.spec import StoreSpec
+from cachedseg.views import apply_view
 
 FORMAT = "cachedseg-features"
 FORMAT_VERSION = 2
-DTYPES = ("float16", "float32")
 PENDING, DONE, BAD = 0, 1, 2  # values of the `done` flags
 FLAG_NAMES = ("pending", "done", "bad")
 MISSING_LABEL = 254  # fill value of `masks`: no label is ever 254, so it marks a chunk that is not there
@@ -58,64 +58,6 @@ NO_STAT = -1  # fill value of `sources`: no record
 FEATURE_DIMS = ("image", "view", "layer", "channel", "token_y", "token_x")
 # Chunk keys c.<i>.0.0...: one file per chunk, no nested folders (a folder per dimension would cost an inode each)
 FLAT_KEYS = {"name": "default", "separator": "."}
-
-
-@dataclass(frozen=True)
-class StoreSpec:
-    """Everything that decides the numbers in a store; a store is reused only if its spec matches exactly."""
-
-    backbone: str
-    fingerprint: str
-    input_size: tuple[int, int]
-    mask_size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    precision: str
-    dtype: str
-    channels: int
-    grid: tuple[int, int]
-    class_names: tuple[str, ...]
-    layers: int = 1
-    views: tuple[str, ...] = ("identity",)
-
-    @classmethod
-    def from_attrs(cls, attrs: dict) -> StoreSpec:
-        """Rebuild the spec from Zarr attributes or a checkpoint (JSON lists back to tuples)."""
-        values = {f.name: attrs[f.name] for f in fields(cls) if f.name in attrs}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-    def serves(self, wanted: StoreSpec) -> bool:
-        """Whether these features can feed a decoder trained on `wanted`: the same in all that decides the
-        numbers, with at least as many layers (a decoder takes the last ones it needs); views may differ."""
-        return (self.layers >= wanted.layers
-                and replace(self, layers=wanted.layers, views=wanted.views) == wanted)
-
-
-def check_dtype(dtype: str) -> None:
-    """Refuse a storage dtype the store format does not have."""
-    if dtype not in DTYPES:
-        raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
-
-
-def spec_for(backbone, dtype: str, views: tuple[str, ...] = ("identity",)) -> StoreSpec:
-    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`), stored as `dtype`, for `views`."""
-    check_dtype(dtype)
-    views = check_views(views)
-    pp = backbone.preprocess
-    return StoreSpec(backbone=backbone.config.name, fingerprint=backbone.fingerprint, input_size=pp.image_size,
-                     mask_size=pp.mask_size, mean=pp.mean, std=pp.std, interpolation=pp.interpolation,
-                     precision=backbone.config.precision, dtype=dtype, channels=backbone.channels,
-                     grid=backbone.grid, class_names=CLASS_NAMES, layers=backbone.config.layers, views=views)
-
-
-def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec,
-               hint: str = "pass --overwrite to rebuild it, or --store to write a new one elsewhere") -> None:
-    """Refuse a store whose spec differs from the one asked for, naming each difference and what to do."""
-    diffs = [f"{f.name}: store has {getattr(stored, f.name)!r}, asked for {getattr(wanted, f.name)!r}"
-             for f in fields(StoreSpec) if getattr(stored, f.name) != getattr(wanted, f.name)]
-    if diffs:
-        raise CachedsegError(f"the store {path} was built with other settings ({'; '.join(diffs)}); {hint}")
 
 
 def encode_ids(ids: list[str]) -> np.ndarray:

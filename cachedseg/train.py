@@ -30,7 +30,7 @@ from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource, free_memory, worker_init
 from cachedseg.metrics import confusion, scores
 from cachedseg.paths import check_writable
-from cachedseg.store import StoreSpec
+from cachedseg.spec import StoreSpec
 
 
 def epoch_batches(indices: list[int], batch_size: int, generator: torch.Generator,

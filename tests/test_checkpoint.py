@@ -8,7 +8,7 @@ from cachedseg.checkpoint import Checkpoint, TrainConfig
 from cachedseg.classes import CLASS_NAMES
 from cachedseg.decoders import build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
-from cachedseg.store import StoreSpec
+from cachedseg.spec import StoreSpec
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(112, 154),
                  mask_size=(128, 176), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",

@@ -10,7 +10,8 @@ import zarr
 from cachedseg import store as store_module
 from cachedseg.classes import CLASS_NAMES, SPLITS
 from cachedseg.errors import CachedsegError
-from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, decode_ids, encode_ids, upgrade
+from cachedseg.spec import StoreSpec
+from cachedseg.store import DONE, PENDING, FeatureStore, decode_ids, encode_ids, upgrade
 from tests.conftest import chunk_file, one_line_error, run_cli
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(28, 42), mask_size=(32, 48),
