@@ -655,7 +655,7 @@ def report(
 def upgrade(store: str = typer.Argument(..., help="A feature store written by an earlier cachedseg.")) -> None:
     """Convert an older feature store to the current format in place, keeping every computed feature."""
     _light_checks(lambda: paths.check_store(store))
-    from cachedseg.store import upgrade as run_upgrade
+    from cachedseg.upgrade import upgrade as run_upgrade
 
     with user_errors():
         result = run_upgrade(store)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import zarr
 
-from cachedseg import store as store_module
+from cachedseg import upgrade as upgrade_module
 from cachedseg.classes import CLASS_NAMES, SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.spec import StoreSpec
-from cachedseg.store import DONE, PENDING, FeatureStore, decode_ids, encode_ids, upgrade
+from cachedseg.store import DONE, PENDING, FeatureStore, decode_ids, encode_ids
+from cachedseg.upgrade import upgrade
 from tests.conftest import chunk_file, one_line_error, run_cli
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(28, 42), mask_size=(32, 48),
@@ -169,17 +170,17 @@ def test_upgrade_converts_a_version_1_store_in_place_keeping_every_feature(store
 
 def test_an_upgrade_killed_half_way_is_finished_by_a_rerun(store32, tmp_path, monkeypatch):
     old = make_v1(store32, tmp_path / "old.zarr")
-    real_swap, calls = store_module._swap_in, []
+    real_swap, calls = upgrade_module._swap_in, []
 
     def dies_on_second_swap(new, old):
         calls.append(old)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as a kill would, between two steps
         real_swap(new, old)
-    monkeypatch.setattr(store_module, "_swap_in", dies_on_second_swap)
+    monkeypatch.setattr(upgrade_module, "_swap_in", dies_on_second_swap)
     with pytest.raises(KeyboardInterrupt):
         upgrade(old)
-    monkeypatch.setattr(store_module, "_swap_in", real_swap)
+    monkeypatch.setattr(upgrade_module, "_swap_in", real_swap)
     assert upgrade(old)["upgraded"]
     for name in ("features", "masks", "ids", "split", "done"):
         assert np.array_equal(zarr.open_group(str(old))[name][:], zarr.open_group(str(store32))[name][:],
