@@ -33,7 +33,7 @@ from cachedseg import distributed
 from cachedseg.locks import LockUnwritable, writer_lock
 from cachedseg.paths import exists, is_url
 from cachedseg.spec import StoreSpec, check_dtype, check_spec, spec_for
-from cachedseg.store import (BAD, DONE, HASH_BYTES, MISSING_LABEL, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
+from cachedseg.store import (BAD, DONE, HASH_BYTES, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
                              disk_bytes, is_store, remove_partials, remove_store)
 from cachedseg.views import apply_view, check_views
 
@@ -384,9 +384,8 @@ class _Block:
         """Place one image (None for a skipped one) and the record of its files; returns whether the block is
         complete."""
         if feats is not None:
-            if self.features is None:  # NaN and the missing label: a skipped image's chunks stay unwritten
-                self.features = np.full((self.n, *feats.shape), np.nan, dtype=feats.dtype)
-                self.masks = np.full((self.n, *mask.shape), MISSING_LABEL, dtype=np.uint8)
+            if self.features is None:  # a skipped image's chunks stay unwritten (they read as missing)
+                self.features, self.masks = self.fs.empty_block(self.n)
             self.features[index - self.start], self.masks[index - self.start] = feats, mask
         if record is not None:
             self.stats[index - self.start], self.hashes[index - self.start] = record

@@ -196,6 +196,17 @@ class FeatureStore:
             self.mark(i, PENDING)
         return flags
 
+    def states(self) -> list[str]:
+        """Each image's flag by name (`FLAG_NAMES`: pending, done, or bad: skipped as unreadable), by index."""
+        return [FLAG_NAMES[f] for f in self.flags()]
+
+    def empty_block(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features [n, V, L, C, h, w] (store dtype) and masks [n, Mh, Mw] for `write_block`, filled with what reads
+        as missing (NaN, the missing label), so an image left unfilled is never taken for data."""
+        spec, (h, w) = self.spec, self.spec.grid
+        return (np.full((n, len(spec.views), spec.layers, spec.channels, h, w), np.nan, dtype=spec.dtype),
+                np.full((n, *spec.mask_size), MISSING_LABEL, dtype=np.uint8))
+
     def check_writable(self, pending: int) -> None:
         """Refuse a local store whose folders this process cannot write, before any of `pending` images is computed."""
         if is_url(self.path):
