@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +54,63 @@ SOURCE_FILES, SOURCE_FIELDS = ("image", "mask"), ("size", "mtime_ns", "blake2b_0
 HASH_BYTES = 16
 NO_STAT = -1  # fill value of `sources`: no record
 FEATURE_DIMS = ("image", "view", "layer", "channel", "token_y", "token_x")
+REINDEX = "reindex"  # attribute journalling a growing image list until every array has caught up
+GONE = "gone"  # attribute naming the images gone from the dataset
 # Chunk keys c.<i>.0.0...: one file per chunk, no nested folders (a folder per dimension would cost an inode each)
 FLAT_KEYS = {"name": "default", "separator": "."}
+
+
+@dataclass(frozen=True)
+class StoreAttrs:
+    """The store group's attributes, typed: `to_dict` gives the JSON written, `from_dict` reads it back (keys a
+    store of an earlier cachedseg lacks take their defaults).
+
+    Attributes:
+        spec: What made the features (its fields are top-level keys).
+        num_images: Images in the store.
+        dataset: The dataset folder the store was extracted from.
+        weights: Where the backbone's weights came from: `auto`, `random` or a file.
+        package_version: The cachedseg that created the store.
+        bad: Images skipped as unreadable, with the reason.
+        images_per_shard: Images per shard file (1: no shards).
+        gone: Images no longer in the dataset at the last extract, with the reason (written once there are any).
+        reindex: The journal of a growing image list (`ids`, `splits`) until every array has caught up.
+        ignore_index: The mask value of unlabelled pixels.
+        format: Always `FORMAT`.
+        format_version: The store format version.
+    """
+
+    spec: StoreSpec
+    num_images: int
+    dataset: str
+    weights: str = "auto"
+    package_version: str = __version__
+    bad: dict[str, str] = field(default_factory=dict)
+    images_per_shard: int = 1
+    gone: dict[str, str] | None = None
+    reindex: dict[str, list[str]] | None = None
+    ignore_index: int = IGNORE_INDEX
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, attrs: dict) -> StoreAttrs:
+        """Read the attributes of a store of this format version."""
+        return cls(spec=StoreSpec.from_attrs(attrs), num_images=int(attrs["num_images"]), dataset=attrs["dataset"],
+                   weights=attrs.get("weights", "auto"), package_version=attrs.get("package_version", ""),
+                   bad=dict(attrs.get("bad", {})), images_per_shard=int(attrs.get("images_per_shard", 1)),
+                   gone=None if attrs.get(GONE) is None else dict(attrs[GONE]), reindex=attrs.get(REINDEX),
+                   ignore_index=attrs.get("ignore_index", IGNORE_INDEX), format=attrs["format"],
+                   format_version=attrs["format_version"])
+
+    def to_dict(self) -> dict:
+        """The JSON attributes (in the order a new store has always written them; gone and reindex when set)."""
+        return {"format": self.format, "format_version": self.format_version, **asdict(self.spec),
+                "ignore_index": self.ignore_index, "num_images": self.num_images, "dataset": self.dataset,
+                "weights": self.weights, "package_version": self.package_version, "bad": dict(self.bad),
+                "images_per_shard": self.images_per_shard,
+                **({} if self.gone is None else {GONE: dict(self.gone)}),
+                **({} if self.reindex is None else {REINDEX: self.reindex})}
 
 
 def encode_ids(ids: list[str]) -> np.ndarray:
@@ -83,7 +138,8 @@ class FeatureStore:
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = str(path)
         self.group = group
-        self.spec = StoreSpec.from_attrs(dict(group.attrs))
+        self.attrs = StoreAttrs.from_dict(dict(group.attrs))
+        self.spec = self.attrs.spec
         self._arrays = {name: group[name] for name in (FEATURES, MASKS, IDS, SPLIT, FLAGS)}  # looked up once
         self._arrays.update({SOURCES: group[SOURCES]} if SOURCES in group else {})
         try:
@@ -102,10 +158,8 @@ class FeatureStore:
         if per < 1:
             raise CachedsegError("--images-per-shard must be at least 1")
         feature_shape = (len(spec.views), spec.layers, spec.channels, h, w)
-        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec), "ignore_index": IGNORE_INDEX,
-                 "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__, "bad": {},
-                 "images_per_shard": per}
-        group = zarr.open_group(str(path), mode="w", attributes=attrs)
+        attrs = StoreAttrs(spec=spec, num_images=n, dataset=dataset, weights=weights, images_per_shard=per)
+        group = zarr.open_group(str(path), mode="w", attributes=attrs.to_dict())
         # One image (and view) per chunk keeps shuffled training reads fast; float features barely compress, so
         # only a checksum: a corrupted chunk fails loudly instead of decoding to wrong numbers.
         shards = (lambda *chunk: (per, *chunk[1:])) if per > 1 else (lambda *chunk: None)
@@ -154,27 +208,28 @@ class FeatureStore:
     @property
     def dataset(self) -> str:
         """The dataset folder the store was extracted from."""
-        return self.group.attrs["dataset"]
+        return self.attrs.dataset
 
     @property
     def weights(self) -> str:
         """Where the backbone's weights came from: `auto`, `random` or a file."""
-        return self.group.attrs.get("weights", "auto")
+        return self.attrs.weights
 
     @property
     def images_per_shard(self) -> int:
         """Images per shard file: the unit of work (1: no shards, one file per image)."""
-        return int(self.group.attrs.get("images_per_shard", 1))
+        return self.attrs.images_per_shard
 
     @property
     def bad(self) -> dict[str, str]:
         """Images skipped as unreadable, with the reason."""
-        return dict(self.group.attrs.get("bad", {}))
+        return dict(self.attrs.bad)
 
     def set_bad(self, bad: dict[str, str]) -> None:
         """Record the images skipped as unreadable (left untouched when unchanged, so a no-op rerun writes nothing)."""
         if self.bad != bad:
             self.group.attrs["bad"] = bad
+            self.attrs = replace(self.attrs, bad=dict(bad))
 
     def flags(self, repair: bool = False) -> np.ndarray:
         """The `done` flags [N], read now; a corrupt flag is an error, or with `repair` reset to pending."""
@@ -277,12 +332,13 @@ class FeatureStore:
     @property
     def gone(self) -> dict[str, str]:
         """Images no longer in the dataset at the last extract (kept, left out of training), with the reason."""
-        return dict(self.group.attrs.get("gone", {}))
+        return dict(self.attrs.gone or {})
 
     def set_gone(self, gone: dict[str, str]) -> None:
         """Record the images gone from the dataset (written only when it changed, so a no-op rerun writes nothing)."""
         if self.gone != gone:
-            self.group.attrs["gone"] = gone
+            self.group.attrs[GONE] = gone
+            self.attrs = replace(self.attrs, gone=dict(gone))
 
     def set_index(self, ids: list[str], splits: list[str]) -> FeatureStore:
         """Grow the image list to `ids` (the present ids first, in their order, then new ones) with `splits` (an
@@ -404,21 +460,19 @@ def _unpack_records(sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sources[..., :2].copy(), np.ascontiguousarray(sources[..., 2:].astype("<i8")).view(np.uint8)
 
 
-REINDEX = "reindex"  # attribute journalling a growing image list until every array has caught up
-
 
 def _apply_index(group: zarr.Group) -> None:
     """Bring every array to the image list journalled in the `reindex` attribute, then drop the journal (each
     step can be redone after a kill)."""
-    attrs = dict(group.attrs)
-    ids, splits = attrs[REINDEX]["ids"], attrs[REINDEX]["splits"]
+    attrs = StoreAttrs.from_dict(dict(group.attrs))
+    ids, splits = attrs.reindex["ids"], attrs.reindex["splits"]
     for name in (FEATURES, MASKS, FLAGS, SOURCES):  # new rows read as the fill values: pending, missing
         if name in group and group[name].shape[0] != len(ids):
             array = group[name]
             array.resize((len(ids), *array.shape[1:]))
     _write_ids_and_splits(group, ids, splits, overwrite=True)
-    attrs.pop(REINDEX)
-    group.attrs.put({**attrs, "num_images": len(ids)})  # one write: the journal goes with the new count
+    # one write: the journal goes with the new count
+    group.attrs.put(replace(attrs, reindex=None, num_images=len(ids)).to_dict())
 
 
 def is_store(path: str | Path) -> bool:

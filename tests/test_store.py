@@ -11,7 +11,7 @@ from cachedseg import upgrade as upgrade_module
 from cachedseg.classes import CLASS_NAMES, SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.spec import StoreSpec
-from cachedseg.store import DONE, PENDING, FeatureStore, decode_ids, encode_ids
+from cachedseg.store import DONE, PENDING, FeatureStore, StoreAttrs, decode_ids, encode_ids
 from cachedseg.upgrade import upgrade
 from tests.conftest import chunk_file, one_line_error, run_cli
 
@@ -193,3 +193,26 @@ def test_upgrade_sends_done_images_without_chunks_back_to_pending(store32, tmp_p
     shutil.rmtree(old / "features" / "c" / "3")  # version 1: nested chunk folders
     result = upgrade(old)
     assert result["reset"] == 1 and FeatureStore.open(old).flags().tolist().count(PENDING) == 1
+
+
+def test_the_typed_attributes_are_what_the_store_holds(small):
+    fs, _ = small
+    stored = dict(zarr.open_group(fs.path, mode="r").attrs)
+    written = json.loads(json.dumps(fs.attrs.to_dict()))  # as JSON: tuples are lists
+    assert written == stored and list(written) == list(stored)  # same keys, values and order
+    assert StoreAttrs.from_dict(stored) == fs.attrs
+    assert (fs.attrs.spec, fs.attrs.num_images, fs.attrs.images_per_shard, fs.attrs.gone) == (SPEC, 4, 1, None)
+    fs.set_gone({"a": "deleted"})  # written only once there is something gone, and read back
+    assert FeatureStore.open(fs.path).attrs.gone == {"a": "deleted"} == FeatureStore.open(fs.path).gone
+
+
+def test_an_empty_block_reads_as_missing_where_it_is_not_filled(small):
+    fs, data = small
+    features, masks = fs.empty_block(2)
+    assert features.shape == (2, *data[0][0].shape) and features.dtype == np.float16 and masks.shape == (2, 32, 48)
+    features[0], masks[0] = data[0]
+    fs.write_block(2, features, masks, np.array([DONE, DONE], dtype=np.uint8))
+    assert np.array_equal(fs.read(2)[0], data[0][0][0])
+    with pytest.raises(CachedsegError, match="x{40}"):
+        fs.read(3)
+    assert fs.states() == ["done", "done", "done", "done"]
