@@ -22,6 +22,7 @@ touching arrays or attributes itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -141,7 +142,8 @@ class FeatureStore:
         self.attrs = StoreAttrs.from_dict(dict(group.attrs))
         self.spec = self.attrs.spec
         self._arrays = {name: group[name] for name in (FEATURES, MASKS, IDS, SPLIT, FLAGS)}  # looked up once
-        self._arrays.update({SOURCES: group[SOURCES]} if SOURCES in group else {})
+        with contextlib.suppress(KeyError):  # one lookup (`in` and then [] would fetch its metadata twice)
+            self._arrays[SOURCES] = group[SOURCES]
         try:
             self.ids = decode_ids(self._arrays[IDS][:])
             self.splits = [SPLITS[s] for s in self._arrays[SPLIT][:]]
@@ -174,20 +176,23 @@ class FeatureStore:
         return cls(path, group)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+    def open(cls, path: str | Path, mode: str = "r", group: zarr.Group | None = None) -> FeatureStore:
         """Open a feature store, checking that it is one and has this format version.
 
         Args:
             path: The store folder.
             mode: `r` to read, `r+` to finish writing it.
+            group: The store's group, if the caller has opened it already (`open_group`), so it is not opened again:
+                on a bucket each open is a round trip.
 
         Raises:
             CachedsegError: If there is no store there, or it has another format version.
         """
-        check_store(path)
-        if not is_store(path):
+        group = open_group(path, mode) if group is None else group
+        if group is None:  # told apart only now, so opening a store costs no separate existence check
+            check_store(path)
+        if group is None or group.attrs.get("format") != FORMAT:
             raise CachedsegError(f"{path} is not a cachedseg feature store (no {FORMAT} attributes in a Zarr group)")
-        group = zarr.open_group(str(path), mode=mode)
         version = group.attrs.get("format_version")
         if version == 1:
             raise CachedsegError(f"{path} is a version-1 feature store; convert it in place, without recomputing "
@@ -475,12 +480,18 @@ def _apply_index(group: zarr.Group) -> None:
     group.attrs.put(replace(attrs, reindex=None, num_images=len(ids)).to_dict())
 
 
-def is_store(path: str | Path) -> bool:
-    """Whether `path` holds a cachedseg feature store (of any format version)."""
+def open_group(path: str | Path, mode: str = "r") -> zarr.Group | None:
+    """The Zarr group at `path`, or None if there is none (or it cannot be read)."""
     try:
-        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+        return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, ValueError, OSError, zarr.errors.BaseZarrError):
-        return False
+        return None
+
+
+def is_store(path: str | Path, group: zarr.Group | None = None) -> bool:
+    """Whether `path` (or its already opened `group`) holds a cachedseg feature store (of any format version)."""
+    group = open_group(path) if group is None else group
+    return group is not None and group.attrs.get("format") == FORMAT
 
 
 def remove_store(path: str | Path) -> None:
