@@ -491,13 +491,17 @@ def evaluate(
                   _at_least(0, workers=workers),
                   lambda: json_out is not None and paths.check_writable(json_out, "--json"))
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
+        ckpt = None
         if store is None and data is None:
+            from cachedseg.checkpoint import load_run
             from cachedseg.evaluate import trained_on
-            store, data = trained_on(run)
+            ckpt = load_run(run)  # handed on, so best.pt is loaded once
+            store, data = trained_on(run, ckpt)
             console.print(f"scoring the features {escape(str(run))} was trained on: "
                           f"{escape(store or f'live from {data}')}", soft_wrap=True, highlight=False)
         return _evaluate(run, store=store, data=data, split=split, compare_live=compare_live, tta=tta,
-                         json_out=json_out, weights=weights, device=device, batch_size=batch_size, workers=workers)
+                         json_out=json_out, weights=weights, device=device, batch_size=batch_size, workers=workers,
+                         ckpt=ckpt)
 
 
 def _evaluate(run, json_out: Path | None = None, **options):
