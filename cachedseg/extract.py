@@ -435,9 +435,10 @@ def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[st
 def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[str, str]) -> bool:
     """Whether a store holds every image of the dataset with these settings, done, from files unchanged since (by
     size and mtime): then nothing needs writing, so no lock either (read only)."""
-    if missing or not is_store(store):
+    group = None if missing else open_group(store)
+    if group is None or not is_store(store, group):
         return False
-    fs = FeatureStore.open(store)
+    fs = FeatureStore.open(store, group=group)
     if (fs.spec != spec or (fs.ids, fs.splits) != ([s.id for s in samples], [s.split for s in samples]) or fs.gone
             or not (fs.flags() == DONE).all()):
         return False
