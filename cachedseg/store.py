@@ -17,7 +17,8 @@ Only core Zarr v3 data types, so zarr, xarray, dask and tensorstore all read eve
 `images_per_shard` N > 1, features, masks and flags are stored in shards of N images (one file each, zarr's
 sharding codec): a shard is written whole, so the shard is the unit of work. A store is a local folder or any
 fsspec URL (s3://bucket/x.zarr). Every other module goes through `FeatureStore` (or the helpers here) instead of
-touching arrays or attributes itself.
+touching arrays or attributes itself; the attributes are typed by `StoreAttrs`. The feature spec is
+`cachedseg.spec.StoreSpec`; converting a version-1 store is `cachedseg.upgrade`.
 """
 
 from __future__ import annotations
