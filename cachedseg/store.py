@@ -482,11 +482,16 @@ def _apply_index(group: zarr.Group) -> None:
 
 
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group | None:
-    """The Zarr group at `path`, or None if there is none (or it cannot be read)."""
+    """The Zarr group at `path`, or None if there is none (or it cannot be read: for a URL the caller's existence
+    check then names why, as `exists` does)."""
     try:
         return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, ValueError, OSError, zarr.errors.BaseZarrError):
         return None
+    except Exception:  # noqa: BLE001 - a storage client's own errors (no credentials, refused): told by `exists`
+        if is_url(path):
+            return None
+        raise
 
 
 def is_store(path: str | Path, group: zarr.Group | None = None) -> bool:
