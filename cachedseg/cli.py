@@ -585,11 +585,12 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
                                  f"{paths.did_you_mean(Path(path))}")
     _light_checks(exists)
     from cachedseg import checkpoint
-    from cachedseg.store import FeatureStore, is_store
+    from cachedseg.store import FeatureStore, is_store, open_group
 
     with user_errors():
-        if is_store(path):
-            d = FeatureStore.open(path).describe()
+        group = open_group(path)  # opened once: on a bucket each open is a round trip
+        if is_store(path, group):
+            d = FeatureStore.open(path, group=group).describe()
             (h, w), (mh, mw) = d["input_size"], d["mask_size"]
             rows = [("backbone", f"{d['backbone']} @ {w}x{h} px, precision {d['precision']}"),
                     ("features", f"[N, {len(d['views'])}, {d['layers']}, {d['channels']}, {d['grid'][0]}, "
