@@ -22,7 +22,7 @@ from cachedseg.errors import CachedsegError, first_line, load_failure
 from cachedseg.paths import checkpoint_path
 from cachedseg.recipe import TrainConfig
 from cachedseg.runs import EpochMetrics
-from cachedseg.store import StoreSpec
+from cachedseg.spec import StoreSpec
 
 FORMAT = "cachedseg-checkpoint"
 

@@ -491,13 +491,17 @@ def evaluate(
                   _at_least(0, workers=workers),
                   lambda: json_out is not None and paths.check_writable(json_out, "--json"))
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
+        ckpt = None
         if store is None and data is None:
+            from cachedseg.checkpoint import load_run
             from cachedseg.evaluate import trained_on
-            store, data = trained_on(run)
+            ckpt = load_run(run)  # handed on, so best.pt is loaded once
+            store, data = trained_on(run, ckpt)
             console.print(f"scoring the features {escape(str(run))} was trained on: "
                           f"{escape(store or f'live from {data}')}", soft_wrap=True, highlight=False)
         return _evaluate(run, store=store, data=data, split=split, compare_live=compare_live, tta=tta,
-                         json_out=json_out, weights=weights, device=device, batch_size=batch_size, workers=workers)
+                         json_out=json_out, weights=weights, device=device, batch_size=batch_size, workers=workers,
+                         ckpt=ckpt)
 
 
 def _evaluate(run, json_out: Path | None = None, **options):
@@ -581,11 +585,12 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
                                  f"{paths.did_you_mean(Path(path))}")
     _light_checks(exists)
     from cachedseg import checkpoint
-    from cachedseg.store import FeatureStore, is_store
+    from cachedseg.store import FeatureStore, is_store, open_group
 
     with user_errors():
-        if is_store(path):
-            d = FeatureStore.open(path).describe()
+        group = open_group(path)  # opened once: on a bucket each open is a round trip
+        if is_store(path, group):
+            d = FeatureStore.open(path, group=group).describe()
             (h, w), (mh, mw) = d["input_size"], d["mask_size"]
             rows = [("backbone", f"{d['backbone']} @ {w}x{h} px, precision {d['precision']}"),
                     ("features", f"[N, {len(d['views'])}, {d['layers']}, {d['channels']}, {d['grid'][0]}, "
@@ -656,7 +661,7 @@ def report(
 def upgrade(store: str = typer.Argument(..., help="A feature store written by an earlier cachedseg.")) -> None:
     """Convert an older feature store to the current format in place, keeping every computed feature."""
     _light_checks(lambda: paths.check_store(store))
-    from cachedseg.store import upgrade as run_upgrade
+    from cachedseg.upgrade import upgrade as run_upgrade
 
     with user_errors():
         result = run_upgrade(store)

@@ -18,7 +18,8 @@ from cachedseg.extract import stale_labels
 from cachedseg.features import cached_source
 from cachedseg.metrics import confusion, scores
 from cachedseg.predict import batches, failed, labels_over_views, segment_batch, tta_views
-from cachedseg.store import FeatureStore, check_spec
+from cachedseg.spec import check_spec
+from cachedseg.store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ class EvalResult:
 
 def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path | None = None, split: str = "val",
              weights: str | None = None, device: str = "auto", compare_live: bool = False, tta: bool = False,
-             batch_size: int = 4, workers: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             batch_size: int = 4, workers: int | None = None, progress: Callable[[int, int], None] | None = None,
+             ckpt: checkpoint.Checkpoint | None = None) -> EvalResult:
     """Evaluate a run on cached features (`store`) or live from the images (`data`), at native label resolution.
 
     Args:
@@ -84,6 +85,7 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         batch_size: Images per forward pass.
         workers: DataLoader processes that decode labels and images (default: 0 on a CPU, min(4, CPUs) on a GPU).
         progress: Called as `progress(done, total)`.
+        ckpt: The run's best checkpoint, if the caller has loaded it already (it is then not loaded again).
 
     Returns:
         The confusion matrix and the scores derived from it (and the agreement count with `compare_live`).
@@ -92,9 +94,9 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
         CachedsegError: For a store that does not fit the run, a corrupt cached image, missing labels, or a
             mismatched backbone.
     """
-    class_names = checkpoint.load_run(run).spec.class_names
+    ckpt = ckpt or checkpoint.load_run(run)  # loaded once: a checkpoint can be large, or far away
     result = score(predictions(run, store, data, split, weights, device, compare_live, tta, batch_size, workers,
-                               progress), class_names, compare_live)
+                               progress, ckpt=ckpt), ckpt.spec.class_names, compare_live)
     return replace(result, stale_labels=tuple(stale_labels(store, split, data))) if store is not None else result
 
 
@@ -116,12 +118,13 @@ def score(predicted: Iterable[tuple[str, np.ndarray, np.ndarray | None, np.ndarr
                       differ=differ if compare_live else None, pixels=pixels if compare_live else None)
 
 
-def trained_on(run: str | Path) -> tuple[str | None, str | None]:
-    """(store, data): the features a run was trained on, as its checkpoint records them (a store's path or URL,
-    or `live:DATA`): what evaluate and report score when given neither --store nor --data."""
+def trained_on(run: str | Path, ckpt: checkpoint.Checkpoint | None = None) -> tuple[str | None, str | None]:
+    """(store, data): the features a run was trained on, as its checkpoint (`ckpt`, if loaded already) records
+    them (a store's path or URL, or `live:DATA`): what evaluate and report score when given neither --store nor
+    --data."""
     from cachedseg.paths import exists
 
-    source = checkpoint.load_run(run).source
+    source = (ckpt or checkpoint.load_run(run)).source
     if not source:
         raise CachedsegError(f"{run} does not record the features it was trained on; give --store STORE (cached "
                              "features) or --data DATA (live backbone)")
@@ -136,18 +139,18 @@ def trained_on(run: str | Path) -> tuple[str | None, str | None]:
 def predictions(run: str | Path, store: str | Path | None = None, data: str | Path | None = None,
                 split: str = "val", weights: str | None = None, device: str = "auto", compare_live: bool = False,
                 tta: bool = False, batch_size: int = 4, workers: int | None = None,
-                progress: Callable[[int, int], None] | None = None
+                progress: Callable[[int, int], None] | None = None, ckpt: checkpoint.Checkpoint | None = None
                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]]:
     """A run's predictions on a split, image by image: (id, labels, cached prediction, live prediction), each
     [H, W] at the labels' native size; the cached one with `store`, the live one without it or with
-    `compare_live`. Arguments as for `evaluate`."""
+    `compare_live`. Arguments as for `evaluate`; `ckpt`: the run's best checkpoint, if loaded already."""
     if split not in SPLITS:
         raise CachedsegError(f"--split {split!r}: use {' or '.join(SPLITS)}")
+    ckpt = ckpt or checkpoint.load_run(run)
     if store is None and data is None:
-        store, data = trained_on(run)
+        store, data = trained_on(run, ckpt)
     if compare_live and store is None:
         raise CachedsegError("--compare-live compares cached with live predictions; give --store STORE too")
-    ckpt = checkpoint.load_run(run)
     torch_device = resolve_device(device)
     decoder = ckpt.decoder().to(torch_device)
     views = tta_views(ckpt.spec, tta)

@@ -32,9 +32,9 @@ from cachedseg.errors import CachedsegError
 from cachedseg import distributed
 from cachedseg.locks import LockUnwritable, writer_lock
 from cachedseg.paths import exists, is_url
-from cachedseg.store import (BAD, DONE, HASH_BYTES, MISSING_LABEL, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
-                             StoreSpec, check_dtype, check_spec, disk_bytes, is_store, remove_partials, remove_store,
-                             spec_for)
+from cachedseg.spec import StoreSpec, check_dtype, check_spec, spec_for
+from cachedseg.store import (BAD, DONE, HASH_BYTES, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
+                             disk_bytes, is_store, open_group, remove_partials, remove_store)
 from cachedseg.views import apply_view, check_views
 
 FLOAT16_MAX = 65504.0
@@ -155,6 +155,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     spec = spec_for(model, dtype, views)
     ids, splits = [s.id for s in samples], [s.split for s in samples]
 
+    opened: dict[str, FeatureStore] = {}  # rank 0's store from setup, used on after it (each open is a round trip)
     with contextlib.ExitStack() as held:
         def setup() -> tuple[list[int], str, dict]:  # rank 0, while the other ranks wait for the store
             try:
@@ -166,19 +167,23 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             if overwrite:
                 remove_store(store)
             fs, created = _open_or_create(store, spec, ids, splits, data, weights, images_per_shard)
-            fs, changes = (fs, {}) if created else _follow_data(fs, samples, missing, model.preprocess)
+            # the flags are read once (one request per image on a bucket) and kept up to date here
+            fs, changes, flags = ((fs, {}, np.full(len(fs), PENDING, dtype=np.uint8)) if created
+                                  else _follow_data(fs, samples, missing, model.preprocess))
             for id_ in redo:
                 if id_ not in ids:
                     raise CachedsegError(f"--redo {id_}: no such image id in {data}")
                 fs.mark(fs.ids.index(id_), PENDING)
+                flags[fs.ids.index(id_)] = PENDING
             gone = fs.gone
             # bad images are retried too; the token names this run's job-wide progress counter
-            pending = [i for i in np.flatnonzero(fs.flags(repair=True) != DONE).tolist() if fs.ids[i] not in gone]
+            pending = [i for i in np.flatnonzero(flags != DONE).tolist() if fs.ids[i] not in gone]
             if pending:
                 fs.check_writable(len(pending))
+            opened.update(store=fs, flags=flags)
             return pending, uuid.uuid4().hex, changes
         pending, token, changes = ctx.once(setup)
-        fs = FeatureStore.open(store, mode="r+")
+        fs = opened["store"] if "store" in opened else FeatureStore.open(store, mode="r+")
         by_id = {s.id: s for s in samples}
         in_store_order = [by_id.get(id_) for id_ in fs.ids]  # None: gone from the dataset
         units = _units(pending, fs.images_per_shard, len(fs))  # whole shards
@@ -190,7 +195,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         bad = _compute(model, fs, _Sources(in_store_order, model.preprocess), ctx.share(units), batch_size,
                        workers, skip_bad, lambda n: report(ctx.count(key, n), todo))
         bad = {k: v for part in ctx.gather(bad) for k, v in part.items()}
-        ctx.once(lambda: _finish(fs, bad, data))
+        # nothing pending anywhere: the flags are as setup left them, not read again
+        ctx.once(lambda: _finish(fs, bad, data, None if pending else opened.get("flags")))
         seconds = time.perf_counter() - start
     return ExtractResult(store=store, images=len(ids), extracted=todo - len(bad), skipped=len(ids) - todo,
                          seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad, gone=fs.gone, **changes)
@@ -219,10 +225,12 @@ def _sources(sample: Sample) -> tuple[Path, Path]:
     return sample.image, sample.mask
 
 
-def _follow_data(fs: FeatureStore, samples: list[Sample], missing: dict[str, str], pp) -> tuple[FeatureStore, dict]:
+def _follow_data(fs: FeatureStore, samples: list[Sample], missing: dict[str, str],
+                 pp) -> tuple[FeatureStore, dict, np.ndarray]:
     """Bring an existing store up to the dataset: add newly listed images, update moved splits, record gone ones,
     and check each done image against its record (stats, then hashes): a changed image goes back to pending, a
-    changed mask alone is rewritten, equal content only updates the stats. Returns the store and the counts."""
+    changed mask alone is rewritten, equal content only updates the stats. Returns the store, the counts and the
+    flags as they are now."""
     listed = {s.id: s for s in samples}
     have = set(fs.ids)
     for id_, error in missing.items():
@@ -239,7 +247,8 @@ def _follow_data(fs: FeatureStore, samples: list[Sample], missing: dict[str, str
     counts = {"changed": 0, "masks_changed": 0, "touched": 0, "added": len(new), "moved": moved, "adopted": 0}
     stats, hashes = fs.records()
     masks = SegmentationDataset([listed.get(id_) for id_ in fs.ids], pp)
-    for i in np.flatnonzero(fs.flags(repair=True) == DONE):
+    flags = fs.flags(repair=True)
+    for i in np.flatnonzero(flags == DONE):
         sample = listed.get(fs.ids[i])
         if sample is None:  # gone: kept as it is
             continue
@@ -263,17 +272,20 @@ def _follow_data(fs: FeatureStore, samples: list[Sample], missing: dict[str, str
                 counts["masks_changed"] += 1
             else:  # unreadable, or changing as we read: the full path decides (and --skip-bad applies)
                 fs.mark(i, PENDING)
+                flags[i] = PENDING
                 counts["changed"] += 1
         else:
             fs.mark(i, PENDING)
+            flags[i] = PENDING
             counts["changed"] += 1
-    return fs, counts
+    return fs, counts, flags
 
 
-def _finish(fs: FeatureStore, bad: dict[str, str], data: str | Path) -> None:
-    """Record the unreadable images, and refuse a split left without a usable image (training needs both)."""
+def _finish(fs: FeatureStore, bad: dict[str, str], data: str | Path, flags: np.ndarray | None = None) -> None:
+    """Record the unreadable images, and refuse a split left without a usable image (training needs both);
+    `flags`: the flags if known to be current, else they are read."""
     fs.set_bad(bad)
-    flags, gone = fs.flags(), fs.gone
+    flags, gone = fs.flags() if flags is None else flags, fs.gone
     for split in SPLITS:
         members = [id_ for id_, s in zip(fs.ids, fs.splits) if s == split]
         if members and not any(f == DONE and id_ not in gone and s == split
@@ -384,9 +396,8 @@ class _Block:
         """Place one image (None for a skipped one) and the record of its files; returns whether the block is
         complete."""
         if feats is not None:
-            if self.features is None:  # NaN and the missing label: a skipped image's chunks stay unwritten
-                self.features = np.full((self.n, *feats.shape), np.nan, dtype=feats.dtype)
-                self.masks = np.full((self.n, *mask.shape), MISSING_LABEL, dtype=np.uint8)
+            if self.features is None:  # a skipped image's chunks stay unwritten (they read as missing)
+                self.features, self.masks = self.fs.empty_block(self.n)
             self.features[index - self.start], self.masks[index - self.start] = feats, mask
         if record is not None:
             self.stats[index - self.start], self.hashes[index - self.start] = record
@@ -406,13 +417,15 @@ class _Block:
 def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[str], data: str | Path,
                     weights: str, images_per_shard: int) -> tuple[FeatureStore, bool]:
     """Open a store to finish or update it (refusing other settings), or create it; says whether it was created."""
-    if exists(store) and not (Path(store).is_dir() and not any(Path(store).iterdir())):  # an empty folder is fine
-        if not is_store(store):
-            raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
-        fs = FeatureStore.open(store, mode="r+")
+    group = open_group(store, mode="r+")  # opened once and handed on: on a bucket each open is a round trip
+    if is_store(store, group):
+        fs = FeatureStore.open(store, mode="r+", group=group)
         check_spec(store, fs.spec, spec)
         remove_partials(store)  # a killed writer's temporary chunk files
         return fs, False
+    # an empty folder is fine
+    if group is not None or (exists(store) and not (Path(store).is_dir() and not any(Path(store).iterdir()))):
+        raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
     if not is_url(store):
         Path(store).parent.mkdir(parents=True, exist_ok=True)
     return FeatureStore.create(store, spec, ids, splits, dataset=str(Path(data).resolve()),
@@ -422,9 +435,10 @@ def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[st
 def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[str, str]) -> bool:
     """Whether a store holds every image of the dataset with these settings, done, from files unchanged since (by
     size and mtime): then nothing needs writing, so no lock either (read only)."""
-    if missing or not is_store(store):
+    group = None if missing else open_group(store)
+    if group is None or not is_store(store, group):
         return False
-    fs = FeatureStore.open(store)
+    fs = FeatureStore.open(store, group=group)
     if (fs.spec != spec or (fs.ids, fs.splits) != ([s.id for s in samples], [s.split for s in samples]) or fs.gone
             or not (fs.flags() == DONE).all()):
         return False

@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import zarr
 
@@ -18,7 +17,8 @@ from cachedseg.backbone import Backbone, weights_source
 from cachedseg.data import SegmentationDataset, read_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import is_url
-from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, spec_for
+from cachedseg.spec import StoreSpec, spec_for
+from cachedseg.store import FeatureStore
 from cachedseg.views import apply_view
 
 
@@ -155,13 +155,14 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
     """A source reading a finished feature store; `data` overrides the dataset folder the store records; with
     `in_memory` the whole cache is loaded first, onto `device` when it is a GPU with room for it."""
     fs = FeatureStore.open(store)
-    flags, gone = fs.flags(), fs.gone
-    listed = np.array([id_ not in gone for id_ in fs.ids], dtype=bool)
-    if ((flags == PENDING) & listed).any():
-        raise CachedsegError(f"the store {store} is unfinished ({int((flags != PENDING).sum())} of {len(flags)} images); "
+    states, gone = fs.states(), fs.gone
+    listed = [id_ not in gone for id_ in fs.ids]
+    if any(s == "pending" and keep for s, keep in zip(states, listed)):
+        finished = sum(s != "pending" for s in states)
+        raise CachedsegError(f"the store {store} is unfinished ({finished} of {len(states)} images); "
                              "rerun the same `cachedseg extract` command to finish it")
     # images skipped as unreadable (`extract --skip-bad`) and images gone from the dataset belong to no split
-    splits = ["gone" if not keep else s if f == DONE else "skipped" for s, f, keep in zip(fs.splits, flags, listed)]
+    splits = ["gone" if not keep else s if f == "done" else "skipped" for s, f, keep in zip(fs.splits, states, listed)]
     return FeatureSource(spec=fs.spec, ids=fs.ids, splits=splits, dataset=StoreDataset(store, in_memory, device),
                          data_root=Path(data or fs.dataset), weights=fs.weights,
                          # absolute: the run records it, and evaluate/report default to it from any folder

@@ -26,7 +26,7 @@ from cachedseg.data import load_image, own_pixel_limit, preprocess_image
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_images
 from cachedseg.pictures import legend_strip, picture_rows, present_classes
-from cachedseg.store import StoreSpec
+from cachedseg.spec import StoreSpec
 from cachedseg.views import apply_view
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")

@@ -81,7 +81,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
     """The report of one run."""
     last, best = checkpoint.load_run(run, "last"), checkpoint.load_run(run, "best")
     if store is None and data is None:
-        store, data = trained_on(run)
+        store, data = trained_on(run, best)
     shown: list[tuple] = []
 
     def keep(predicted):  # the first few val images are drawn below: kept from the one scoring pass
@@ -89,7 +89,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
             if len(shown) < samples:
                 shown.append(item)
             yield item
-    result = score(keep(predictions(run, store=store, data=data, device=device)), best.spec.class_names)
+    result = score(keep(predictions(run, store=store, data=data, device=device, ckpt=best)), best.spec.class_names)
     root = Path(data) if data else Path(_dataset_of(store))
     spec, cfg = best.spec, best.decoder_config
     rows = last.metrics

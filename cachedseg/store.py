@@ -17,15 +17,16 @@ Only core Zarr v3 data types, so zarr, xarray, dask and tensorstore all read eve
 `images_per_shard` N > 1, features, masks and flags are stored in shards of N images (one file each, zarr's
 sharding codec): a shard is written whole, so the shard is the unit of work. A store is a local folder or any
 fsspec URL (s3://bucket/x.zarr). Every other module goes through `FeatureStore` (or the helpers here) instead of
-touching arrays or attributes itself.
+touching arrays or attributes itself; the attributes are typed by `StoreAttrs`. The feature spec is
+`cachedseg.spec.StoreSpec`; converting a version-1 store is `cachedseg.upgrade`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +34,14 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from cachedseg import __version__
-from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
+from cachedseg.classes import IGNORE_INDEX, SPLITS
 from cachedseg.errors import CachedsegError
-from cachedseg.locks import writer_lock
-from cachedseg.paths import check_local, check_store, exists, filesystem, is_url
-from cachedseg.views import apply_view, check_views
+from cachedseg.paths import check_store, exists, filesystem, is_url
+from cachedseg.spec import StoreSpec
+from cachedseg.views import apply_view
 
 FORMAT = "cachedseg-features"
 FORMAT_VERSION = 2
-DTYPES = ("float16", "float32")
 PENDING, DONE, BAD = 0, 1, 2  # values of the `done` flags
 FLAG_NAMES = ("pending", "done", "bad")
 MISSING_LABEL = 254  # fill value of `masks`: no label is ever 254, so it marks a chunk that is not there
@@ -56,66 +56,63 @@ SOURCE_FILES, SOURCE_FIELDS = ("image", "mask"), ("size", "mtime_ns", "blake2b_0
 HASH_BYTES = 16
 NO_STAT = -1  # fill value of `sources`: no record
 FEATURE_DIMS = ("image", "view", "layer", "channel", "token_y", "token_x")
+REINDEX = "reindex"  # attribute journalling a growing image list until every array has caught up
+GONE = "gone"  # attribute naming the images gone from the dataset
 # Chunk keys c.<i>.0.0...: one file per chunk, no nested folders (a folder per dimension would cost an inode each)
 FLAT_KEYS = {"name": "default", "separator": "."}
 
 
 @dataclass(frozen=True)
-class StoreSpec:
-    """Everything that decides the numbers in a store; a store is reused only if its spec matches exactly."""
+class StoreAttrs:
+    """The store group's attributes, typed: `to_dict` gives the JSON written, `from_dict` reads it back (keys a
+    store of an earlier cachedseg lacks take their defaults).
 
-    backbone: str
-    fingerprint: str
-    input_size: tuple[int, int]
-    mask_size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    precision: str
-    dtype: str
-    channels: int
-    grid: tuple[int, int]
-    class_names: tuple[str, ...]
-    layers: int = 1
-    views: tuple[str, ...] = ("identity",)
+    Attributes:
+        spec: What made the features (its fields are top-level keys).
+        num_images: Images in the store.
+        dataset: The dataset folder the store was extracted from.
+        weights: Where the backbone's weights came from: `auto`, `random` or a file.
+        package_version: The cachedseg that created the store.
+        bad: Images skipped as unreadable, with the reason.
+        images_per_shard: Images per shard file (1: no shards).
+        gone: Images no longer in the dataset at the last extract, with the reason (written once there are any).
+        reindex: The journal of a growing image list (`ids`, `splits`) until every array has caught up.
+        ignore_index: The mask value of unlabelled pixels.
+        format: Always `FORMAT`.
+        format_version: The store format version.
+    """
+
+    spec: StoreSpec
+    num_images: int
+    dataset: str
+    weights: str = "auto"
+    package_version: str = __version__
+    bad: dict[str, str] = field(default_factory=dict)
+    images_per_shard: int = 1
+    gone: dict[str, str] | None = None
+    reindex: dict[str, list[str]] | None = None
+    ignore_index: int = IGNORE_INDEX
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> StoreSpec:
-        """Rebuild the spec from Zarr attributes or a checkpoint (JSON lists back to tuples)."""
-        values = {f.name: attrs[f.name] for f in fields(cls) if f.name in attrs}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    def from_dict(cls, attrs: dict) -> StoreAttrs:
+        """Read the attributes of a store of this format version."""
+        return cls(spec=StoreSpec.from_attrs(attrs), num_images=int(attrs["num_images"]), dataset=attrs["dataset"],
+                   weights=attrs.get("weights", "auto"), package_version=attrs.get("package_version", ""),
+                   bad=dict(attrs.get("bad", {})), images_per_shard=int(attrs.get("images_per_shard", 1)),
+                   gone=None if attrs.get(GONE) is None else dict(attrs[GONE]), reindex=attrs.get(REINDEX),
+                   ignore_index=attrs.get("ignore_index", IGNORE_INDEX), format=attrs["format"],
+                   format_version=attrs["format_version"])
 
-    def serves(self, wanted: StoreSpec) -> bool:
-        """Whether these features can feed a decoder trained on `wanted`: the same in all that decides the
-        numbers, with at least as many layers (a decoder takes the last ones it needs); views may differ."""
-        return (self.layers >= wanted.layers
-                and replace(self, layers=wanted.layers, views=wanted.views) == wanted)
-
-
-def check_dtype(dtype: str) -> None:
-    """Refuse a storage dtype the store format does not have."""
-    if dtype not in DTYPES:
-        raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
-
-
-def spec_for(backbone, dtype: str, views: tuple[str, ...] = ("identity",)) -> StoreSpec:
-    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`), stored as `dtype`, for `views`."""
-    check_dtype(dtype)
-    views = check_views(views)
-    pp = backbone.preprocess
-    return StoreSpec(backbone=backbone.config.name, fingerprint=backbone.fingerprint, input_size=pp.image_size,
-                     mask_size=pp.mask_size, mean=pp.mean, std=pp.std, interpolation=pp.interpolation,
-                     precision=backbone.config.precision, dtype=dtype, channels=backbone.channels,
-                     grid=backbone.grid, class_names=CLASS_NAMES, layers=backbone.config.layers, views=views)
-
-
-def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec,
-               hint: str = "pass --overwrite to rebuild it, or --store to write a new one elsewhere") -> None:
-    """Refuse a store whose spec differs from the one asked for, naming each difference and what to do."""
-    diffs = [f"{f.name}: store has {getattr(stored, f.name)!r}, asked for {getattr(wanted, f.name)!r}"
-             for f in fields(StoreSpec) if getattr(stored, f.name) != getattr(wanted, f.name)]
-    if diffs:
-        raise CachedsegError(f"the store {path} was built with other settings ({'; '.join(diffs)}); {hint}")
+    def to_dict(self) -> dict:
+        """The JSON attributes (in the order a new store has always written them; gone and reindex when set)."""
+        return {"format": self.format, "format_version": self.format_version, **asdict(self.spec),
+                "ignore_index": self.ignore_index, "num_images": self.num_images, "dataset": self.dataset,
+                "weights": self.weights, "package_version": self.package_version, "bad": dict(self.bad),
+                "images_per_shard": self.images_per_shard,
+                **({} if self.gone is None else {GONE: dict(self.gone)}),
+                **({} if self.reindex is None else {REINDEX: self.reindex})}
 
 
 def encode_ids(ids: list[str]) -> np.ndarray:
@@ -143,9 +140,11 @@ class FeatureStore:
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = str(path)
         self.group = group
-        self.spec = StoreSpec.from_attrs(dict(group.attrs))
+        self.attrs = StoreAttrs.from_dict(dict(group.attrs))
+        self.spec = self.attrs.spec
         self._arrays = {name: group[name] for name in (FEATURES, MASKS, IDS, SPLIT, FLAGS)}  # looked up once
-        self._arrays.update({SOURCES: group[SOURCES]} if SOURCES in group else {})
+        with contextlib.suppress(KeyError):  # one lookup (`in` and then [] would fetch its metadata twice)
+            self._arrays[SOURCES] = group[SOURCES]
         try:
             self.ids = decode_ids(self._arrays[IDS][:])
             self.splits = [SPLITS[s] for s in self._arrays[SPLIT][:]]
@@ -162,10 +161,8 @@ class FeatureStore:
         if per < 1:
             raise CachedsegError("--images-per-shard must be at least 1")
         feature_shape = (len(spec.views), spec.layers, spec.channels, h, w)
-        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec), "ignore_index": IGNORE_INDEX,
-                 "num_images": n, "dataset": dataset, "weights": weights, "package_version": __version__, "bad": {},
-                 "images_per_shard": per}
-        group = zarr.open_group(str(path), mode="w", attributes=attrs)
+        attrs = StoreAttrs(spec=spec, num_images=n, dataset=dataset, weights=weights, images_per_shard=per)
+        group = zarr.open_group(str(path), mode="w", attributes=attrs.to_dict())
         # One image (and view) per chunk keeps shuffled training reads fast; float features barely compress, so
         # only a checksum: a corrupted chunk fails loudly instead of decoding to wrong numbers.
         shards = (lambda *chunk: (per, *chunk[1:])) if per > 1 else (lambda *chunk: None)
@@ -175,25 +172,28 @@ class FeatureStore:
         group.create_array(MASKS, shape=(n, mh, mw), chunks=(1, mh, mw), shards=shards(1, mh, mw), dtype="uint8",
                            compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=MISSING_LABEL,
                            dimension_names=("image", "mask_y", "mask_x"), chunk_key_encoding=FLAT_KEYS)
-        _write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8), flags_per_chunk=per)
+        write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8), flags_per_chunk=per)
         _create_records(group, n, per)
         return cls(path, group)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+    def open(cls, path: str | Path, mode: str = "r", group: zarr.Group | None = None) -> FeatureStore:
         """Open a feature store, checking that it is one and has this format version.
 
         Args:
             path: The store folder.
             mode: `r` to read, `r+` to finish writing it.
+            group: The store's group, if the caller has opened it already (`open_group`), so it is not opened again:
+                on a bucket each open is a round trip.
 
         Raises:
             CachedsegError: If there is no store there, or it has another format version.
         """
-        check_store(path)
-        if not is_store(path):
+        group = open_group(path, mode) if group is None else group
+        if group is None:  # told apart only now, so opening a store costs no separate existence check
+            check_store(path)
+        if group is None or group.attrs.get("format") != FORMAT:
             raise CachedsegError(f"{path} is not a cachedseg feature store (no {FORMAT} attributes in a Zarr group)")
-        group = zarr.open_group(str(path), mode=mode)
         version = group.attrs.get("format_version")
         if version == 1:
             raise CachedsegError(f"{path} is a version-1 feature store; convert it in place, without recomputing "
@@ -214,27 +214,28 @@ class FeatureStore:
     @property
     def dataset(self) -> str:
         """The dataset folder the store was extracted from."""
-        return self.group.attrs["dataset"]
+        return self.attrs.dataset
 
     @property
     def weights(self) -> str:
         """Where the backbone's weights came from: `auto`, `random` or a file."""
-        return self.group.attrs.get("weights", "auto")
+        return self.attrs.weights
 
     @property
     def images_per_shard(self) -> int:
         """Images per shard file: the unit of work (1: no shards, one file per image)."""
-        return int(self.group.attrs.get("images_per_shard", 1))
+        return self.attrs.images_per_shard
 
     @property
     def bad(self) -> dict[str, str]:
         """Images skipped as unreadable, with the reason."""
-        return dict(self.group.attrs.get("bad", {}))
+        return dict(self.attrs.bad)
 
     def set_bad(self, bad: dict[str, str]) -> None:
         """Record the images skipped as unreadable (left untouched when unchanged, so a no-op rerun writes nothing)."""
         if self.bad != bad:
             self.group.attrs["bad"] = bad
+            self.attrs = replace(self.attrs, bad=dict(bad))
 
     def flags(self, repair: bool = False) -> np.ndarray:
         """The `done` flags [N], read now; a corrupt flag is an error, or with `repair` reset to pending."""
@@ -255,6 +256,17 @@ class FeatureStore:
         for i in broken:
             self.mark(i, PENDING)
         return flags
+
+    def states(self) -> list[str]:
+        """Each image's flag by name (`FLAG_NAMES`: pending, done, or bad: skipped as unreadable), by index."""
+        return [FLAG_NAMES[f] for f in self.flags()]
+
+    def empty_block(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features [n, V, L, C, h, w] (store dtype) and masks [n, Mh, Mw] for `write_block`, filled with what reads
+        as missing (NaN, the missing label), so an image left unfilled is never taken for data."""
+        spec, (h, w) = self.spec, self.spec.grid
+        return (np.full((n, len(spec.views), spec.layers, spec.channels, h, w), np.nan, dtype=spec.dtype),
+                np.full((n, *spec.mask_size), MISSING_LABEL, dtype=np.uint8))
 
     def check_writable(self, pending: int) -> None:
         """Refuse a local store whose folders this process cannot write, before any of `pending` images is computed."""
@@ -326,12 +338,13 @@ class FeatureStore:
     @property
     def gone(self) -> dict[str, str]:
         """Images no longer in the dataset at the last extract (kept, left out of training), with the reason."""
-        return dict(self.group.attrs.get("gone", {}))
+        return dict(self.attrs.gone or {})
 
     def set_gone(self, gone: dict[str, str]) -> None:
         """Record the images gone from the dataset (written only when it changed, so a no-op rerun writes nothing)."""
         if self.gone != gone:
-            self.group.attrs["gone"] = gone
+            self.group.attrs[GONE] = gone
+            self.attrs = replace(self.attrs, gone=dict(gone))
 
     def set_index(self, ids: list[str], splits: list[str]) -> FeatureStore:
         """Grow the image list to `ids` (the present ids first, in their order, then new ones) with `splits` (an
@@ -399,7 +412,7 @@ class FeatureStore:
                 "gone": len(self.gone), "bytes_on_disk": disk_bytes(self.path)}
 
 
-def _write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], flags: np.ndarray,
+def write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], flags: np.ndarray,
                         suffix: str = "", flags_per_chunk: int = 1) -> None:
     """Create and fill `ids`, `split` and `done` (names with `suffix`), each checksummed."""
     n = len(ids)
@@ -453,29 +466,38 @@ def _unpack_records(sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sources[..., :2].copy(), np.ascontiguousarray(sources[..., 2:].astype("<i8")).view(np.uint8)
 
 
-REINDEX = "reindex"  # attribute journalling a growing image list until every array has caught up
-
 
 def _apply_index(group: zarr.Group) -> None:
     """Bring every array to the image list journalled in the `reindex` attribute, then drop the journal (each
     step can be redone after a kill)."""
-    attrs = dict(group.attrs)
-    ids, splits = attrs[REINDEX]["ids"], attrs[REINDEX]["splits"]
+    attrs = StoreAttrs.from_dict(dict(group.attrs))
+    ids, splits = attrs.reindex["ids"], attrs.reindex["splits"]
     for name in (FEATURES, MASKS, FLAGS, SOURCES):  # new rows read as the fill values: pending, missing
         if name in group and group[name].shape[0] != len(ids):
             array = group[name]
             array.resize((len(ids), *array.shape[1:]))
     _write_ids_and_splits(group, ids, splits, overwrite=True)
-    attrs.pop(REINDEX)
-    group.attrs.put({**attrs, "num_images": len(ids)})  # one write: the journal goes with the new count
+    # one write: the journal goes with the new count
+    group.attrs.put(replace(attrs, reindex=None, num_images=len(ids)).to_dict())
 
 
-def is_store(path: str | Path) -> bool:
-    """Whether `path` holds a cachedseg feature store (of any format version)."""
+def open_group(path: str | Path, mode: str = "r") -> zarr.Group | None:
+    """The Zarr group at `path`, or None if there is none (or it cannot be read: for a URL the caller's existence
+    check then names why, as `exists` does)."""
     try:
-        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+        return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, ValueError, OSError, zarr.errors.BaseZarrError):
-        return False
+        return None
+    except Exception:  # noqa: BLE001 - a storage client's own errors (no credentials, refused): told by `exists`
+        if is_url(path):
+            return None
+        raise
+
+
+def is_store(path: str | Path, group: zarr.Group | None = None) -> bool:
+    """Whether `path` (or its already opened `group`) holds a cachedseg feature store (of any format version)."""
+    group = open_group(path) if group is None else group
+    return group is not None and group.attrs.get("format") == FORMAT
 
 
 def remove_store(path: str | Path) -> None:
@@ -514,96 +536,3 @@ def file_count(path: str | Path) -> int:
         fs, inner = filesystem(str(path))
         return len(fs.find(inner))
     return sum(1 for _ in Path(path).rglob("*"))
-
-
-def upgrade(path: str | Path) -> dict:
-    """Convert a version-1 store to this version in place, keeping every computed feature.
-
-    Version 1 kept ids and splits as variable-length strings (no Zarr v3 spec: tensorstore cannot read them),
-    had no checksum on `ids`, `split` and `done`, filled missing chunks with numbers that look real, and had no
-    view or layer dimension. The feature and mask chunks keep their bytes (feature chunks move two folders down);
-    only metadata and the three small arrays are rewritten. A kill at any moment leaves a store that a rerun of
-    `upgrade` finishes.
-
-    Args:
-        path: The store folder.
-
-    Returns:
-        `images`, `done` and `reset`: done images whose chunks were missing, now pending (rerun extract).
-
-    Raises:
-        CachedsegError: If `path` is not a store, or is of an unknown version.
-    """
-    check_local(path, "upgrade")  # version-1 stores were local folders
-    root = Path(path)
-    if not is_store(root):
-        raise CachedsegError(f"{path} is not a cachedseg feature store")
-    with writer_lock(root, f"upgrade-{os.getpid()}"):
-        group = zarr.open_group(str(root), mode="r+")
-        version = group.attrs.get("format_version")
-        if version == FORMAT_VERSION:
-            flags = group[FLAGS][:]
-            return {"images": len(flags), "done": int((flags == DONE).sum()), "reset": 0, "upgraded": False}
-        if version != 1:
-            raise CachedsegError(f"{path} has store format version {version}; only version 1 can be upgraded")
-        staged = group.attrs.get("upgrade_staged")
-        if staged is None:  # 1. the new small arrays, written beside the old ones
-            ids, splits, flags = group[IDS][:].tolist(), group[SPLIT][:].tolist(), group[FLAGS][:]
-            n, reset = len(ids), 0
-            for i in np.flatnonzero(flags == DONE):  # v1 wrote no chunk that equalled its fill value
-                if not all((root / name / "c" / str(i)).is_dir() for name in (FEATURES, MASKS)):
-                    flags[i], reset = PENDING, reset + 1
-            for name in (IDS, SPLIT, FLAGS):
-                shutil.rmtree(root / f"{name}.v2", ignore_errors=True)
-            _write_index_arrays(group, ids, splits, flags, suffix=".v2")
-            group.attrs["upgrade_staged"] = staged = {"reset": reset, "images": n}
-        for name in (IDS, SPLIT, FLAGS):  # 2. swap them in (each step can be redone after a kill)
-            if (root / f"{name}.v2").is_dir():
-                _swap_in(root / f"{name}.v2", root / name)
-        # 3. the big arrays keep their chunk bytes: features [N, C, h, w] become [N, 1, 1, C, h, w] (one view, one
-        # layer; each chunk file moves two folders down), and new fill values make missing chunks detectable
-        meta = json.loads((root / FEATURES / "zarr.json").read_text())
-        if len(meta["shape"]) == 4:
-            for i in range(staged["images"]):
-                _deepen_chunk(root / FEATURES / "c" / str(i) / "0" / "0" / "0")
-            n, c, h, w = meta["shape"]
-            _rewrite_metadata(root / FEATURES, shape=[n, 1, 1, c, h, w], fill_value="NaN",
-                              chunk_grid={"name": "regular", "configuration": {"chunk_shape": [1, 1, 1, c, h, w]}},
-                              dimension_names=list(FEATURE_DIMS))
-        _rewrite_metadata(root / MASKS, fill_value=MISSING_LABEL, dimension_names=["image", "mask_y", "mask_x"])
-        group = zarr.open_group(str(root), mode="r+")
-        attrs = dict(group.attrs)
-        size, mask = attrs.pop("image_size"), attrs["mask_size"]
-        attrs.pop("upgrade_staged", None)
-        attrs.update(format_version=FORMAT_VERSION, package_version=__version__, input_size=[size, size],
-                     mask_size=[mask, mask], layers=1, views=["identity"])
-        group.attrs.put(attrs)  # one write: a kill leaves the old attributes or the new
-        flags = group[FLAGS][:]
-        return {"images": staged["images"], "done": int((flags == DONE).sum()), "reset": staged["reset"],
-                "upgraded": True}
-
-
-def _deepen_chunk(path: Path) -> None:
-    """Move the chunk file `path` to `path/0/0` (two leading dimensions of 1 added); redone safely after a kill."""
-    moving = path.with_name(path.name + ".v1")
-    if path.is_file():
-        os.replace(path, moving)
-    if moving.is_file():
-        (path / "0").mkdir(parents=True, exist_ok=True)
-        os.replace(moving, path / "0" / "0")
-
-
-def _swap_in(new: Path, old: Path) -> None:
-    """Replace the folder `old` by `new`."""
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(new, old)
-
-
-def _rewrite_metadata(array: Path, **changes) -> None:
-    """Change fields of an array's zarr.json atomically."""
-    meta_path = array / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    meta.update(changes)
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)

@@ -30,7 +30,7 @@ from cachedseg.metrics import confusion, scores
 from cachedseg.paths import check_writable
 from cachedseg.recipe import TrainConfig  # defined there for checkpoint.py; its home is here
 from cachedseg.runs import EpochMetrics, RunFolder, is_best
-from cachedseg.store import StoreSpec
+from cachedseg.spec import StoreSpec
 
 
 def epoch_batches(indices: list[int], batch_size: int, generator: torch.Generator,

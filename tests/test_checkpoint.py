@@ -9,7 +9,7 @@ from cachedseg.classes import CLASS_NAMES
 from cachedseg.decoders import DECODERS, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
 from cachedseg.runs import EpochMetrics
-from cachedseg.store import StoreSpec
+from cachedseg.spec import StoreSpec
 from cachedseg.train import TrainConfig
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(112, 154),

@@ -22,3 +22,18 @@ def test_native_labels_are_one_byte_a_pixel(tmp_path):
     Image.fromarray(np.array([[0, 3], [255, 11]], dtype=np.uint16)).save(tmp_path / "SegmentationClass" / "a.png")
     labels = _labels(tmp_path, "a", 12)  # a 16-bit mask is checked, then held in one byte a pixel, not eight
     assert labels.dtype == np.uint8 and labels.tolist() == [[0, 3], [255, 11]]
+
+
+def test_evaluate_and_report_load_each_checkpoint_once(store32, run32, tmp_path, monkeypatch):
+    from cachedseg import checkpoint
+
+    loaded, real = [], checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda path: loaded.append(path.name) or real(path))
+    run_cli("evaluate", run32)  # the store it was trained on, as best.pt records it
+    assert loaded == ["best.pt"]
+    loaded.clear()
+    run_cli("evaluate", run32, "--store", store32)
+    assert loaded == ["best.pt"]
+    loaded.clear()
+    run_cli("report", run32, "--out", tmp_path / "run.html")
+    assert sorted(loaded) == ["best.pt", "last.pt"]

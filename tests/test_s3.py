@@ -22,13 +22,20 @@ pytest.importorskip("moto")
 
 
 @pytest.fixture(scope="module")
-def bucket():
+def moto_log(tmp_path_factory):
+    """The moto server's request log: one line per S3 request."""
+    return tmp_path_factory.mktemp("moto") / "requests.log"
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_log):
     """A moto S3 server on a free local port with one bucket; the environment points every client at it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(moto_log, "wb")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=log)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
@@ -50,6 +57,7 @@ def bucket():
     finally:
         server.terminate()
         server.wait()
+        log.close()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -72,6 +80,28 @@ def test_extract_train_evaluate_and_info_work_on_a_bucket(bucket, dataset, store
     before = run_cli("info", url).output
     run_cli("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--workers", "0")
     assert run_cli("info", url).output == before
+
+
+def requests_logged(log) -> list[str]:
+    """The requests the server has logged so far, as "METHOD /path" (waiting for the log to settle)."""
+    lines, seen = [], -1
+    while len(lines) != seen:
+        seen = len(lines)
+        time.sleep(0.3)
+        lines = [line.split('"')[1] for line in log.read_text(errors="replace").splitlines() if "HTTP/1." in line]
+    return [" ".join(line.split()[:2]) for line in lines]
+
+
+def test_a_resumed_extract_with_nothing_to_do_reads_the_store_once(bucket, moto_log, dataset):
+    url = f"{bucket}/resumed.zarr"
+    run_cli("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--workers", "0")
+    before = len(requests_logged(moto_log))
+    run_cli("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--workers", "0")
+    sent = requests_logged(moto_log)[before:]
+    # the group opened once, each flag read once (8 images); 143 requests before, 59 now
+    assert sum(r.endswith("/resumed.zarr/zarr.json") for r in sent if r.startswith("GET")) == 1, sent
+    assert sum("/resumed.zarr/done/c." in r for r in sent if r.startswith("GET")) == 8, sent
+    assert len(sent) <= 64, sent
 
 
 def test_two_ranks_write_a_sharded_store_to_a_bucket(bucket, dataset, store32_one_thread):

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import zarr
 
-from cachedseg import store as store_module
+from cachedseg import upgrade as upgrade_module
 from cachedseg.classes import CLASS_NAMES, SPLITS
 from cachedseg.errors import CachedsegError
-from cachedseg.store import DONE, PENDING, FeatureStore, StoreSpec, decode_ids, encode_ids, upgrade
+from cachedseg.spec import StoreSpec
+from cachedseg.store import DONE, PENDING, FeatureStore, StoreAttrs, decode_ids, encode_ids
+from cachedseg.upgrade import upgrade
 from tests.conftest import chunk_file, one_line_error, run_cli
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(28, 42), mask_size=(32, 48),
@@ -168,17 +170,17 @@ def test_upgrade_converts_a_version_1_store_in_place_keeping_every_feature(store
 
 def test_an_upgrade_killed_half_way_is_finished_by_a_rerun(store32, tmp_path, monkeypatch):
     old = make_v1(store32, tmp_path / "old.zarr")
-    real_swap, calls = store_module._swap_in, []
+    real_swap, calls = upgrade_module._swap_in, []
 
     def dies_on_second_swap(new, old):
         calls.append(old)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as a kill would, between two steps
         real_swap(new, old)
-    monkeypatch.setattr(store_module, "_swap_in", dies_on_second_swap)
+    monkeypatch.setattr(upgrade_module, "_swap_in", dies_on_second_swap)
     with pytest.raises(KeyboardInterrupt):
         upgrade(old)
-    monkeypatch.setattr(store_module, "_swap_in", real_swap)
+    monkeypatch.setattr(upgrade_module, "_swap_in", real_swap)
     assert upgrade(old)["upgraded"]
     for name in ("features", "masks", "ids", "split", "done"):
         assert np.array_equal(zarr.open_group(str(old))[name][:], zarr.open_group(str(store32))[name][:],
@@ -191,3 +193,26 @@ def test_upgrade_sends_done_images_without_chunks_back_to_pending(store32, tmp_p
     shutil.rmtree(old / "features" / "c" / "3")  # version 1: nested chunk folders
     result = upgrade(old)
     assert result["reset"] == 1 and FeatureStore.open(old).flags().tolist().count(PENDING) == 1
+
+
+def test_the_typed_attributes_are_what_the_store_holds(small):
+    fs, _ = small
+    stored = dict(zarr.open_group(fs.path, mode="r").attrs)
+    written = json.loads(json.dumps(fs.attrs.to_dict()))  # as JSON: tuples are lists
+    assert written == stored and list(written) == list(stored)  # same keys, values and order
+    assert StoreAttrs.from_dict(stored) == fs.attrs
+    assert (fs.attrs.spec, fs.attrs.num_images, fs.attrs.images_per_shard, fs.attrs.gone) == (SPEC, 4, 1, None)
+    fs.set_gone({"a": "deleted"})  # written only once there is something gone, and read back
+    assert FeatureStore.open(fs.path).attrs.gone == {"a": "deleted"} == FeatureStore.open(fs.path).gone
+
+
+def test_an_empty_block_reads_as_missing_where_it_is_not_filled(small):
+    fs, data = small
+    features, masks = fs.empty_block(2)
+    assert features.shape == (2, *data[0][0].shape) and features.dtype == np.float16 and masks.shape == (2, 32, 48)
+    features[0], masks[0] = data[0]
+    fs.write_block(2, features, masks, np.array([DONE, DONE], dtype=np.uint8))
+    assert np.array_equal(fs.read(2)[0], data[0][0][0])
+    with pytest.raises(CachedsegError, match="x{40}"):
+        fs.read(3)
+    assert fs.states() == ["done", "done", "done", "done"]

@@ -14,7 +14,8 @@ from cachedseg.data import load_image, load_mask
 from cachedseg.decoders import DECODERS, build_decoder, decoder_config
 from cachedseg.pictures import PALETTE
 from cachedseg.predict import labels_from_logits, segment
-from cachedseg.store import FeatureStore, StoreSpec
+from cachedseg.spec import StoreSpec
+from cachedseg.store import FeatureStore
 from tests.conftest import MIN_AGREEMENT, SMALL, TRAIN, one_line_error, run_cli
 
 
