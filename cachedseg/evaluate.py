@@ -95,6 +95,8 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
             mismatched backbone.
     """
     ckpt = ckpt or checkpoint.load_run(run)  # loaded once: a checkpoint can be large, or far away
+    if store is None and data is None:  # the run's own features, resolved here so the stale-label check sees them
+        store, data = trained_on(run, ckpt)
     result = score(predictions(run, store, data, split, weights, device, compare_live, tta, batch_size, workers,
                                progress, ckpt=ckpt), ckpt.spec.class_names, compare_live)
     return replace(result, stale_labels=tuple(stale_labels(store, split, data))) if store is not None else result

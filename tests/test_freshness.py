@@ -215,6 +215,20 @@ def test_evaluate_warns_when_the_labels_are_not_those_the_store_was_built_from(d
     assert victim in result.stderr and result.exit_code == 0
 
 
+def test_evaluate_of_a_run_alone_warns_about_its_own_stores_labels(copy, tmp_path):
+    from cachedseg.evaluate import evaluate
+    data, store = copy
+    zarr.open_group(str(store), mode="r+").attrs["dataset"] = str(data)  # the copy is this store's dataset
+    run_cli("train", store, "--run", tmp_path / "r", *TRAIN)
+    victim = listed(data, "val")[0]
+    path = data / "SegmentationClass" / f"{victim}.png"
+    labels = np.array(Image.open(path))
+    labels[:10] = 1
+    Image.fromarray(labels).save(path)
+    # neither store nor data: the library scores the run's own store, and checks its labels as with --store
+    assert evaluate(tmp_path / "r", device="cpu").stale_labels == (victim,)
+
+
 def test_a_store_without_records_still_works_and_adopts_its_files_on_extract(copy, tmp_path):
     data, store = copy
     shutil.rmtree(store / "sources")  # as cachedseg wrote stores before records existed
