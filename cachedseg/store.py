@@ -309,13 +309,15 @@ class FeatureStore:
     def raw(self, index: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
         """One image's stored arrays as they are (features [V, L, C, h, w], mask, flag, stats, hashes), to write
         them back unchanged with the rest of their shard."""
-        stats, hashes = self.records()
+        row = (self._arrays[SOURCES][index:index + 1] if self.has_records  # this image's record, not all N
+               else np.full((1, len(SOURCE_FILES), len(SOURCE_FIELDS)), NO_STAT, np.int64))
+        stats, hashes = _unpack_records(row)
         return (self._arrays[FEATURES][index], self._arrays[MASKS][index], int(self._arrays[FLAGS][index]),
-                stats[index], hashes[index])
+                stats[0], hashes[0])
 
     @property
     def has_records(self) -> bool:
-        """Whether the store records what each entry was computed from (stores of cachedseg <= 0.4 do not)."""
+        """Whether the store records what each entry was computed from (stores made before records do not)."""
         return SOURCES in self._arrays
 
     def add_records(self) -> None:
@@ -464,7 +466,6 @@ def _pack_records(stats: np.ndarray, hashes: np.ndarray) -> np.ndarray:
 def _unpack_records(sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`sources` rows [n, 2, 4] int64 -> stats [n, 2, 2] int64 and hashes [n, 2, 16] uint8."""
     return sources[..., :2].copy(), np.ascontiguousarray(sources[..., 2:].astype("<i8")).view(np.uint8)
-
 
 
 def _apply_index(group: zarr.Group) -> None:
