@@ -196,14 +196,9 @@ def _save_png_rows(bands: Iterable[np.ndarray], width: int, height: int, path: P
     os.replace(tmp, path)
 
 
-def find_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders into image files, sorted within each folder, leaving out cachedseg's own outputs
-    (see `own_outputs`)."""
-    return _find_images(inputs)[0]
-
-
-def _find_images(inputs: list[str | Path]) -> tuple[list[Path], list[Path]]:
-    """The images to predict among `inputs` (files and folders), and the files left out as cachedseg's outputs."""
+def find_images(inputs: list[str | Path]) -> tuple[list[Path], list[Path]]:
+    """The images to predict among `inputs` (files and folders), sorted within each folder, and the files left out
+    as cachedseg's own outputs (see `own_outputs`)."""
     check_images(inputs)
     found: list[Path] = []
     for item in map(Path, inputs):
@@ -311,7 +306,7 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         CachedsegError: For missing inputs, inputs whose outputs would collide, an unreadable image, or a backbone
             that does not match the run.
     """
-    paths, left_out = _find_images(images)
+    paths, left_out = find_images(images)
     _check_names(paths)
     ckpt = checkpoint.load_run(run)
     views = tta_views(ckpt.spec, tta)
