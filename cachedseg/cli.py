@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cachedseg import paths, runs
+from cachedseg.dataset import Dataset, open_dataset
 from cachedseg.errors import CachedsegError
 
 app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache.\n\n"
@@ -176,7 +177,7 @@ def _backbone_config(backbone: str, image_size: Optional[str], short_side: Optio
     import timm
 
     from cachedseg.backbone import BackboneConfig, parse_size, size_for_short_side
-    from cachedseg.data import frame_size
+    from cachedseg.dataset import open_dataset
 
     if image_size and short_side:
         raise CachedsegError("give --image-size or --short-side, not both")
@@ -185,7 +186,7 @@ def _backbone_config(backbone: str, image_size: Optional[str], short_side: Optio
     if not short_side:  # the default: the model's own size as the short side, the dataset's aspect ratio kept
         cfg = timm.models.get_pretrained_cfg(backbone) if backbone in timm.list_models("*dinov2*") else None
         short_side = cfg.input_size[-1] if cfg else 518
-    return BackboneConfig(backbone, size_for_short_side(short_side, *frame_size(data)), precision, layers)
+    return BackboneConfig(backbone, size_for_short_side(short_side, *open_dataset(data).frame_size()), precision, layers)
 
 
 def _views(views: str) -> tuple[str, ...]:
@@ -243,7 +244,7 @@ def _synth(out: Path, count: int, width: int, height: int, seed: int) -> None:
 
 @app.command()
 def extract(
-    data: Path = typer.Argument(..., help="Dataset folder: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt."),
+    data: Path = typer.Argument(..., help="Dataset folder (AeroScapes layout: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt)."),
     store: Optional[str] = typer.Option(None, help="Store to write: a folder or a URL such as s3://bucket/x.zarr (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
     backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
     image_size: Optional[str] = typer.Option(None, help=SIZE_HELP),
@@ -267,7 +268,7 @@ def extract(
     Rerunning the same command skips finished images, so an interrupted run resumes where it stopped, and
     follows the data: changed images and masks are recomputed, newly listed ids added, removed ones left out.
     """
-    _light_checks(lambda: paths.check_dataset(data), _at_least(1, batch_size=batch_size, layers=layers,
+    _light_checks(lambda: open_dataset(data), _at_least(1, batch_size=batch_size, layers=layers,
                   images_per_shard=images_per_shard, short_side=short_side), _at_least(0, workers=workers))
     with user_errors():
         config = _backbone_config(backbone, image_size, short_side, precision, layers, data)
@@ -362,7 +363,7 @@ def train(
     def inputs() -> None:
         if (store is None) == (live is None):
             raise CachedsegError("give either a STORE or --live DATA")
-        paths.check_store(store) if store is not None else paths.check_dataset(live)
+        paths.check_store(store) if store is not None else open_dataset(live)
     _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
                   _at_least(0, workers=workers))
     from cachedseg.backbone import build_backbone, resolve_device
@@ -487,7 +488,7 @@ def evaluate(
 ):
     """Score a run against the dataset's label PNGs at native resolution: confusion matrix, mIoU, pixel accuracy."""
     _light_checks(lambda: paths.checkpoint_path(run), lambda: store is not None and paths.check_store(store),
-                  lambda: data is not None and paths.check_dataset(data), _at_least(1, batch_size=batch_size),
+                  lambda: data is not None and open_dataset(data), _at_least(1, batch_size=batch_size),
                   _at_least(0, workers=workers),
                   lambda: json_out is not None and paths.check_writable(json_out, "--json"))
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
@@ -713,7 +714,7 @@ def demo(
                              soft_wrap=True)
                 weights = "random"
         console.rule("1/6 synth")
-        if not (data / "ImageSets" / "val.txt").is_file():
+        if not Dataset(data).split_file("val").is_file():
             _synth(data, count, 1280, 720, 0)
         else:
             console.print(f"reusing {escape(str(data))}", soft_wrap=True)
@@ -731,7 +732,8 @@ def demo(
         console.rule("4/6 evaluate (native label resolution)")
         result = _evaluate(run, store=store, split="val", json_out=out / "evaluation.json", device=device)
         console.rule("5/6 predict")
-        val_images = [data / "JPEGImages" / f"{i}.jpg" for i in (data / "ImageSets" / "val.txt").read_text().split()[:4]]
+        dataset = open_dataset(data)
+        val_images = [dataset.image_path(i) for i in dataset.ids("val")[:4]]
         written = _predict(val_images, run, preds, device=device)
         console.rule("6/6 report")
         from cachedseg.report import report as run_report

@@ -5,9 +5,9 @@ textured ground cover (vegetation, bare earth, water, roads with lane markings),
 everything standing on it, tree canopies, and finally buildings, obstacles, vehicles, people, animals,
 boats and drones. About half the frames are oblique views with a horizon, distance haze and sky.
 
-Layout written by `synthesize`:
+The scenes are labelled with AeroScapes' classes and written through its `cachedseg.dataset.Dataset`:
     DIR/JPEGImages/<id>.jpg           RGB, JPEG quality 90
-    DIR/SegmentationClass/<id>.png    mode 'L', class indices 0..11 (see `cachedseg.classes`)
+    DIR/SegmentationClass/<id>.png    mode 'L', class indices 0..11 (`cachedseg.dataset.AEROSCAPES`)
     DIR/ImageSets/trn.txt, val.txt    one id per line; whole sequences go to one split
 """
 
@@ -20,10 +20,10 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cachedseg.classes import CLASS_NAMES
+from cachedseg.dataset import AEROSCAPES, SPLITS, Dataset
 
 (BACKGROUND, PERSON, BIKE, CAR, DRONE, BOAT, ANIMAL, OBSTACLE, CONSTRUCTION, VEGETATION, ROAD,
- SKY) = (CLASS_NAMES.index(name) for name in (
+ SKY) = (AEROSCAPES.names.index(name) for name in (
     "background", "person", "bike", "car", "drone", "boat", "animal", "obstacle", "construction",
     "vegetation", "road", "sky"))
 
@@ -838,18 +838,14 @@ def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction!r}")
 
-    root = Path(root)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+    dataset = Dataset(Path(root), AEROSCAPES)
     per_sequence = _sequence_length(count)
     ids = [f"{i // per_sequence + 1:06d}_{i % per_sequence + 1:03d}" for i in range(count)]
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng([int(seed), i])
         image, labels = render_scene(rng, int(width), int(height), oblique=(i // per_sequence) % 2 == 1)
-        image.save(root / "JPEGImages" / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY)
-        Image.fromarray(labels).save(root / "SegmentationClass" / f"{image_id}.png", format="PNG")
+        dataset.write_sample(image_id, image, labels, jpeg_quality=JPEG_QUALITY)
         if progress is not None:
             progress(1)
-    for name, split_ids in zip(("trn", "val"), _split(ids, per_sequence, val_fraction)):
-        (root / "ImageSets" / f"{name}.txt").write_text("".join(f"{i}\n" for i in split_ids), newline="\n")
+    dataset.write_splits(dict(zip(SPLITS, _split(ids, per_sequence, val_fraction))))
     return ids
