@@ -27,7 +27,7 @@ import torch
 
 from cachedseg.backbone import Backbone, BackboneConfig, build_backbone, weights_source
 from cachedseg.data import SegmentationDataset, collate
-from cachedseg.dataset import SPLITS, Dataset, Sample, open_dataset
+from cachedseg.dataset import DATASET_FILE, SPLITS, Dataset, Sample, open_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg import distributed
 from cachedseg.locks import LockUnwritable, writer_lock
@@ -94,7 +94,9 @@ def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str,
     """cache/<dataset>-<backbone>-<WxH>-<dtype>[-l<layers>][-<views>].zarr: different settings never share a store."""
     size = f"{backbone.image_size[1]}x{backbone.image_size[0]}" if backbone.image_size else "default"
     extra = (f"-l{backbone.layers}" if backbone.layers > 1 else "") + "".join(f"-{v}" for v in views[1:])
-    return Path("cache") / f"{Path(data).resolve().name}-{backbone.name}-{size}-{dtype}{extra}.zarr"
+    path = Path(data).resolve()
+    name = path.parent.name if path.name == DATASET_FILE else path.stem if path.suffix == ".toml" else path.name
+    return Path("cache") / f"{name}-{backbone.name}-{size}-{dtype}{extra}.zarr"
 
 
 def extract(data: str | Path, store: str | Path | None = None, backbone: BackboneConfig = BackboneConfig(),
@@ -167,7 +169,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
                 return [], uuid.uuid4().hex, {}
             if overwrite:
                 remove_store(store)
-            fs, created = _open_or_create(store, spec, ids, splits, data, weights, images_per_shard)
+            fs, created = _open_or_create(store, spec, ids, splits, dataset.reference, weights, images_per_shard)
             # the flags are read once (one request per image on a bucket) and kept up to date here
             fs, changes, flags = ((fs, {}, np.full(len(fs), PENDING, dtype=np.uint8)) if created
                                   else _follow_data(fs, dataset, samples, missing, model.preprocess))
@@ -416,7 +418,7 @@ class _Block:
         self.fs.write_block(self.start, self.features, self.masks, self.flags, self.stats, self.hashes)
 
 
-def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[str], data: str | Path,
+def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[str], data: str,
                     weights: str, images_per_shard: int) -> tuple[FeatureStore, bool]:
     """Open a store to finish or update it (refusing other settings), or create it; says whether it was created."""
     group = open_group(store, mode="r+")  # opened once and handed on: on a bucket each open is a round trip
@@ -430,7 +432,7 @@ def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[st
         raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
     if not is_url(store):
         Path(store).parent.mkdir(parents=True, exist_ok=True)
-    return FeatureStore.create(store, spec, ids, splits, dataset=str(Path(data).resolve()),
+    return FeatureStore.create(store, spec, ids, splits, dataset=data,
                                weights=weights_source(weights), images_per_shard=images_per_shard), True
 
 

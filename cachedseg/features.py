@@ -180,4 +180,4 @@ def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str,
     return FeatureSource(spec=spec, ids=[s.id for s in samples], splits=[s.split for s in samples],
                          dataset=SegmentationDataset(samples, backbone.preprocess, dataset.read_labels, views=spec.views),
                          data_root=Path(data), weights=weights_source(weights), backbone=backbone,
-                         location=f"live:{Path(data).resolve()}")
+                         location=f"live:{dataset.reference}")

@@ -14,13 +14,15 @@ The scenes are labelled with AeroScapes' classes and written through its `cached
 from __future__ import annotations
 
 import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cachedseg.dataset import AEROSCAPES, SPLITS, Dataset
+from cachedseg.dataset import AEROSCAPES, DATASET_FILE, SPLITS, Dataset, load_dataset_file
 
 (BACKGROUND, PERSON, BIKE, CAR, DRONE, BOAT, ANIMAL, OBSTACLE, CONSTRUCTION, VEGETATION, ROAD,
  SKY) = (AEROSCAPES.names.index(name) for name in (
@@ -808,8 +810,9 @@ def _split(ids: list[str], sequence_length: int, val_fraction: float) -> tuple[l
 
 
 def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int = 720, seed: int = 0,
-               val_fraction: float = 0.25, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Write a generated drone-imagery dataset in the AeroScapes layout.
+               val_fraction: float = 0.25, progress: Callable[[int], None] | None = None,
+               dataset_file: str | Path | None = None) -> list[str]:
+    """Write a generated drone-imagery dataset in the AeroScapes layout (or in a dataset file's).
 
     Ids look like AeroScapes' `<sequence>_<frame>` (e.g. `000001_003`); frames are grouped into
     sequences of up to five, which alternate between straight-down and oblique views, and whole
@@ -824,6 +827,9 @@ def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int
         seed: Non-negative random seed.
         val_fraction: Approximate fraction of images in the val split, strictly between 0 and 1.
         progress: Called with 1 after each image is written (drives a progress bar).
+        dataset_file: Write in this dataset file's layout, classes and mask encoding instead, and copy the file
+            into `root` as `dataset.toml`. The scenes' 12 classes are folded onto its K classes by index (label
+            modulo K); a split by `val_fraction` is the file's own, by hash.
 
     Returns:
         The image ids in generation order.
@@ -839,11 +845,19 @@ def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int
         raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction!r}")
 
     dataset = Dataset(Path(root), AEROSCAPES)
+    if dataset_file is not None:
+        dataset = load_dataset_file(dataset_file, root=root)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        if Path(dataset_file).resolve() != (Path(root) / DATASET_FILE).resolve():
+            shutil.copyfile(dataset_file, Path(root) / DATASET_FILE)
+        dataset = replace(dataset, file=Path(root) / DATASET_FILE)
     per_sequence = _sequence_length(count)
-    ids = [f"{i // per_sequence + 1:06d}_{i % per_sequence + 1:03d}" for i in range(count)]
+    ids = [dataset.new_id(i // per_sequence + 1, i % per_sequence + 1) for i in range(count)]
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng([int(seed), i])
         image, labels = render_scene(rng, int(width), int(height), oblique=(i // per_sequence) % 2 == 1)
+        if len(dataset.classes) < len(AEROSCAPES):
+            labels %= len(dataset.classes)
         dataset.write_sample(image_id, image, labels, jpeg_quality=JPEG_QUALITY)
         if progress is not None:
             progress(1)

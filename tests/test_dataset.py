@@ -16,7 +16,8 @@ SIX = ClassSet(names=("ground", "tree", "building", "road", "car", "water"),
 
 
 def test_a_dataset_written_through_its_layout_reads_back(tmp_path):
-    layout = Layout(images="imgs/{id}.png", masks="labels/{id}_mask.png", split_files="lists/{split}.lst")
+    layout = Layout(images="imgs/{id}.png", masks="labels/{id}_mask.png",
+                    split_files=(("trn", "lists/trn.lst"), ("val", "lists/val.lst")))
     data = Dataset(tmp_path, SIX, layout, name="mine")
     labels = np.array([[0, 5], [255, 3]], dtype=np.uint8)
     for id_ in ("a", "b", "c"):
