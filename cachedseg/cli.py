@@ -615,6 +615,8 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
                                  f"{d['grid'][1]}] {d['dtype']} (views: {', '.join(d['views'])}; last {d['layers']} "
                                  "layer(s))"),
                     ("masks", f"{mw}x{mh} uint8"),
+                    ("classes", f"{len(d['class_names'])}: {', '.join(d['class_names'])} (ignore label "
+                                f"{d['ignore_index']})"),
                     ("images", f"{d['images']} ({d['trn']} trn, {d['val']} val): {d['done']} done, "
                                f"{d['pending']} pending, {d['skipped_bad']} skipped as bad"
                                + (f", {d['gone']} gone from the dataset (left out)" if d["gone"] else "")),
@@ -635,6 +637,7 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
                                  f"{ckpt.spec.dtype}, last {ckpt.decoder_config.layers} layer(s) of "
                                  f"{ckpt.spec.layers}, views {', '.join(ckpt.spec.views)}, "
                                  f"fingerprint {ckpt.spec.fingerprint}"),
+                    ("classes", f"{len(ckpt.spec.class_names)}: {', '.join(ckpt.spec.class_names)}"),
                     ("recipe", ckpt.train_config.describe(ckpt.spec.layers)),
                     ("epochs trained", str(ckpt.epoch)),
                     ("best val", f"mIoU {best.val_miou:.4f}, pixel accuracy {best.val_pixel_acc:.4f} "

@@ -15,6 +15,7 @@ Light (PIL and numpy, no torch): the CLI opens datasets to check them before the
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import os
@@ -66,7 +67,9 @@ class Layout:
             leading folder, without its suffix.
         masks: A template with `{id}`, `{stem}` (the id's last part) and `{dir}` (the image's folder relative to
             the dataset's), e.g. `masks/{stem}.png` or `{dir}/../Labels/{stem}.png`.
-        split_files: (split, file) pairs: each file lists a split's ids, one per line; or None, for `val_fraction`.
+        split_files: (split, file) pairs: each file lists a split's ids, one per line (a value with wildcards is a
+            pattern the split's ids match instead, e.g. `train/*` for a dataset split by folder); or None, for
+            `val_fraction`.
         val_fraction: Without split files: the share of ids put in val, by a hash of the id (and `seed`), so adding
             images never moves existing ones.
         seed: Seeds that hash.
@@ -169,9 +172,14 @@ class Dataset:
         return Path(os.path.normpath(self.root / self.layout.masks.format(id=id_, stem=Path(id_).name, dir=folder)))
 
     def split_file(self, split: str) -> Path | None:
-        """The file listing a split's ids (None for a split by hash)."""
-        files = dict(self.layout.split_files or ())
-        return self.root / files[split] if split in files else None
+        """The file listing a split's ids (None for a split by hash or by id pattern)."""
+        value = dict(self.layout.split_files or ()).get(split)
+        return None if value is None or _is_pattern(value) else self.root / value
+
+    def _split_pattern(self, split: str) -> str | None:
+        """The pattern a split's ids match, if the split is given by one."""
+        value = dict(self.layout.split_files or ()).get(split)
+        return value if value is not None and _is_pattern(value) else None
 
     def describe(self) -> str:
         """The layout in a few words, for messages."""
@@ -191,7 +199,13 @@ class Dataset:
         Raises:
             CachedsegError: If the split file is missing or lists no id, or a split by hash is empty.
         """
-        listing = self.split_file(split)
+        listing, pattern = self.split_file(split), self._split_pattern(split)
+        if pattern is not None:
+            ids = [i for i in self._images if fnmatch.fnmatchcase(i, pattern)]
+            if not ids:
+                raise CachedsegError(f"the {split} split of {self.reference} is empty: no id of the {len(self._images)} "
+                                     f"images matching images = {self.layout.images!r} matches {split} = {pattern!r}")
+            return ids
         if listing is None:
             ids = [i for i in self._images if self.split_of(i) == split]
             if not ids:
@@ -210,8 +224,8 @@ class Dataset:
 
     def unlisted_reason(self) -> str:
         """Why an id a store holds is no longer in the dataset, in words."""
-        if self.layout.split_files is None:
-            return f"no image matches images = {self.layout.images!r} for it any more"
+        if self.layout.split_files is None or any(_is_pattern(f) for _, f in self.layout.split_files):
+            return f"no image matches images = {self.layout.images!r} and its split for it any more"
         return f"no longer listed in {' or '.join(f for _, f in self.layout.split_files)}"
 
     def samples(self, splits: tuple[str, ...] = SPLITS, missing: dict[str, str] | None = None) -> list[Sample]:
@@ -278,18 +292,28 @@ class Dataset:
             raise CachedsegError(f"{path} is not a readable image ({exc}); replace or remove it") from None
         return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # the tags that rotate by 90°
 
-    def new_id(self, sequence: int, frame: int) -> str:
-        """An id for a generated image that this layout's glob finds (`synth`): each wildcard of a folder gets the
-        sequence number, the file name's the frame's `<sequence>_<frame>`."""
+    def new_id(self, sequence: int, frame: int, split: str) -> str:
+        """An id for a generated image of `split` that this layout finds (`synth`): a folder wildcard gets what the
+        split's id pattern puts there, else the sequence number; the file name's wildcard `<sequence>_<frame>`."""
         if not self.layout.globbed:
             return f"{sequence:06d}_{frame:03d}"
-        rel = Path(self.layout.images).relative_to(self.layout.fixed) if self.layout.fixed else Path(self.layout.images)
         if any(c in self.layout.images for c in "?[") or "**" in self.layout.images:
             raise CachedsegError(f"images = {self.layout.images!r}: generated data can only be written into a layout "
                                  "whose glob uses plain * wildcards")
-        parts = [p.replace("*", f"{sequence:02d}") for p in rel.parts[:-1]]
-        stem = Path(rel.parts[-1]).stem if Path(rel.parts[-1]).suffix == self._suffix() else rel.parts[-1]
-        return "/".join([*parts, stem.replace("*", f"{sequence:06d}_{frame:03d}")])
+        rel = Path(self.layout.images).relative_to(self.layout.fixed) if self.layout.fixed else Path(self.layout.images)
+        pattern = (self._split_pattern(split) or "").split("/")
+        parts = []
+        for i, part in enumerate(rel.parts[:-1]):
+            given = pattern[i] if i < len(pattern) else ""
+            parts.append(given if given and not _is_pattern(given) and fnmatch.fnmatchcase(given, part)
+                         else part.replace("*", f"{sequence:02d}"))
+        name = rel.parts[-1]
+        stem = name[:-len(self._suffix())] if name.endswith(self._suffix()) else name
+        id_ = "/".join([*parts, stem.replace("*", f"{sequence:06d}_{frame:03d}")])
+        if self._split_pattern(split) and not fnmatch.fnmatchcase(id_, self._split_pattern(split)):
+            raise CachedsegError(f"cannot generate ids for {split} = {self._split_pattern(split)!r} from images = "
+                                 f"{self.layout.images!r}")
+        return id_
 
     def write_sample(self, id_: str, image: Image.Image, labels: np.ndarray, jpeg_quality: int = 90) -> None:
         """Write one image and its mask [H, W] uint8 (class indices; in their colours for rgb masks) where the
@@ -311,6 +335,11 @@ class Dataset:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("".join(f"{i}\n" for i in ids), newline="\n")
+
+
+def _is_pattern(value: str) -> bool:
+    """Whether a [splits] value is an id pattern (has wildcards) rather than a file."""
+    return any(c in value for c in _WILDCARDS)
 
 
 def _decode_rgb(path: str | Path, classes: ClassSet, ignore_colors: tuple[Color, ...], where: str) -> np.ndarray:
@@ -452,7 +481,10 @@ def _layout(splits, images: str, masks: str, bad) -> Layout:
         if set(files) != set(SPLITS) or "val_fraction" in splits:
             raise bad("[splits]", "needs both trn and val files, or val_fraction instead (not both)")
         if not all(isinstance(v, str) for v in files.values()):
-            raise bad("[splits]", "trn and val must be file paths relative to the dataset file's folder")
+            raise bad("[splits]", "trn and val must be file paths relative to the dataset file's folder, or id "
+                      "patterns such as \"train/*\"")
+        if "{id}" in images and any(_is_pattern(v) for v in files.values()):
+            raise bad("images", "must be a glob (the images are listed by it) when a split is an id pattern")
         return Layout(images, masks, tuple((s, files[s]) for s in SPLITS))
     fraction, seed = splits.get("val_fraction"), splits.get("seed", 0)
     if not isinstance(fraction, (int, float)) or not 0 < fraction < 1 or not isinstance(seed, int):

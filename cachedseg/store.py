@@ -406,7 +406,7 @@ class FeatureStore:
     def describe(self) -> dict:
         """The store's attributes plus image counts by split and state, and its size on disk."""
         flags, splits = self.flags(), np.array(self.splits)
-        return {**dict(self.group.attrs), "images": len(self), "trn": int((splits == "trn").sum()),
+        return {**self.attrs.to_dict(), "images": len(self), "trn": int((splits == "trn").sum()),
                 "val": int((splits == "val").sum()), "done": int((flags == DONE).sum()),
                 "pending": int((flags == PENDING).sum()), "skipped_bad": int((flags == BAD).sum()),
                 "gone": len(self.gone), "bytes_on_disk": disk_bytes(self.path)}

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cachedseg.dataset import AEROSCAPES, DATASET_FILE, SPLITS, Dataset, load_dataset_file
+from cachedseg.dataset import AEROSCAPES, DATASET_FILE, Dataset, load_dataset_file
 
 (BACKGROUND, PERSON, BIKE, CAR, DRONE, BOAT, ANIMAL, OBSTACLE, CONSTRUCTION, VEGETATION, ROAD,
  SKY) = (AEROSCAPES.names.index(name) for name in (
@@ -852,7 +852,9 @@ def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int
             shutil.copyfile(dataset_file, Path(root) / DATASET_FILE)
         dataset = replace(dataset, file=Path(root) / DATASET_FILE)
     per_sequence = _sequence_length(count)
-    ids = [dataset.new_id(i // per_sequence + 1, i % per_sequence + 1) for i in range(count)]
+    trn, val = _split(list(range(count)), per_sequence, val_fraction)
+    split_of = {**{i: "trn" for i in trn}, **{i: "val" for i in val}}
+    ids = [dataset.new_id(i // per_sequence + 1, i % per_sequence + 1, split_of[i]) for i in range(count)]
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng([int(seed), i])
         image, labels = render_scene(rng, int(width), int(height), oblique=(i // per_sequence) % 2 == 1)
@@ -861,5 +863,5 @@ def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int
         dataset.write_sample(image_id, image, labels, jpeg_quality=JPEG_QUALITY)
         if progress is not None:
             progress(1)
-    dataset.write_splits(dict(zip(SPLITS, _split(ids, per_sequence, val_fraction))))
+    dataset.write_splits({"trn": [ids[i] for i in trn], "val": [ids[i] for i in val]})
     return ids
