@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cachedseg import paths, runs
-from cachedseg.dataset import Dataset, choose_dataset, open_dataset
+from cachedseg.dataset import Dataset, choose_dataset, is_dataset, open_dataset
 from cachedseg.errors import CachedsegError
 
 app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache.\n\n"
@@ -593,8 +593,23 @@ def _predict(images, run, out: Path, **options):
 
 
 @app.command()
-def info(path: str = typer.Argument(..., help="A feature store (folder or URL), or a run folder / checkpoint file.")) -> None:
-    """Show what a feature store holds (settings, images done/pending/bad, size) or what a run was trained on."""
+def info(
+    path: Optional[str] = typer.Argument(None, help="A feature store (folder or URL), a run folder / checkpoint file, "
+                                         "or a dataset (folder or dataset file)."),
+    dataset: Optional[Path] = typer.Option(None, help="Survey this dataset file: " + DATASET_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="For a dataset: write the survey here as JSON."),
+) -> None:
+    """Show what a feature store holds (settings, images done/pending/bad, size), what a run was trained on, or
+    what a dataset holds before extraction (images per split, sizes, masks missing, class shares, problems)."""
+    if dataset is not None or (path is not None and not paths.is_url(path) and is_dataset(path)):
+        with user_errors():
+            data = choose_dataset(path, dataset)
+        _light_checks(lambda: open_dataset(data), lambda: json_out is not None and paths.check_writable(json_out, "--json"))
+        with user_errors():
+            return _info_dataset(open_dataset(data), json_out)
+    if path is None:
+        _light_checks(lambda: choose_dataset(None, None))
+
     def exists() -> None:
         if paths.is_url(path):  # only a store can live at a URL
             paths.check_store(path)
@@ -650,6 +665,34 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         console.print(f"  [bold]{escape(key.ljust(width))}[/]  {escape(str(value))}", soft_wrap=True, highlight=False)
+
+
+def _info_dataset(data, json_out: Optional[Path]):
+    """Survey a dataset with progress and print what a user checks before extracting it."""
+    import json
+
+    from cachedseg.survey import survey
+
+    with Reporter("mask") as reporter:
+        result = survey(data, progress=reporter.callback("survey"))
+    sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in list(result.sizes.items())[:4])
+    rows = [("layout", result.layout),
+            ("images", f"{sum(result.images.values())} ({result.images['trn']} trn, {result.images['val']} val)"),
+            ("sizes", sizes + (f", and {len(result.sizes) - 4} more sizes" if len(result.sizes) > 4 else "")),
+            ("masks", f"{sum(result.images.values()) - sum(1 for p in result.problems)} readable, "
+                      f"{len(result.masks_missing)} images or masks missing, {len(result.problems)} with problems"),
+            ("classes", f"{len(result.classes)}, share of labelled trn pixels:")]
+    rows += [(f"  {name}", f"{share:7.2%}") for name, share in zip(result.classes, result.shares("trn"))]
+    rows += [("problem", p) for p in result.problems[:20]] + [("missing", e) for e in list(result.masks_missing.values())[:20]]
+    console.print(f"[bold]{escape(result.dataset)}[/]", soft_wrap=True)
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        console.print(f"  [bold]{escape(key.ljust(width))}[/]  {escape(str(value))}", soft_wrap=True, highlight=False)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_json(), indent=2))
+        console.print(f"wrote {escape(str(json_out))}", soft_wrap=True)
+    return result
 
 
 @app.command()

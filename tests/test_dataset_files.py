@@ -195,3 +195,23 @@ def test_the_ready_descriptions_cover_the_datasets_users_download_most():
     assert {"uavid", "udd6", "semantic-drone", "aeroscapes-9"} <= {p.stem for p in DOCS.glob("*.toml")}
     assert len(load_dataset_file(DOCS / "uavid.toml").classes) == 8
     assert len(load_dataset_file(DOCS / "semantic-drone.toml").classes) == 23
+
+
+def test_info_surveys_a_dataset_before_extraction_and_names_its_problems(six, tmp_path):
+    copy = shutil.copytree(six, tmp_path / "survey")
+    data = open_dataset(copy)
+    samples = data.samples()
+    samples[0].mask.unlink()  # a mask missing
+    rgb = np.array(Image.open(samples[1].mask).convert("RGB"))
+    rgb[0, 0] = (9, 9, 9)  # a colour that is no class
+    Image.fromarray(rgb).save(samples[1].mask)
+    run_cli("info", copy, "--json", tmp_path / "s.json")
+    survey = json.loads((tmp_path / "s.json").read_text())
+    assert survey["classes"] == list(data.classes.names)
+    assert sum(survey["images"].values()) == 9 and list(survey["masks_missing"]) == [samples[0].id]
+    assert survey["sizes"] == {"64x48": 9}
+    assert len(survey["problems"]) == 1 and samples[1].mask.name in survey["problems"][0]
+    labelled = {split: sum(counts) for split, counts in survey["class_pixels"].items()}
+    assert sum(labelled.values()) + sum(survey["ignored_pixels"].values()) == 64 * 48 * 8  # the 8 readable masks
+    assert sum(survey["trn_shares"].values()) == pytest.approx(1.0)
+    run_cli("info", "--dataset", copy / "dataset.toml")  # the same through --dataset
