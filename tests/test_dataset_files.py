@@ -215,3 +215,23 @@ def test_info_surveys_a_dataset_before_extraction_and_names_its_problems(six, tm
     assert sum(labelled.values()) + sum(survey["ignored_pixels"].values()) == 64 * 48 * 8  # the 8 readable masks
     assert sum(survey["trn_shares"].values()) == pytest.approx(1.0)
     run_cli("info", "--dataset", copy / "dataset.toml")  # the same through --dataset
+
+
+def test_jpeg_png_tiff_and_webp_images_mix_in_one_dataset(tmp_path):
+    from cachedseg.dataset import load_image
+
+    (tmp_path / "dataset.toml").write_text('images = "images/*"\nmasks = "masks/{stem}.png"\n[splits]\n'
+                                           'trn = "trn.txt"\nval = "val.txt"\n[[classes]]\nname = "a"\n'
+                                           '[[classes]]\nname = "b"\n')
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("a.jpg", "b.png", "c.tif", "d.webp"):
+        Image.new("RGB", (8, 6), (10, 200, 30)).save(tmp_path / "images" / name)
+        Image.fromarray(np.ones((6, 8), np.uint8)).save(tmp_path / "masks" / f"{Path(name).stem}.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    (tmp_path / "trn.txt").write_text("a\nb\nc\n")
+    (tmp_path / "val.txt").write_text("d\n")
+    data = open_dataset(tmp_path)
+    samples = data.samples()
+    assert [s.image.name for s in samples] == ["a.jpg", "b.png", "c.tif", "d.webp"]
+    assert all(load_image(s.image).size == (8, 6) and data.read_labels(s.mask).max() == 1 for s in samples)
