@@ -39,8 +39,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cachedseg.backbone import BackboneConfig, build_backbone, parse_size, resolve_device
-from cachedseg.classes import IGNORE_INDEX
-from cachedseg.data import load_image, preprocess_image, read_dataset
+from cachedseg.data import preprocess_image
+from cachedseg.dataset import load_image, open_dataset
 from cachedseg.decoders import DECODERS, build_decoder, decoder_config
 from cachedseg.extract import extract
 from cachedseg.features import cached_source, live_source
@@ -93,7 +93,7 @@ def sync(device: torch.device) -> None:
 
 def backbone_floor(backbone, data: Path, batch_size: int, device: torch.device) -> float:
     """Images/s of the backbone alone on preprocessed tensors already on the device."""
-    samples = read_dataset(data)
+    samples = open_dataset(data).samples()
     x = torch.stack([preprocess_image(load_image(s.image), backbone.preprocess) for s in samples]).to(device)
     backbone(x[:batch_size])  # warm-up
     sync(device)
@@ -123,7 +123,7 @@ def decoder_floor(store: Path, config: TrainConfig, device: torch.device) -> flo
         for batch in epoch_batches(trn, config.batch_size, generator):
             index = [i for i, _ in batch]
             logits = decoder(feats[index].float())  # [B, K, Mh, Mw]
-            loss = F.cross_entropy(logits, targets(masks[index], logits.shape[-2:]), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(logits, targets(masks[index], logits.shape[-2:]), ignore_index=spec.ignore_index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

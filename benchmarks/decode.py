@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from cachedseg.backbone import parse_size
-from cachedseg.data import Preprocess, SegmentationDataset, collate, mask_size_for, read_dataset
+from cachedseg.data import Preprocess, SegmentationDataset, collate, mask_size_for
+from cachedseg.dataset import open_dataset
 from cachedseg.synth import synthesize
 
 
@@ -38,7 +39,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cachedseg-decode-"))
     width, height = (int(v) for v in args.frame.split("x"))
     synthesize(work, count=args.images, width=width, height=height, seed=0)
-    samples = read_dataset(work)
+    data = open_dataset(work)
+    samples = data.samples()
     size = parse_size(args.size)
     pp = Preprocess(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", mask_size_for((size[0] // 14,
                                                                                                   size[1] // 14)))
@@ -55,7 +57,7 @@ def main() -> None:
         result["torchvision_decode_img_s"] = len(samples) / (time.perf_counter() - start)
     except ImportError:
         pass
-    dataset = SegmentationDataset(samples, pp)
+    dataset = SegmentationDataset(samples, pp, data.read_labels)
     for workers in (int(v) for v in args.workers.split(",")):
         loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate)
         next(iter(loader))  # start the workers before timing

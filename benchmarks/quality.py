@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from cachedseg.backbone import BackboneConfig, resolve_device, size_for_short_side
-from cachedseg.classes import CLASS_NAMES
+from cachedseg.dataset import AEROSCAPES
 from cachedseg.evaluate import evaluate
 from cachedseg.extract import extract
 from cachedseg.features import cached_source
@@ -120,7 +120,7 @@ def main() -> None:
             runs.append(evaluate(run, store=stores[key], tta=tta, device=str(device)))
         rows[name] = {
             "miou": [r.miou for r in runs], "pixel_acc": [r.pixel_acc for r in runs],
-            "iou": {c: statistics.mean(r.iou[i] or 0.0 for r in runs) for i, c in enumerate(CLASS_NAMES)},
+            "iou": {c: statistics.mean(r.iou[i] or 0.0 for r in runs) for i, c in enumerate(AEROSCAPES.names)},
             "input": "{1}x{0}".format(*sizes[key[0]]), "decoder": decoder, "layers": layers,
             "views": "+".join(("identity", *key[2])), "tta": tta}
         print(f"{name:>24}: mIoU {' '.join(f'{v:.4f}' for v in rows[name]['miou'])}, "
@@ -149,9 +149,9 @@ def append_markdown(r: dict, path: Path) -> None:
                      f"{'yes' if row['tta'] else 'no'} | {' / '.join(f'{v:.4f}' for v in row['miou'])} | "
                      f"{statistics.mean(row['miou']):.4f} | {statistics.mean(row['pixel_acc']):.4f} |")
     lines += ["", "Per-class IoU (mean over seeds):", "",
-              "| recipe | " + " | ".join(CLASS_NAMES) + " |", "|---" * (len(CLASS_NAMES) + 1) + "|"]
+              "| recipe | " + " | ".join(AEROSCAPES.names) + " |", "|---" * (len(AEROSCAPES) + 1) + "|"]
     for name, row in r["recipes"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row['iou'][c]:.3f}" for c in CLASS_NAMES) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{row['iou'][c]:.3f}" for c in AEROSCAPES.names) + " |")
     lines += ["", "| store | extract s/img | MB/img |", "|---|---|---|"]
     for name, cost in r["costs"].items():
         lines.append(f"| {name} | {cost['extract_s_per_image']:.3f} | {cost['mb_per_image']:.3f} |")

@@ -68,7 +68,7 @@ def config_from_options(name: str, data: str | Path, image_size: str | None = No
 
     Args:
         name: The timm DINOv2 model.
-        data: The dataset folder; its first frame gives the aspect ratio that `short_side` keeps.
+        data: The dataset (a folder or a dataset file); its first frame gives the aspect ratio `short_side` keeps.
         image_size: `--image-size`: one side or WIDTH x HEIGHT (see `parse_size`), used as given.
         short_side: `--short-side`: the input's short side, the long one following the dataset's aspect ratio.
             With neither size given: the model's pretrained size as the short side.
@@ -82,7 +82,7 @@ def config_from_options(name: str, data: str | Path, image_size: str | None = No
         CachedsegError: For both sizes given, a size that is no multiple of the patch size, an unreadable first
             frame, or (when its pretrained size is the default) an unknown model.
     """
-    from cachedseg.data import frame_size
+    from cachedseg.dataset import open_dataset
 
     if image_size and short_side:
         raise CachedsegError("give --image-size or --short-side, not both")
@@ -91,7 +91,8 @@ def config_from_options(name: str, data: str | Path, image_size: str | None = No
     if not short_side:  # the default: the model's own size as the short side, the dataset's aspect ratio kept
         check_name(name)
         short_side = min(pretrained_size(name))
-    return BackboneConfig(name, size_for_short_side(short_side, *frame_size(data)), precision, layers)
+    size = size_for_short_side(short_side, *open_dataset(data).frame_size())
+    return BackboneConfig(name, size, precision, layers)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -21,6 +21,7 @@ from rich.text import Text
 from cachedseg import distributed, paths, runs
 from cachedseg.backbone_config import DEFAULT_BACKBONE
 from cachedseg.demo import DEMO_SHORT_SIDE, STAGES, DemoSteps
+from cachedseg.dataset import choose_dataset, open_dataset
 from cachedseg.errors import CachedsegError
 
 app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache.\n\n"
@@ -55,6 +56,8 @@ VIEWS_HELP = "Extra cached views, comma-separated: flip (one more forward pass a
 DECODER_HELP = ("Decoder: conv (3x3 convs on the token grid; the best recipe measured), upconv (transposed convs, "
                 "aligned), linear (BN + 1x1; with 4 layers DINOv2's linear4), or seed (the seed design's, with its "
                 "center crop: the reproduction).")
+DATASET_HELP = ("A dataset file (TOML: images glob, masks template, splits, classes and their colours; its paths are "
+                "relative to its folder). Default: DATA/dataset.toml if there is one, else the AeroScapes layout.")
 VERBOSE = ("--verbose", "-v")
 
 
@@ -198,14 +201,18 @@ def synth(
     width: int = typer.Option(1280, help="Image width in pixels."),
     height: int = typer.Option(720, help="Image height in pixels."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
+    dataset: Optional[Path] = typer.Option(None, help="Write in the layout, classes and mask encoding of this "
+                                           "dataset file (copied into OUT as dataset.toml); the scenes' 12 classes "
+                                           "are folded onto its classes by index."),
 ) -> None:
     """Write a generated drone-imagery dataset in the AeroScapes layout (the built-in default data)."""
-    _light_checks(lambda: paths.check_writable(out, "the dataset folder", folder=True))
+    _light_checks(lambda: paths.check_writable(out, "the dataset folder", folder=True),
+                  lambda: dataset is not None and open_dataset(choose_dataset(None, dataset)))
     with user_errors():
-        _synth(out, count, width, height, seed)
+        _synth(out, count, width, height, seed, dataset)
 
 
-def _synth(out: Path, count: int, width: int, height: int, seed: int) -> None:
+def _synth(out: Path, count: int, width: int, height: int, seed: int, dataset: Optional[Path] = None) -> None:
     """Generate the dataset with progress, and say where it went."""
     from cachedseg.synth import synthesize
 
@@ -216,7 +223,8 @@ def _synth(out: Path, count: int, width: int, height: int, seed: int) -> None:
             done[0] += n
             progress(done[0], count)
         try:
-            ids = synthesize(out, count=count, width=width, height=height, seed=seed, progress=step)
+            ids = synthesize(out, count=count, width=width, height=height, seed=seed, progress=step,
+                             dataset_file=dataset)
         except ValueError as exc:
             raise CachedsegError(str(exc)) from None
     console.print(f"wrote {len(ids)} images ({width}x{height}) to [bold]{escape(str(out))}[/]", soft_wrap=True)
@@ -224,7 +232,8 @@ def _synth(out: Path, count: int, width: int, height: int, seed: int) -> None:
 
 @app.command()
 def extract(
-    data: Path = typer.Argument(..., help="Dataset folder: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt."),
+    data: Optional[Path] = typer.Argument(None, help="Dataset folder (AeroScapes layout: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt; or one with a dataset.toml), or a dataset file."),
+    dataset: Optional[Path] = typer.Option(None, help=DATASET_HELP),
     store: Optional[str] = typer.Option(None, help="Store to write: a folder or a URL such as s3://bucket/x.zarr (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help=BACKBONE_HELP),
     image_size: Optional[str] = typer.Option(None, help=SIZE_HELP),
@@ -248,7 +257,9 @@ def extract(
     Rerunning the same command skips finished images, so an interrupted run resumes where it stopped, and
     follows the data: changed images and masks are recomputed, newly listed ids added, removed ones left out.
     """
-    _light_checks(lambda: paths.check_dataset(data), _at_least(1, batch_size=batch_size, layers=layers,
+    with user_errors():
+        data = choose_dataset(data, dataset)
+    _light_checks(lambda: open_dataset(data), _at_least(1, batch_size=batch_size, layers=layers,
                   images_per_shard=images_per_shard, short_side=short_side), _at_least(0, workers=workers))
     from cachedseg.backbone import config_from_options
 
@@ -328,7 +339,8 @@ def train(
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache first: onto the GPU when it fits there, else into RAM (if it fits)."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint (from scratch if it has none yet)."),
-    live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder instead of a store."),
+    live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder (or dataset file) instead of a store."),
+    dataset: Optional[Path] = typer.Option(None, help="With --live (which it implies): " + DATASET_HELP),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="With --live: " + BACKBONE_HELP),
     image_size: Optional[str] = typer.Option(None, help="With --live: " + SIZE_HELP),
     short_side: Optional[int] = typer.Option(None, help="With --live: " + SHORT_SIDE_HELP),
@@ -343,9 +355,12 @@ def train(
     The run folder gets last.pt, best.pt (by val mIoU), metrics.csv, metrics.json and curves.png.
     """
     def inputs() -> None:
+        nonlocal live
+        if live is not None or dataset is not None:
+            live = choose_dataset(live, dataset)
         if (store is None) == (live is None):
             raise CachedsegError("give either a STORE or --live DATA")
-        paths.check_store(store) if store is not None else paths.check_dataset(live)
+        paths.check_store(store) if store is not None else open_dataset(live)
     _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
                   _at_least(0, workers=workers))
     from cachedseg.backbone import build_backbone, config_from_options, resolve_device
@@ -435,7 +450,8 @@ def evaluate(
     run: Path = typer.Argument(..., help="Run folder (uses best.pt) or a checkpoint file."),
     store: Optional[str] = typer.Option(None, help="Score from cached features in this store (default, with no --data "
                                         "either: the features the run was trained on)."),
-    data: Optional[Path] = typer.Option(None, help="Dataset folder: run the backbone live (or, with --store, where the labels are)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset folder or file: run the backbone live (or, with --store, where the labels are)."),
+    dataset: Optional[Path] = typer.Option(None, help="As --data: " + DATASET_HELP),
     split: str = typer.Option("val", help="trn or val."),
     compare_live: bool = typer.Option(False, "--compare-live", help="With cached features (--store, or the run's own "
                                       "store): also run the backbone live and count the pixels whose predicted label "
@@ -448,8 +464,10 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Score a run against the dataset's label PNGs at native resolution: confusion matrix, mIoU, pixel accuracy."""
+    with user_errors():
+        data = choose_dataset(data, dataset) if data is not None or dataset is not None else None
     _light_checks(lambda: paths.checkpoint_path(run), lambda: store is not None and paths.check_store(store),
-                  lambda: data is not None and paths.check_dataset(data), _at_least(1, batch_size=batch_size),
+                  lambda: data is not None and open_dataset(data), _at_least(1, batch_size=batch_size),
                   _at_least(0, workers=workers),
                   lambda: json_out is not None and paths.check_writable(json_out, "--json"))
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):

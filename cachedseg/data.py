@@ -1,26 +1,22 @@
-"""Datasets in the AeroScapes layout and the one preprocessing function every stage shares.
+"""The one preprocessing function every stage shares, and the torch dataset that decodes samples with it.
 
-Layout, as published:
-    DATA/JPEGImages/<id>.jpg
-    DATA/SegmentationClass/<id>.png   single-channel class indices, 255 = ignore
-    DATA/ImageSets/trn.txt, val.txt   one id per line
+Where the files are and what their masks mean is the dataset's (`cachedseg.dataset`); this module turns them into
+tensors.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from cachedseg.classes import CLASS_NAMES, IGNORE_INDEX, SPLITS
+from cachedseg.dataset import Sample, load_image
 from cachedseg.errors import CachedsegError
-from cachedseg.paths import check_dataset
 from cachedseg.views import apply_view
+
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
@@ -52,63 +48,6 @@ def mask_size_for(grid: tuple[int, int]) -> tuple[int, int]:
     return grid[0] * 16, grid[1] * 16
 
 
-# Larger images would need gigabytes to decode at full resolution; refuse them with advice instead.
-MAX_PIXELS = 100_000_000
-
-
-@contextlib.contextmanager
-def own_pixel_limit() -> Iterator[None]:
-    """PIL's own bomb check off (a raw warning at 89 MP, an error at 179 MP): MAX_PIXELS, checked from the header
-    before decoding, is the one rule."""
-    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
-def _refuse_huge(img: Image.Image, path: str | Path) -> Image.Image:
-    """The image (only its header read so far), if it is within MAX_PIXELS."""
-    if img.width * img.height > MAX_PIXELS:
-        raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
-                             "downscale it before use")
-    return img
-
-
-def _open(path: str | Path, what: str) -> Image.Image:
-    """Open and fully decode an image file, turning every decoder failure into one clear error."""
-    try:
-        with own_pixel_limit():
-            img = _refuse_huge(Image.open(path), path)  # reads the header only
-            img.load()
-        return img
-    except CachedsegError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's "not a readable image"
-        raise CachedsegError(f"{path} is not a readable {what} ({exc}); replace or remove it") from None
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file to upright 8-bit RGB (EXIF orientation applied; 16-bit and float images rescaled)."""
-    img = _open(path, "image")
-    ImageOps.exif_transpose(img, in_place=True)  # a copy would double the memory of a large frame
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # convert("RGB") would clip these at 255; scale the 16-bit range down to 8 bits instead.
-        a = np.asarray(img, dtype=np.float32)
-        a = a / 257.0 if a.max() > 255 else a
-        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
-    return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even an RGB image
-
-
-def load_mask(path: str | Path) -> Image.Image:
-    """Decode a label PNG of class indices, refusing colour masks."""
-    mask = _open(path, "mask")
-    if mask.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-        raise CachedsegError(f"{path} is a {mask.mode} image, but a mask must be single-channel class indices "
-                             "(0-11, 255 = ignore); convert colour masks to indices first")
-    return mask
-
-
 def preprocess_image(img: Image.Image, pp: Preprocess) -> torch.Tensor:
     """RGB image -> normalised float32 tensor [3, H, W]; shared by extract, live training and predict."""
     height, width = pp.image_size
@@ -121,84 +60,10 @@ def preprocess_image(img: Image.Image, pp: Preprocess) -> torch.Tensor:
     return (x - mean) / std  # [3, H, W]
 
 
-def preprocess_mask(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """Label image -> uint8 tensor [Mh, Mw] by nearest-neighbour resize to `size` (height, width)."""
-    mask = mask.resize((size[1], size[0]), Image.Resampling.NEAREST)
+def preprocess_mask(labels: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Class indices [H, W] uint8 -> uint8 tensor [Mh, Mw] by nearest-neighbour resize to `size` (height, width)."""
+    mask = Image.fromarray(labels).resize((size[1], size[0]), Image.Resampling.NEAREST)
     return torch.from_numpy(np.array(mask, dtype=np.uint8))  # [Mh, Mw]
-
-
-def frame_size(root: str | Path) -> tuple[int, int]:
-    """(width, height) of a dataset's first image, read from its header (for --short-side)."""
-    sample = read_dataset(root)[0]
-    try:  # exif_transpose would decode the whole frame: only the orientation tag is needed to swap the sides
-        with own_pixel_limit(), Image.open(sample.image) as img:
-            (width, height), orientation = _refuse_huge(img, sample.image).size, img.getexif().get(0x0112, 1)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise CachedsegError(f"{sample.image} is not a readable image ({exc}); replace or remove it") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # the tags that rotate by 90 degrees
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image of a dataset: its id, split and files."""
-
-    id: str
-    split: str
-    image: Path
-    mask: Path
-
-
-def read_dataset(root: str | Path, splits: tuple[str, ...] = SPLITS,
-                 missing: dict[str, str] | None = None) -> list[Sample]:
-    """List the samples of an AeroScapes-layout folder, trn before val, checking that every file exists.
-
-    Args:
-        root: The dataset folder.
-        splits: Which split files under `ImageSets/` to read.
-        missing: If given, listed ids whose files are missing are left out and put here with the error they
-            would have raised (extract keeps their cached entries), instead of raising it.
-
-    Returns:
-        The samples in split-file order.
-
-    Raises:
-        CachedsegError: If the layout is wrong, a split is empty, an id repeats, or a file is missing.
-    """
-    root = check_dataset(root)
-    samples: list[Sample] = []
-    seen: set[str] = set()
-    for split in splits:
-        listing = root / "ImageSets" / f"{split}.txt"
-        if not listing.is_file():
-            raise CachedsegError(f"{listing} is {'a folder' if listing.is_dir() else 'missing'}: an AeroScapes-layout "
-                                 f"dataset lists its ids in ImageSets/{'.txt, '.join(SPLITS)}.txt")
-        ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-        if not ids:
-            raise CachedsegError(f"{listing} lists no images; add ids to it, one per line")
-        for id_ in ids:
-            if id_ in seen:
-                raise CachedsegError(f"image id {id_!r} is listed twice ({listing}); each id may appear once")
-            seen.add(id_)
-            sample = Sample(id_, split, root / "JPEGImages" / f"{id_}.jpg", root / "SegmentationClass" / f"{id_}.png")
-            absent = [p for p in (sample.image, sample.mask) if not p.is_file()]
-            if absent:
-                error = (f"{absent[0]} is {'a folder' if absent[0].is_dir() else 'missing'}, but id {id_!r} is listed "
-                         f"in {listing}; add the file or remove the id")
-                if missing is None:
-                    raise CachedsegError(error)
-                missing[id_] = error
-                continue
-            samples.append(sample)
-    return samples
-
-
-def check_labels(labels: np.ndarray, path: Path, num_classes: int = len(CLASS_NAMES)) -> None:
-    """Refuse label values outside 0..num_classes-1 other than the ignore label."""
-    bad = (labels >= num_classes) & (labels != IGNORE_INDEX)
-    if bad.any():
-        values = sorted(set(np.unique(labels[bad]).tolist()))[:5]
-        raise CachedsegError(f"{path} has label values {values} outside 0..{num_classes - 1} (and not the "
-                             f"ignore label {IGNORE_INDEX}); fix the mask")
 
 
 def collate(items: list[dict]) -> dict:
@@ -215,11 +80,12 @@ def collate(items: list[dict]) -> dict:
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses images and masks (in DataLoader workers), returning them by sample index, or by
-    (index, view) in one of `views` (see `cachedseg.views`)."""
+    (index, view) in one of `views` (see `cachedseg.views`); `read_labels` turns a mask file into checked class
+    indices (the dataset's `Dataset.read_labels`; None: images only)."""
 
-    def __init__(self, samples: list[Sample], pp: Preprocess, with_masks: bool = True,
-                 views: tuple[str, ...] = ("identity",)):
-        self.samples, self.pp, self.with_masks, self.views = samples, pp, with_masks, views
+    def __init__(self, samples: list[Sample | None], pp: Preprocess,
+                 read_labels: Callable[[str], np.ndarray] | None, views: tuple[str, ...] = ("identity",)):
+        self.samples, self.pp, self.read_labels, self.views = samples, pp, read_labels, views
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -240,11 +106,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         image = load_image(sample.image)
         item = {"index": index, "image": preprocess_image(image, self.pp)}  # [3, H, W]
-        if self.with_masks:
-            mask = load_mask(sample.mask)
-            if mask.size != image.size:
-                raise CachedsegError(f"{sample.mask} is {mask.width}x{mask.height} but its image is "
+        if self.read_labels is not None:
+            labels = self.read_labels(sample.mask)  # [H, W] uint8, checked
+            if labels.shape != (image.height, image.width):
+                raise CachedsegError(f"{sample.mask} is {labels.shape[1]}x{labels.shape[0]} but its image is "
                                      f"{image.width}x{image.height}; a mask must have its image's size")
-            check_labels(np.asarray(mask), sample.mask)
-            item["mask"] = preprocess_mask(mask, self.pp.mask_size)  # [Mh, Mw]
+            item["mask"] = preprocess_mask(labels, self.pp.mask_size)  # [Mh, Mw]
         return item

@@ -151,6 +151,7 @@ def demo(out: str | Path, config: DemoConfig = DemoConfig(), steps: DemoSteps = 
     import shutil
 
     from cachedseg import backbone
+    from cachedseg.dataset import Dataset, open_dataset
     from cachedseg.features import cached_source
     from cachedseg.store import is_store
     from cachedseg.train import TrainConfig
@@ -166,7 +167,7 @@ def demo(out: str | Path, config: DemoConfig = DemoConfig(), steps: DemoSteps = 
             steps.fallback(str(exc))
             weights = "random"
     steps.stage(1, STAGES[0])
-    if not (data / "ImageSets" / "val.txt").is_file():
+    if not Dataset(data).split_file("val").is_file():
         steps.synth(data, config.count, *FRAME, 0)
     else:
         steps.reuse(data)
@@ -185,8 +186,8 @@ def demo(out: str | Path, config: DemoConfig = DemoConfig(), steps: DemoSteps = 
     steps.stage(4, STAGES[3])
     evaluation = steps.evaluate(run, json_out=out / "evaluation.json", store=store, split="val", device=config.device)
     steps.stage(5, STAGES[4])
-    val_images = [data / "JPEGImages" / f"{i}.jpg"
-                  for i in (data / "ImageSets" / "val.txt").read_text().split()[:PREDICTED]]
+    dataset = open_dataset(data)
+    val_images = [dataset.image_path(i) for i in dataset.ids("val")[:PREDICTED]]
     written = steps.predict(val_images, run, predictions, device=config.device)
     steps.stage(6, STAGES[5])
     page = steps.report(run, config.device)

@@ -11,8 +11,9 @@ import torch
 
 from cachedseg import checkpoint
 from cachedseg.backbone import backbone_for, resolve_device
-from cachedseg.classes import SPLITS
-from cachedseg.data import check_labels, load_image, load_mask, preprocess_image, read_dataset
+from cachedseg.classes import ClassSet
+from cachedseg.data import preprocess_image
+from cachedseg.dataset import SPLITS, Dataset, load_image, open_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.extract import stale_labels
 from cachedseg.features import cached_source
@@ -31,7 +32,7 @@ class EvalResult:
         miou: Mean IoU over the classes that occur in the labels or the predictions (`averaged`).
         pixel_acc: Fraction of labelled pixels predicted right.
         iou: Per-class IoU (None where the class is absent from both labels and predictions).
-        class_names: Names of the K classes.
+        classes: The K classes (names, colours, ignore label): the run's.
         images: Number of images scored.
         differ: With `compare_live`: pixels whose cached and live predicted labels differ.
         pixels: With `compare_live`: pixels compared (every pixel of every label map).
@@ -43,11 +44,16 @@ class EvalResult:
     miou: float
     pixel_acc: float
     iou: list[float | None]
-    class_names: tuple[str, ...]
+    classes: ClassSet
     images: int
     differ: int | None = None
     pixels: int | None = None
     stale_labels: tuple[str, ...] = ()
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The names of the K classes."""
+        return self.classes.names
 
     @property
     def averaged(self) -> tuple[str, ...]:
@@ -58,7 +64,7 @@ class EvalResult:
         """Everything, as plain JSON types."""
         out = {"miou": self.miou, "pixel_acc": self.pixel_acc, "images": self.images,
                "iou": dict(zip(self.class_names, self.iou)), "averaged": list(self.averaged),
-               "class_names": list(self.class_names),
+               "class_names": list(self.class_names), "class_colors": [list(c) for c in self.classes.colors],
                "confusion": self.confusion.tolist(), "stale_labels": list(self.stale_labels)}
         if self.pixels is not None:
             out["agreement"] = {"differ": self.differ, "pixels": self.pixels,
@@ -98,25 +104,26 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
     if store is None and data is None:  # the run's own features, resolved here so the stale-label check sees them
         store, data = trained_on(run, ckpt)
     result = score(predictions(run, store, data, split, weights, device, compare_live, tta, batch_size, workers,
-                               progress, ckpt=ckpt), ckpt.spec.class_names, compare_live)
+                               progress, ckpt=ckpt), ckpt.spec.classes, compare_live)
     return replace(result, stale_labels=tuple(stale_labels(store, split, data))) if store is not None else result
 
 
 def score(predicted: Iterable[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]],
-          class_names: tuple[str, ...], compare_live: bool = False) -> EvalResult:
+          classes: ClassSet, compare_live: bool = False) -> EvalResult:
     """The scores of what `predictions` yields: the cached prediction where there is one, else the live one;
     with `compare_live`, also the pixels where the two differ."""
-    k = len(class_names)
+    k = len(classes)
     conf = torch.zeros(k, k, dtype=torch.long)
     differ = pixels = images = 0
     for _, labels, pred, live in predicted:
         if pred is not None and live is not None:
             differ, pixels = differ + int((pred != live).sum()), pixels + pred.size
-        conf += confusion(torch.from_numpy(pred if pred is not None else live), torch.from_numpy(labels), k)
+        conf += confusion(torch.from_numpy(pred if pred is not None else live), torch.from_numpy(labels), k,
+                          classes.ignore_index)
         images += 1
     s = scores(conf)
     return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
-                      class_names=class_names, images=images,
+                      classes=classes, images=images,
                       differ=differ if compare_live else None, pixels=pixels if compare_live else None)
 
 
@@ -162,15 +169,17 @@ def predictions(run: str | Path, store: str | Path | None = None, data: str | Pa
             check_spec(store, source.spec, ckpt.spec, hint=f"the run {run} was trained on other features; evaluate "
                        "it with the store it was trained from, or with --data to run its backbone live")
         indices = source.indices(split)
-        ids, root = [source.ids[i] for i in indices], source.data_root
+        ids, dataset = [source.ids[i] for i in indices], open_dataset(source.data_root)
         cached = (str(store), indices, [source.spec.views.index(v) for v in views])
     else:
-        ids, root, cached = [s.id for s in read_dataset(data) if s.split == split], Path(data), None
+        dataset = open_dataset(data)
+        ids, cached = [s.id for s in dataset.samples() if s.split == split], None
+    dataset.check_classes(ckpt.spec.classes, f"the run {run}")
     if not ids:
         raise CachedsegError(f"the {split} split is empty")
     backbone = (backbone_for(ckpt.spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
                 if store is None or compare_live else None)
-    items = _Scoring(ids, root, len(ckpt.spec.class_names), cached, backbone.preprocess if backbone else None)
+    items = _Scoring(ids, dataset, cached, backbone.preprocess if backbone else None)
     done = 0
     for batch in batches(items, batch_size, workers, torch_device):
         failed(batch)
@@ -193,8 +202,8 @@ class _Scoring(torch.utils.data.Dataset):
     """What scoring one image needs, loaded in DataLoader workers: its native labels, and its cached features
     (the views asked for) or its preprocessed image, or both."""
 
-    def __init__(self, ids: list[str], root: Path, num_classes: int, cached: tuple | None, pp):
-        self.ids, self.root, self.num_classes, self.cached, self.pp = ids, root, num_classes, cached, pp
+    def __init__(self, ids: list[str], dataset: Dataset, cached: tuple | None, pp):
+        self.ids, self.dataset, self.cached, self.pp = ids, dataset, cached, pp
         self._store = None
 
     def __len__(self) -> int:
@@ -202,7 +211,7 @@ class _Scoring(torch.utils.data.Dataset):
 
     def __getitem__(self, n: int) -> dict:
         try:
-            labels = _labels(self.root, self.ids[n], self.num_classes)  # [H, W] at native resolution
+            labels = _labels(self.dataset, self.ids[n])  # [H, W] at native resolution
             item = {"n": n, "labels": labels}
             if self.cached:
                 path, indices, views = self.cached
@@ -210,7 +219,7 @@ class _Scoring(torch.utils.data.Dataset):
                 item["features"] = torch.stack([torch.from_numpy(self._store.read(indices[n], v)[0])
                                                 for v in views])  # [V, L, C, h, w]
             if self.pp is not None:
-                item["x"] = preprocess_image(_image(self.root, self.ids[n], labels.shape), self.pp)  # [3, H', W']
+                item["x"] = preprocess_image(_image(self.dataset, self.ids[n], labels.shape), self.pp)  # [3, H', W']
             return item
         except CachedsegError as exc:
             return {"n": n, "error": str(exc)}
@@ -225,19 +234,17 @@ def _cached_labels(decoder: torch.nn.Module, features: torch.Tensor, views: tupl
     return labels_over_views([decoder(features[:, v]) for v in range(len(views))], views, sizes)
 
 
-def _labels(root: Path, id_: str, num_classes: int) -> np.ndarray:
+def _labels(dataset: Dataset, id_: str) -> np.ndarray:
     """An image's label map [H, W] uint8 (class indices and the ignore label), checked."""
-    path = root / "SegmentationClass" / f"{id_}.png"
+    path = dataset.mask_path(id_)
     if not path.is_file():
         raise CachedsegError(f"{path} is missing; pass --data with the dataset the store was built from")
-    labels = np.array(load_mask(path))  # writable; uint8 for L/P masks, wider for 16/32-bit ones
-    check_labels(labels, path, num_classes)
-    return labels.astype(np.uint8, copy=False)  # checked: every value fits (1 byte a pixel, not 8)
+    return dataset.read_labels(path)
 
 
-def _image(root: Path, id_: str, size: tuple[int, int]):
+def _image(dataset: Dataset, id_: str, size: tuple[int, int]):
     """An image, checked to have its label map's size (H, W)."""
-    path = root / "JPEGImages" / f"{id_}.jpg"
+    path = dataset.image_path(id_)
     image = load_image(path)
     if (image.height, image.width) != tuple(size):
         raise CachedsegError(f"the label map of {id_} is {size[1]}x{size[0]} but {path} is "

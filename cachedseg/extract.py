@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from cachedseg.backbone import Backbone, BackboneConfig, build_backbone, weights_source
-from cachedseg.classes import SPLITS
-from cachedseg.data import Sample, SegmentationDataset, collate, read_dataset
+from cachedseg.data import SegmentationDataset, collate
+from cachedseg.dataset import DATASET_FILE, SPLITS, Dataset, Sample, open_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg import distributed
 from cachedseg.locks import LockUnwritable, writer_lock
@@ -94,7 +94,9 @@ def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str,
     """cache/<dataset>-<backbone>-<WxH>-<dtype>[-l<layers>][-<views>].zarr: different settings never share a store."""
     size = f"{backbone.image_size[1]}x{backbone.image_size[0]}" if backbone.image_size else "default"
     extra = (f"-l{backbone.layers}" if backbone.layers > 1 else "") + "".join(f"-{v}" for v in views[1:])
-    return Path("cache") / f"{Path(data).resolve().name}-{backbone.name}-{size}-{dtype}{extra}.zarr"
+    path = Path(data).resolve()
+    name = path.parent.name if path.name == DATASET_FILE else path.stem if path.suffix == ".toml" else path.name
+    return Path("cache") / f"{name}-{backbone.name}-{size}-{dtype}{extra}.zarr"
 
 
 def extract(data: str | Path, store: str | Path | None = None, backbone: BackboneConfig = BackboneConfig(),
@@ -102,7 +104,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             workers: int | None = None, overwrite: bool = False, skip_bad: bool = False, redo: tuple[str, ...] = (),
             views: tuple[str, ...] = ("identity",), images_per_shard: int = 1,
             progress: Callable[[int, int], None] | None = None) -> ExtractResult:
-    """Extract backbone features for every image of an AeroScapes-layout dataset into a Zarr store.
+    """Extract backbone features for every image of a dataset into a Zarr store.
 
     Under torchrun every rank runs this: rank 0 takes the writer lock and creates (or checks) the store, then each
     rank computes a contiguous, shard-aligned block of the pending images, so no two ranks write the same file.
@@ -112,7 +114,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     split, and ids no longer in the dataset are recorded as gone (kept, left out).
 
     Args:
-        data: The dataset folder (JPEGImages/, SegmentationClass/, ImageSets/).
+        data: The dataset folder (see `cachedseg.dataset`).
         store: Where to write the store, a local folder or a URL (s3://bucket/x.zarr); defaults to
             `cache/<dataset>-<backbone>-<size>-<dtype>.zarr`.
         backbone: Backbone name, input size, precision and how many of the last layers to store.
@@ -146,13 +148,14 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     ctx = distributed.context(device)
     views = check_views(views)
     missing: dict[str, str] = {}  # listed ids whose files are missing: gone, if the store has them
-    samples = read_dataset(data, missing=missing)
+    dataset = open_dataset(data)
+    samples = dataset.samples(missing=missing)
     store = str(store) if store is not None else str(default_store_path(data, backbone, dtype, views))
     exists(store)  # a bucket that does not answer is told now, not after the backbone is built
     if missing and (overwrite or not is_store(store)):  # nothing cached to keep for them
         raise CachedsegError(next(iter(missing.values())))
     model = build_backbone(backbone, weights, distributed.device_for(ctx, device))
-    spec = spec_for(model, dtype, views)
+    spec = spec_for(model, dtype, dataset.classes, views)
     ids, splits = [s.id for s in samples], [s.split for s in samples]
 
     opened: dict[str, FeatureStore] = {}  # rank 0's store from setup, used on after it (each open is a round trip)
@@ -166,10 +169,10 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
                 return [], uuid.uuid4().hex, {}
             if overwrite:
                 remove_store(store)
-            fs, created = _open_or_create(store, spec, ids, splits, data, weights, images_per_shard)
+            fs, created = _open_or_create(store, spec, ids, splits, dataset.reference, weights, images_per_shard)
             # the flags are read once (one request per image on a bucket) and kept up to date here
             fs, changes, flags = ((fs, {}, np.full(len(fs), PENDING, dtype=np.uint8)) if created
-                                  else _follow_data(fs, samples, missing, model.preprocess))
+                                  else _follow_data(fs, dataset, samples, missing, model.preprocess))
             for id_ in redo:
                 if id_ not in ids:
                     raise CachedsegError(f"--redo {id_}: no such image id in {data}")
@@ -192,8 +195,9 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         report = progress if ctx.main and progress else (lambda done, total: None)
         key = f"extract:{token}"
         start = time.perf_counter()
-        bad = _compute(model, fs, _Sources(in_store_order, model.preprocess), ctx.share(units), batch_size,
-                       workers, skip_bad, lambda n: report(ctx.count(key, n), todo))
+        sources = _Sources(in_store_order, model.preprocess, dataset.read_labels)
+        bad = _compute(model, fs, sources, ctx.share(units), batch_size, workers, skip_bad,
+                       lambda n: report(ctx.count(key, n), todo))
         bad = {k: v for part in ctx.gather(bad) for k, v in part.items()}
         # nothing pending anywhere: the flags are as setup left them, not read again
         ctx.once(lambda: _finish(fs, bad, data, None if pending else opened.get("flags")))
@@ -225,7 +229,7 @@ def _sources(sample: Sample) -> tuple[Path, Path]:
     return sample.image, sample.mask
 
 
-def _follow_data(fs: FeatureStore, samples: list[Sample], missing: dict[str, str],
+def _follow_data(fs: FeatureStore, dataset: Dataset, samples: list[Sample], missing: dict[str, str],
                  pp) -> tuple[FeatureStore, dict, np.ndarray]:
     """Bring an existing store up to the dataset: add newly listed images, update moved splits, record gone ones,
     and check each done image against its record (stats, then hashes): a changed image goes back to pending, a
@@ -241,12 +245,12 @@ def _follow_data(fs: FeatureStore, samples: list[Sample], missing: dict[str, str
     moved = sum(split != old for split, old in zip(splits, fs.splits))
     if new or moved:
         fs = fs.set_index(fs.ids + [s.id for s in new], splits + [s.split for s in new])
-    fs.set_gone({id_: missing.get(id_, f"no longer listed in ImageSets/{'.txt or '.join(SPLITS)}.txt")
+    fs.set_gone({id_: missing.get(id_, dataset.unlisted_reason())
                  for id_ in fs.ids if id_ not in listed})
     fs.add_records()  # a store from before records: every record unknown, adopted below
     counts = {"changed": 0, "masks_changed": 0, "touched": 0, "added": len(new), "moved": moved, "adopted": 0}
     stats, hashes = fs.records()
-    masks = SegmentationDataset([listed.get(id_) for id_ in fs.ids], pp)
+    masks = SegmentationDataset([listed.get(id_) for id_ in fs.ids], pp, dataset.read_labels)
     flags = fs.flags(repair=True)
     for i in np.flatnonzero(flags == DONE):
         sample = listed.get(fs.ids[i])
@@ -414,7 +418,7 @@ class _Block:
         self.fs.write_block(self.start, self.features, self.masks, self.flags, self.stats, self.hashes)
 
 
-def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[str], data: str | Path,
+def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[str], data: str,
                     weights: str, images_per_shard: int) -> tuple[FeatureStore, bool]:
     """Open a store to finish or update it (refusing other settings), or create it; says whether it was created."""
     group = open_group(store, mode="r+")  # opened once and handed on: on a bucket each open is a round trip
@@ -428,7 +432,7 @@ def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[st
         raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
     if not is_url(store):
         Path(store).parent.mkdir(parents=True, exist_ok=True)
-    return FeatureStore.create(store, spec, ids, splits, dataset=str(Path(data).resolve()),
+    return FeatureStore.create(store, spec, ids, splits, dataset=data,
                                weights=weights_source(weights), images_per_shard=images_per_shard), True
 
 
@@ -463,10 +467,10 @@ def stale_labels(store: str | Path, split: str, data: str | Path | None = None) 
     (a store from before records) and missing files (scoring names those) are not counted."""
     fs = FeatureStore.open(store)
     stats, hashes = fs.records()
-    root, gone, flags, k = Path(data or fs.dataset), fs.gone, fs.flags(), SOURCE_FILES.index("mask")
+    dataset, gone, flags, k = open_dataset(data or fs.dataset), fs.gone, fs.flags(), SOURCE_FILES.index("mask")
     stale = []
     for i, (id_, s) in enumerate(zip(fs.ids, fs.splits)):
-        path = root / "SegmentationClass" / f"{id_}.png"
+        path = dataset.mask_path(id_)
         if s != split or id_ in gone or flags[i] != DONE or stats[i, k, 0] == NO_STAT or not path.is_file():
             continue
         if not np.array_equal(file_stats((path,))[0], stats[i, k]) and \

@@ -14,7 +14,8 @@ import torch
 import zarr
 
 from cachedseg.backbone import Backbone, weights_source
-from cachedseg.data import SegmentationDataset, read_dataset
+from cachedseg.data import SegmentationDataset
+from cachedseg.dataset import open_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import is_url
 from cachedseg.spec import StoreSpec, spec_for
@@ -106,7 +107,7 @@ class FeatureSource:
         splits: "trn" or "val" (or "skipped" for images `extract --skip-bad` left out, "gone" for images no
             longer in the dataset), by index.
         dataset: Torch dataset returning `features` (cached) or `image` (live) plus `mask`, by index.
-        data_root: The image dataset's folder (for native-resolution labels).
+        data_root: The dataset's folder (for native-resolution labels: `cachedseg.dataset.open_dataset`).
         weights: Where the backbone's weights came from (`auto`, `random` or a file), for later live use.
         backbone: The live backbone, or None for a cache.
         location: The store's path or URL, or `live:DATA`.
@@ -171,11 +172,12 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
 
 def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str,
                 views: tuple[str, ...] = ("identity",)) -> FeatureSource:
-    """A source running `backbone` (built from `weights`) on the images of an AeroScapes-layout folder, in the
-    same `views` a store would cache."""
-    samples = read_dataset(data)
-    spec = spec_for(backbone, dtype, views)
+    """A source running `backbone` (built from `weights`) on the images of a dataset folder, in the same `views` a
+    store would cache."""
+    dataset = open_dataset(data)
+    samples = dataset.samples()
+    spec = spec_for(backbone, dtype, dataset.classes, views)
     return FeatureSource(spec=spec, ids=[s.id for s in samples], splits=[s.split for s in samples],
-                         dataset=SegmentationDataset(samples, backbone.preprocess, views=spec.views),
+                         dataset=SegmentationDataset(samples, backbone.preprocess, dataset.read_labels, views=spec.views),
                          data_root=Path(data), weights=weights_source(weights), backbone=backbone,
-                         location=f"live:{Path(data).resolve()}")
+                         location=f"live:{dataset.reference}")

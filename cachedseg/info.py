@@ -43,6 +43,7 @@ def store_rows(d: dict) -> list[tuple[str, object]]:
             ("features", f"[N, {len(d['views'])}, {d['layers']}, {d['channels']}, {d['grid'][0]}, {d['grid'][1]}] "
                          f"{d['dtype']} (views: {', '.join(d['views'])}; last {d['layers']} layer(s))"),
             ("masks", f"{mw}x{mh} uint8"),
+            ("classes", f"{len(d['class_names'])}: {', '.join(d['class_names'])} (ignore label {d['ignore_index']})"),
             ("images", f"{d['images']} ({d['trn']} trn, {d['val']} val): {d['done']} done, {d['pending']} pending, "
                        f"{d['skipped_bad']} skipped as bad"
                        + (f", {d['gone']} gone from the dataset (left out)" if d["gone"] else "")),
@@ -62,6 +63,7 @@ def run_rows(ckpt: Checkpoint) -> list[tuple[str, object]]:
             ("features", f"{spec.backbone} @ {spec.input_size[1]}x{spec.input_size[0]} px, {spec.dtype}, last "
                          f"{ckpt.decoder_config.layers} layer(s) of {spec.layers}, views {', '.join(spec.views)}, "
                          f"fingerprint {spec.fingerprint}"),
+            ("classes", f"{len(spec.class_names)}: {', '.join(spec.class_names)}"),
             ("recipe", ckpt.train_config.describe(spec.layers)),
             ("epochs trained", str(ckpt.epoch)),
             ("best val", f"mIoU {best.val_miou:.4f}, pixel accuracy {best.val_pixel_acc:.4f} (epoch {best.epoch})"),

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from cachedseg.classes import IGNORE_INDEX
-
 # Pixels counted per step: bounds the int64 copies of a native-resolution frame (8 bytes a pixel each) to 8 MB.
 CHUNK = 1 << 20
 
 
-def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Confusion counts [K, K] (rows: true class, columns: predicted), skipping ignored pixels."""
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Confusion counts [K, K] (rows: true class, columns: predicted), skipping pixels labelled `ignore_index`."""
     target, pred = target.reshape(-1), pred.reshape(-1)
     counts = torch.zeros(num_classes ** 2, dtype=torch.long, device=target.device)
     for start in range(0, target.numel(), CHUNK):
         t, p = target[start:start + CHUNK].long(), pred[start:start + CHUNK].long()
-        keep = t != IGNORE_INDEX
+        keep = t != ignore_index
         t, p = t[keep], p[keep]
         if t.numel() and not (0 <= int(torch.minimum(t, p).min()) and int(torch.maximum(t, p).max()) < num_classes):
             # a value outside the class set would land in another class's cell (or past the matrix)

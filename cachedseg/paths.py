@@ -65,18 +65,6 @@ def did_you_mean(path: Path) -> str:
     return f"; did you mean {parent / close[0]}?" if close else ""
 
 
-def check_dataset(root: str | Path) -> Path:
-    """The dataset folder, if it exists; else an error naming it, what is expected there, and near misses."""
-    root = Path(root)
-    if not root.exists():
-        raise CachedsegError(f"no dataset folder at {root} (expected JPEGImages/, SegmentationClass/ and "
-                             f"ImageSets/ in the AeroScapes layout){did_you_mean(root)}")
-    if not root.is_dir():
-        raise CachedsegError(f"{root} is a file, but a dataset is a folder with JPEGImages/, SegmentationClass/ and "
-                             "ImageSets/; give that folder")
-    return root
-
-
 def check_store(path: str | Path) -> None:
     """A store argument that exists (a missing local one gets near misses and the command that builds it)."""
     if not exists(path):

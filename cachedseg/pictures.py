@@ -1,5 +1,6 @@
-"""Pictures: the class palette, label pictures with their legends, and the training-curves figure (with the
-matplotlib set-up), drawn for `predict`, `train` and `report`. Drawing is neither inference nor training.
+"""Pictures: label pictures in the run's class colours with their legends, and the training-curves figure (with
+the matplotlib set-up), drawn for `predict`, `train` and `report`. Drawing is neither inference nor training.
+Every colour and overlay PNG carries a legend of the classes it shows.
 """
 
 from __future__ import annotations
@@ -9,22 +10,19 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-# One fixed colour per class (background, person, bike, car, drone, boat, animal, obstacle, construction,
-# vegetation, road, sky); every colour and overlay PNG carries a legend of the classes it shows.
-PALETTE = np.array([(0, 0, 0), (220, 20, 60), (119, 11, 32), (0, 0, 142), (255, 0, 255), (0, 170, 255),
-                    (255, 140, 0), (255, 255, 0), (140, 70, 20), (0, 160, 0), (128, 128, 128), (135, 206, 235)],
-                   dtype=np.uint8)
+from cachedseg.classes import ClassSet
+
 PICTURE_ROWS = 256  # rows of a picture drawn at a time
 
 
-def colorize(labels: np.ndarray) -> Image.Image:
-    """Class indices [H, W] -> RGB image with the fixed palette (ignored/unknown labels black)."""
-    return Image.fromarray(PALETTE[np.where(labels < len(PALETTE), labels, 0)])
+def colorize(labels: np.ndarray, classes: ClassSet) -> Image.Image:
+    """Class indices [H, W] uint8 -> RGB image in the classes' colours (the ignore label and unknown values black)."""
+    return Image.fromarray(classes.palette()[labels])
 
 
-def with_legend(picture: Image.Image, labels: np.ndarray, class_names: tuple[str, ...]) -> Image.Image:
+def with_legend(picture: Image.Image, labels: np.ndarray, classes: ClassSet) -> Image.Image:
     """`picture` with a strip below it naming, in its colour, each class present in `labels`."""
-    strip = legend_strip(picture.width, present_classes(labels), class_names)
+    strip = legend_strip(picture.width, present_classes(labels), classes)
     out = Image.new("RGB", (picture.width, picture.height + strip.height))
     out.paste(picture if picture.mode == "RGB" else picture.convert("RGB"), (0, 0))
     out.paste(strip, (0, picture.height))
@@ -39,8 +37,9 @@ def present_classes(labels: np.ndarray) -> list[int]:
     return sorted(found)
 
 
-def legend_strip(width: int, present: list[int], class_names: tuple[str, ...]) -> Image.Image:
+def legend_strip(width: int, present: list[int], classes: ClassSet) -> Image.Image:
     """The strip under a picture `width` wide naming, in its colour, each class of `present`."""
+    class_names = classes.names
     present = [c for c in present if c < len(class_names)]
     size = max(11, min(18, width // 40))
     font = ImageFont.load_default(size=size)
@@ -57,18 +56,19 @@ def legend_strip(width: int, present: list[int], class_names: tuple[str, ...]) -
     draw = ImageDraw.Draw(strip)
     for c, x, row in items:
         y = pad + row * row_h
-        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(v) for v in PALETTE[c]), outline=(0, 0, 0))
+        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=classes.colors[c], outline=(0, 0, 0))
         draw.text((x + swatch + pad // 2, y + size // 2), class_names[c], fill=(0, 0, 0), font=font, anchor="lm")
     return strip
 
 
-def picture_rows(labels: np.ndarray, strip: Image.Image, image: Image.Image | None = None) -> Iterator[np.ndarray]:
+def picture_rows(labels: np.ndarray, classes: ClassSet, strip: Image.Image,
+                 image: Image.Image | None = None) -> Iterator[np.ndarray]:
     """The colour picture of `labels` (with `image`: the overlay on it) above the legend `strip`, as bands of rows
     [r, W, 3] uint8: pixel for pixel `with_legend(colorize(labels))` (or `with_legend(Image.blend(image,
     colorize(labels), 0.5))`), so that no full-frame picture is made on the way (PIL holds RGB in 4 bytes a pixel)."""
     height, width = labels.shape
     for y in range(0, height, PICTURE_ROWS):
-        rows = colorize(labels[y:y + PICTURE_ROWS])
+        rows = colorize(labels[y:y + PICTURE_ROWS], classes)
         if image is not None:
             rows = Image.blend(image.crop((0, y, width, y + rows.height)), rows, 0.5)
         yield np.asarray(rows)

@@ -22,7 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from cachedseg import __version__, checkpoint
 from cachedseg.backbone import Backbone, backbone_for, resolve_device
-from cachedseg.data import load_image, own_pixel_limit, preprocess_image
+from cachedseg.data import preprocess_image
+from cachedseg.dataset import load_image, own_pixel_limit
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_images
 from cachedseg.pictures import legend_strip, picture_rows, present_classes
@@ -309,7 +310,7 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
     paths, left_out = find_images(images)
     _check_names(paths)
     ckpt = checkpoint.load_run(run)
-    views = tta_views(ckpt.spec, tta)
+    views, classes = tta_views(ckpt.spec, tta), ckpt.spec.classes
     torch_device = resolve_device(device)
     backbone = backbone_for(ckpt.spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
     decoder = ckpt.decoder()
@@ -325,10 +326,10 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             files = [out / f"{path.stem}_{kind}.png" for kind in KINDS]
             pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
             _save_png(Image.fromarray(labels, mode="L"), pred.label)
-            strip = legend_strip(labels.shape[1], present_classes(labels), ckpt.spec.class_names)
+            strip = legend_strip(labels.shape[1], present_classes(labels), classes)
             size = labels.shape[1], labels.shape[0] + strip.height
-            _save_png_rows(picture_rows(labels, strip), *size, pred.color)
-            _save_png_rows(picture_rows(labels, strip, image), *size, pred.overlay)
+            _save_png_rows(picture_rows(labels, classes, strip), *size, pred.color)
+            _save_png_rows(picture_rows(labels, classes, strip, image), *size, pred.overlay)
             written.append(pred)
         if progress:
             progress(len(written), len(paths))

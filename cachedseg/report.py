@@ -15,11 +15,12 @@ from PIL import Image
 
 from cachedseg import checkpoint
 from cachedseg.checkpoint import versions
-from cachedseg.data import load_image
+from cachedseg.dataset import Dataset, load_image, open_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.evaluate import EvalResult, predictions, score, trained_on
 from cachedseg.paths import check_writable
-from cachedseg.pictures import PALETTE, close, colorize, curves_figure, pyplot
+from cachedseg.classes import ClassSet
+from cachedseg.pictures import close, colorize, curves_figure, pyplot
 from cachedseg.runs import REPORT, EpochMetrics, RunFolder, SweepRow, best_row
 
 STYLE = """
@@ -89,8 +90,8 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
             if len(shown) < samples:
                 shown.append(item)
             yield item
-    result = score(keep(predictions(run, store=store, data=data, device=device, ckpt=best)), best.spec.class_names)
-    root = Path(data) if data else Path(_dataset_of(store))
+    result = score(keep(predictions(run, store=store, data=data, device=device, ckpt=best)), best.spec.classes)
+    dataset = open_dataset(data or _dataset_of(store))
     spec, cfg = best.spec, best.decoder_config
     rows = last.metrics
     top = best_row(rows)
@@ -111,7 +112,7 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
         "<h2>Confusion matrix</h2><p class=muted>rows: labelled class, columns: predicted; each row normalised</p>",
         _png(_confusion_figure(result)),
         "<h2>Val images</h2><p class=muted>image, label, prediction, overlay; the classes shown under each</p>",
-        *(_sample_row(root, id_, labels, pred if pred is not None else live, spec.class_names)
+        *(_sample_row(dataset, id_, labels, pred if pred is not None else live, spec.classes)
           for id_, labels, pred, live in shown),
         "<h2>Settings and provenance</h2>", _kv_table(settings)])
 
@@ -159,7 +160,7 @@ def _class_table(result: EvalResult) -> str:
     """Per-class IoU and labelled pixels, with each class's colour."""
     pixels = result.confusion.sum(1)
     body = "".join(
-        f"<tr><td><span class=swatch style='background:rgb{tuple(int(v) for v in PALETTE[i])}'></span> "
+        f"<tr><td><span class=swatch style='background:rgb{result.classes.colors[i]}'></span> "
         f"{html.escape(name)}</td><td class=n>{'-' if iou is None else f'{iou:.4f}'}</td><td class=n>{int(n)}</td></tr>"
         for i, (name, iou, n) in enumerate(zip(result.class_names, result.iou, pixels)))
     return (f"<p>mIoU <b>{result.miou:.4f}</b>, pixel accuracy <b>{result.pixel_acc:.4f}</b></p>"
@@ -171,24 +172,24 @@ def _kv_table(rows: list[tuple[str, str]]) -> str:
                                for k, v in rows) + "</table>"
 
 
-def _sample_row(root: Path, id_: str, labels: np.ndarray, pred: np.ndarray, class_names) -> str:
+def _sample_row(dataset: Dataset, id_: str, labels: np.ndarray, pred: np.ndarray, classes: ClassSet) -> str:
     """One val image: the image, its label, the prediction and the overlay, each 1/4 of the width."""
-    image = load_image(root / "JPEGImages" / f"{id_}.jpg")
-    label, prediction = colorize(np.where(labels == 255, 0, labels).astype(np.uint8)), colorize(pred)
+    image = load_image(dataset.image_path(id_))
+    label, prediction = colorize(labels, classes), colorize(pred, classes)  # unlabelled pixels black
     panels = [(image, "image", "jpeg", None), (label, "label", "png", labels), (prediction, "prediction", "png", pred),
               (Image.blend(image, prediction, 0.5), "overlay", "jpeg", pred)]
     figures = "".join(f"<figure style='flex:1'>{_img(im, fmt)}<figcaption>{html.escape(id_)}: {what}</figcaption>"
-                      f"{'' if shown is None else _legend(shown, class_names)}</figure>"
+                      f"{'' if shown is None else _legend(shown, classes)}</figure>"
                       for im, what, fmt, shown in panels)
     return f"<div class=row>{figures}</div>"
 
 
-def _legend(labels: np.ndarray, class_names) -> str:
+def _legend(labels: np.ndarray, classes: ClassSet) -> str:
     """The classes present in `labels`, each with its colour, as page text: a legend drawn into the picture
     shrinks with the thumbnail until it cannot be read."""
-    keys = "".join(f"<span class=key><span class=swatch style='background:rgb{tuple(int(v) for v in PALETTE[c])}'>"
-                   f"</span> {html.escape(class_names[c])}</span>"
-                   for c in (int(c) for c in np.unique(labels)) if c < len(class_names))
+    keys = "".join(f"<span class=key><span class=swatch style='background:rgb{classes.colors[c]}'>"
+                   f"</span> {html.escape(classes.names[c])}</span>"
+                   for c in (int(c) for c in np.unique(labels)) if c < len(classes))
     return f"<div class=legend>{keys}</div>"
 
 
@@ -221,7 +222,7 @@ def _iou_bars(result: EvalResult):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 3))
     values = [v or 0.0 for v in result.iou]
-    ax.bar(range(len(values)), values, color=[PALETTE[i] / 255 for i in range(len(values))], edgecolor="black")
+    ax.bar(range(len(values)), values, color=[tuple(v / 255 for v in c) for c in result.classes.colors], edgecolor="black")
     ax.set_xticks(range(len(values)), result.class_names, rotation=30, ha="right")
     ax.set(ylim=(0, 1), ylabel="IoU", title="Per-class IoU")
     return fig

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from cachedseg.classes import CLASS_NAMES
+from cachedseg.classes import ClassSet, spread_colors
 from cachedseg.errors import CachedsegError
 from cachedseg.views import check_views
 
@@ -33,12 +33,26 @@ class StoreSpec:
     class_names: tuple[str, ...]
     layers: int = 1
     views: tuple[str, ...] = ("identity",)
+    class_colors: tuple[tuple[int, int, int], ...] = ()
+    ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        if not self.class_colors:  # a store or checkpoint from before colours were recorded
+            object.__setattr__(self, "class_colors", default_colors(self.class_names))
+
+    @property
+    def classes(self) -> ClassSet:
+        """The class set the masks and the decoder's outputs index."""
+        return ClassSet(self.class_names, self.class_colors, self.ignore_index)
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> StoreSpec:
         """Rebuild the spec from Zarr attributes or a checkpoint (JSON lists back to tuples)."""
         values = {f.name: attrs[f.name] for f in fields(cls) if f.name in attrs}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        if "class_colors" in values:
+            values["class_colors"] = tuple(tuple(c) for c in values["class_colors"])
+        return cls(**values)
 
     def serves(self, wanted: StoreSpec) -> bool:
         """Whether these features can feed a decoder trained on `wanted`: the same in all that decides the
@@ -53,21 +67,32 @@ def check_dtype(dtype: str) -> None:
         raise CachedsegError(f"unknown --dtype {dtype!r}; use float16 or float32")
 
 
-def spec_for(backbone, dtype: str, views: tuple[str, ...] = ("identity",)) -> StoreSpec:
-    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`), stored as `dtype`, for `views`."""
+def default_colors(names: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
+    """The colours of classes recorded without any: AeroScapes' for its classes (every store before colours were
+    recorded), spread hues otherwise."""
+    from cachedseg.dataset import AEROSCAPES
+    return AEROSCAPES.colors if tuple(names) == AEROSCAPES.names else spread_colors(len(names))
+
+
+def spec_for(backbone, dtype: str, classes: ClassSet, views: tuple[str, ...] = ("identity",)) -> StoreSpec:
+    """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`), stored as `dtype`, for a dataset
+    of `classes`, in `views`."""
     check_dtype(dtype)
     views = check_views(views)
     pp = backbone.preprocess
     return StoreSpec(backbone=backbone.config.name, fingerprint=backbone.fingerprint, input_size=pp.image_size,
                      mask_size=pp.mask_size, mean=pp.mean, std=pp.std, interpolation=pp.interpolation,
                      precision=backbone.config.precision, dtype=dtype, channels=backbone.channels,
-                     grid=backbone.grid, class_names=CLASS_NAMES, layers=backbone.config.layers, views=views)
+                     grid=backbone.grid, class_names=classes.names, layers=backbone.config.layers, views=views,
+                     class_colors=classes.colors, ignore_index=classes.ignore_index)
 
 
 def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec,
                hint: str = "pass --overwrite to rebuild it, or --store to write a new one elsewhere") -> None:
     """Refuse a store whose spec differs from the one asked for, naming each difference and what to do."""
+    classes = ("class_names", "class_colors", "ignore_index")  # named together, in a user's words
     diffs = [f"{f.name}: store has {getattr(stored, f.name)!r}, asked for {getattr(wanted, f.name)!r}"
-             for f in fields(StoreSpec) if getattr(stored, f.name) != getattr(wanted, f.name)]
+             for f in fields(StoreSpec) if f.name not in classes and getattr(stored, f.name) != getattr(wanted, f.name)]
+    diffs += [f"classes: store has {d}" for d in stored.classes.differences(wanted.classes)]
     if diffs:
         raise CachedsegError(f"the store {path} was built with other settings ({'; '.join(diffs)}); {hint}")

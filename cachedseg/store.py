@@ -34,7 +34,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from cachedseg import __version__
-from cachedseg.classes import IGNORE_INDEX, SPLITS
+from cachedseg.dataset import SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_store, exists, filesystem, is_url
 from cachedseg.spec import StoreSpec
@@ -77,7 +77,6 @@ class StoreAttrs:
         images_per_shard: Images per shard file (1: no shards).
         gone: Images no longer in the dataset at the last extract, with the reason (written once there are any).
         reindex: The journal of a growing image list (`ids`, `splits`) until every array has caught up.
-        ignore_index: The mask value of unlabelled pixels.
         format: Always `FORMAT`.
         format_version: The store format version.
     """
@@ -91,7 +90,6 @@ class StoreAttrs:
     images_per_shard: int = 1
     gone: dict[str, str] | None = None
     reindex: dict[str, list[str]] | None = None
-    ignore_index: int = IGNORE_INDEX
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -102,13 +100,13 @@ class StoreAttrs:
                    weights=attrs.get("weights", "auto"), package_version=attrs.get("package_version", ""),
                    bad=dict(attrs.get("bad", {})), images_per_shard=int(attrs.get("images_per_shard", 1)),
                    gone=None if attrs.get(GONE) is None else dict(attrs[GONE]), reindex=attrs.get(REINDEX),
-                   ignore_index=attrs.get("ignore_index", IGNORE_INDEX), format=attrs["format"],
+                   format=attrs["format"],
                    format_version=attrs["format_version"])
 
     def to_dict(self) -> dict:
         """The JSON attributes (in the order a new store has always written them; gone and reindex when set)."""
         return {"format": self.format, "format_version": self.format_version, **asdict(self.spec),
-                "ignore_index": self.ignore_index, "num_images": self.num_images, "dataset": self.dataset,
+                "num_images": self.num_images, "dataset": self.dataset,
                 "weights": self.weights, "package_version": self.package_version, "bad": dict(self.bad),
                 "images_per_shard": self.images_per_shard,
                 **({} if self.gone is None else {GONE: dict(self.gone)}),
@@ -408,7 +406,7 @@ class FeatureStore:
     def describe(self) -> dict:
         """The store's attributes plus image counts by split and state, and its size on disk."""
         flags, splits = self.flags(), np.array(self.splits)
-        return {**dict(self.group.attrs), "images": len(self), "trn": int((splits == "trn").sum()),
+        return {**self.attrs.to_dict(), "images": len(self), "trn": int((splits == "trn").sum()),
                 "val": int((splits == "val").sum()), "done": int((flags == DONE).sum()),
                 "pending": int((flags == PENDING).sum()), "skipped_bad": int((flags == BAD).sum()),
                 "gone": len(self.gone), "bytes_on_disk": disk_bytes(self.path)}

@@ -5,25 +5,27 @@ textured ground cover (vegetation, bare earth, water, roads with lane markings),
 everything standing on it, tree canopies, and finally buildings, obstacles, vehicles, people, animals,
 boats and drones. About half the frames are oblique views with a horizon, distance haze and sky.
 
-Layout written by `synthesize`:
+The scenes are labelled with AeroScapes' classes and written through its `cachedseg.dataset.Dataset`:
     DIR/JPEGImages/<id>.jpg           RGB, JPEG quality 90
-    DIR/SegmentationClass/<id>.png    mode 'L', class indices 0..11 (see `cachedseg.classes`)
+    DIR/SegmentationClass/<id>.png    mode 'L', class indices 0..11 (`cachedseg.dataset.AEROSCAPES`)
     DIR/ImageSets/trn.txt, val.txt    one id per line; whole sequences go to one split
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cachedseg.classes import CLASS_NAMES
+from cachedseg.dataset import AEROSCAPES, DATASET_FILE, Dataset, load_dataset_file
 
 (BACKGROUND, PERSON, BIKE, CAR, DRONE, BOAT, ANIMAL, OBSTACLE, CONSTRUCTION, VEGETATION, ROAD,
- SKY) = (CLASS_NAMES.index(name) for name in (
+ SKY) = (AEROSCAPES.names.index(name) for name in (
     "background", "person", "bike", "car", "drone", "boat", "animal", "obstacle", "construction",
     "vegetation", "road", "sky"))
 
@@ -808,8 +810,9 @@ def _split(ids: list[str], sequence_length: int, val_fraction: float) -> tuple[l
 
 
 def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int = 720, seed: int = 0,
-               val_fraction: float = 0.25, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Write a generated drone-imagery dataset in the AeroScapes layout.
+               val_fraction: float = 0.25, progress: Callable[[int], None] | None = None,
+               dataset_file: str | Path | None = None) -> list[str]:
+    """Write a generated drone-imagery dataset in the AeroScapes layout (or in a dataset file's).
 
     Ids look like AeroScapes' `<sequence>_<frame>` (e.g. `000001_003`); frames are grouped into
     sequences of up to five, which alternate between straight-down and oblique views, and whole
@@ -824,6 +827,9 @@ def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int
         seed: Non-negative random seed.
         val_fraction: Approximate fraction of images in the val split, strictly between 0 and 1.
         progress: Called with 1 after each image is written (drives a progress bar).
+        dataset_file: Write in this dataset file's layout, classes and mask encoding instead, and copy the file
+            into `root` as `dataset.toml`. The scenes' 12 classes are folded onto its K classes by index (label
+            modulo K); a split by `val_fraction` is the file's own, by hash.
 
     Returns:
         The image ids in generation order.
@@ -838,18 +844,24 @@ def synthesize(root: str | Path, count: int = 24, width: int = 1280, height: int
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction!r}")
 
-    root = Path(root)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+    dataset = Dataset(Path(root), AEROSCAPES)
+    if dataset_file is not None:
+        dataset = load_dataset_file(dataset_file, root=root)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        if Path(dataset_file).resolve() != (Path(root) / DATASET_FILE).resolve():
+            shutil.copyfile(dataset_file, Path(root) / DATASET_FILE)
+        dataset = replace(dataset, file=Path(root) / DATASET_FILE)
     per_sequence = _sequence_length(count)
-    ids = [f"{i // per_sequence + 1:06d}_{i % per_sequence + 1:03d}" for i in range(count)]
+    trn, val = _split(list(range(count)), per_sequence, val_fraction)
+    split_of = {**{i: "trn" for i in trn}, **{i: "val" for i in val}}
+    ids = [dataset.new_id(i // per_sequence + 1, i % per_sequence + 1, split_of[i]) for i in range(count)]
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng([int(seed), i])
         image, labels = render_scene(rng, int(width), int(height), oblique=(i // per_sequence) % 2 == 1)
-        image.save(root / "JPEGImages" / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY)
-        Image.fromarray(labels).save(root / "SegmentationClass" / f"{image_id}.png", format="PNG")
+        if len(dataset.classes) < len(AEROSCAPES):
+            labels %= len(dataset.classes)
+        dataset.write_sample(image_id, image, labels, jpeg_quality=JPEG_QUALITY)
         if progress is not None:
             progress(1)
-    for name, split_ids in zip(("trn", "val"), _split(ids, per_sequence, val_fraction)):
-        (root / "ImageSets" / f"{name}.txt").write_text("".join(f"{i}\n" for i in split_ids), newline="\n")
+    dataset.write_splits({"trn": [ids[i] for i in trn], "val": [ids[i] for i in val]})
     return ids

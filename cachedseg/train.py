@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from cachedseg import checkpoint, distributed, syncbn
 from cachedseg.checkpoint import Checkpoint
-from cachedseg.classes import IGNORE_INDEX
 from cachedseg.data import collate
 from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
@@ -257,6 +256,7 @@ def train_epoch(heads: list[Head], source: FeatureSource, batches: torch.utils.d
         # Sums stay on the device: no host sync per step, one check per epoch (before anything is saved).
         head.loss = torch.zeros((), device=device)
         head.pixels = torch.zeros((), device=device, dtype=torch.long)
+    ignore = source.spec.ignore_index
     if progress:
         progress(0, len(batches))
     for step, batch in enumerate(batches, 1):
@@ -267,8 +267,8 @@ def train_epoch(heads: list[Head], source: FeatureSource, batches: torch.utils.d
             with _autocast(head, device):
                 logits = head.decoder(feats).float()  # [b, K, Mh, Mw]
             target = targets(mask, logits.shape[-2:])
-            valid = (target != IGNORE_INDEX).sum()
-            total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+            valid = (target != ignore).sum()
+            total = F.cross_entropy(logits, target, ignore_index=ignore, reduction="sum")
             if ctx.world == 1:  # summed then divided: an all-ignore batch contributes nothing instead of NaN
                 loss = total / valid.clamp(min=1)
             else:  # DDP averages gradients over ranks; this makes them those of the whole batch's mean loss
@@ -289,7 +289,7 @@ def train_epoch(heads: list[Head], source: FeatureSource, batches: torch.utils.d
 def validate(heads: list[Head], source: FeatureSource, batches: torch.utils.data.DataLoader,
              device: torch.device, ctx: distributed.Context = distributed.Context()) -> list[torch.Tensor]:
     """Dataset-level confusion matrices [K, K] (one per head) over every rank's val images, at the output size."""
-    k = len(source.spec.class_names)
+    k, ignore = len(source.spec.class_names), source.spec.ignore_index
     for head in heads:
         head.decoder.eval()
     confs = [torch.zeros(k, k, dtype=torch.long) for _ in heads]
@@ -300,7 +300,7 @@ def validate(heads: list[Head], source: FeatureSource, batches: torch.utils.data
         for conf, head in zip(confs, heads):
             with _autocast(head, device):
                 logits = head.module(feats).float()  # [B, K, Mh, Mw]
-            conf += confusion(logits.argmax(1), targets(mask, logits.shape[-2:]), k)
+            conf += confusion(logits.argmax(1), targets(mask, logits.shape[-2:]), k, ignore)
     return [ctx.sum(conf) for conf in confs]
 
 

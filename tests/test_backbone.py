@@ -179,8 +179,8 @@ def test_the_default_input_is_the_pretrained_size_as_the_short_side_with_the_dat
     import timm
 
     from cachedseg.backbone import config_from_options
-    from cachedseg.data import frame_size
-    width, height = frame_size(dataset)  # 160x120: landscape
+    from cachedseg.dataset import open_dataset
+    width, height = open_dataset(dataset).frame_size()  # 160x120: landscape
     name = "vit_small_patch14_dinov2"
     pretrained = timm.models.get_pretrained_cfg(name).input_size[-2:]
     h, w = config_from_options(name, dataset).image_size

@@ -5,7 +5,7 @@ import torch
 
 from cachedseg import checkpoint
 from cachedseg.checkpoint import Checkpoint
-from cachedseg.classes import CLASS_NAMES
+from cachedseg.dataset import AEROSCAPES
 from cachedseg.decoders import DECODERS, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
 from cachedseg.runs import EpochMetrics
@@ -14,7 +14,7 @@ from cachedseg.train import TrainConfig
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(112, 154),
                  mask_size=(128, 176), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
-                 precision="float32", dtype="float16", channels=48, grid=(8, 11), class_names=CLASS_NAMES)
+                 precision="float32", dtype="float16", channels=48, grid=(8, 11), class_names=AEROSCAPES.names)
 
 
 def make_checkpoint(decoder: str = "linear") -> Checkpoint:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cachedseg.data import Preprocess, load_image, mask_size_for, preprocess_image, preprocess_mask, read_dataset
+from cachedseg.data import Preprocess, mask_size_for, preprocess_image, preprocess_mask
+from cachedseg.dataset import load_image, open_dataset
 from cachedseg.errors import CachedsegError
 
 PP = Preprocess(image_size=(112, 154), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
@@ -30,7 +31,7 @@ def test_preprocess_image_accepts_grayscale_and_rgba():
 def test_preprocess_mask_is_nearest_neighbour():
     labels = np.random.default_rng(0).integers(0, 12, (120, 160), dtype=np.uint8)
     labels[:5, :5] = 255
-    m = preprocess_mask(Image.fromarray(labels), (48, 64))
+    m = preprocess_mask(labels, (48, 64))
     assert m.shape == (48, 64) and m.dtype == torch.uint8
     assert set(m.unique().tolist()) <= set(np.unique(labels).tolist())  # no blended labels
 
@@ -59,33 +60,33 @@ def test_exif_rotation_is_applied(tmp_path):
     assert load_image(path).size == (40, 80)
 
 
-def test_read_dataset_lists_trn_then_val(dataset):
-    samples = read_dataset(dataset)
+def test_a_dataset_lists_trn_then_val(dataset):
+    samples = open_dataset(dataset).samples()
     trn = (dataset / "ImageSets" / "trn.txt").read_text().split()
     val = (dataset / "ImageSets" / "val.txt").read_text().split()
     assert [s.id for s in samples] == trn + val
     assert [s.split for s in samples] == ["trn"] * len(trn) + ["val"] * len(val)
 
 
-def test_read_dataset_names_a_missing_file(dataset, tmp_path):
+def test_a_dataset_names_a_missing_file(dataset, tmp_path):
     import shutil
     copy = tmp_path / "d"
     shutil.copytree(dataset, copy)
     victim = (copy / "ImageSets" / "val.txt").read_text().split()[0]
     (copy / "JPEGImages" / f"{victim}.jpg").unlink()
     with pytest.raises(CachedsegError, match=f"{victim}.jpg"):
-        read_dataset(copy)
+        open_dataset(copy).samples()
     (copy / "ImageSets" / "val.txt").write_text("\n")
     with pytest.raises(CachedsegError, match="val.txt"):
-        read_dataset(copy)
+        open_dataset(copy).samples()
     with pytest.raises(CachedsegError, match="nowhere"):
-        read_dataset(tmp_path / "nowhere")
+        open_dataset(tmp_path / "nowhere")
 
 
 def test_a_mistyped_dataset_path_suggests_the_folder_that_exists(dataset):
     typo = dataset.with_name(dataset.name[:-1])  # synth -> synt
     with pytest.raises(CachedsegError) as err:
-        read_dataset(typo)
+        open_dataset(typo)
     message = str(err.value)
     assert str(typo) in message.replace(str(dataset), "") and str(dataset) in message  # the path given, the one meant
     assert "cachedseg synth" not in message  # not the advice to make a dataset: there is one

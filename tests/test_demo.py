@@ -3,6 +3,7 @@
 import json
 import shutil
 
+from cachedseg.dataset import open_dataset
 from cachedseg.demo import STAGES, DemoConfig, DemoSteps, demo
 
 
@@ -50,7 +51,7 @@ def test_offline_the_demo_falls_back_to_random_weights_and_reuses_its_data(datas
     assert "--weights random" in steps.calls[0][1]
     assert [c[1] for c in steps.calls if c[0] == "stage"] == list(range(1, len(STAGES) + 1))
     assert ("reuse", out / "data") in steps.calls and ("synth",) not in steps.calls
-    val = (out / "data" / "ImageSets" / "val.txt").read_text().split()
+    val = open_dataset(out / "data").ids("val")
     assert ("predict", val[:4]) in steps.calls and [p.image.stem for p in result.predictions] == val[:4]
     assert result.backbone.image_size == (112, 112) and len(result.rows) == 1
     assert not (out / "run" / "stale.txt").exists() and (out / "run" / "best.pt").is_file()  # a new run

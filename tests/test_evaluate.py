@@ -2,10 +2,6 @@
 
 import json
 
-import numpy as np
-from PIL import Image
-
-from cachedseg.evaluate import _labels
 from tests.conftest import run_cli
 
 
@@ -15,13 +11,6 @@ def test_evaluate_json_names_the_classes_its_miou_averages(store32, run32, tmp_p
     occurring = [name for name, iou in result["iou"].items() if iou is not None]
     assert result["averaged"] == occurring and occurring
     assert result["miou"] == sum(result["iou"][name] for name in occurring) / len(occurring)
-
-
-def test_native_labels_are_one_byte_a_pixel(tmp_path):
-    (tmp_path / "SegmentationClass").mkdir()
-    Image.fromarray(np.array([[0, 3], [255, 11]], dtype=np.uint16)).save(tmp_path / "SegmentationClass" / "a.png")
-    labels = _labels(tmp_path, "a", 12)  # a 16-bit mask is checked, then held in one byte a pixel, not eight
-    assert labels.dtype == np.uint8 and labels.tolist() == [[0, 3], [255, 11]]
 
 
 def test_evaluate_and_report_load_each_checkpoint_once(store32, run32, tmp_path, monkeypatch):

@@ -14,21 +14,22 @@ import zarr
 
 from cachedseg import checkpoint
 from cachedseg.backbone import BackboneConfig, build_backbone
-from cachedseg.classes import CLASS_NAMES
-from cachedseg.data import load_image, load_mask, preprocess_image, preprocess_mask, read_dataset
+from cachedseg.data import preprocess_image, preprocess_mask
+from cachedseg.dataset import AEROSCAPES, load_image, open_dataset
 from cachedseg.store import FeatureStore, decode_ids
 from tests.conftest import SMALL, assert_features_close, one_line_error, run_cli
 
 
 def test_store_layout_reads_back_with_plain_zarr(dataset, store32):
     g = zarr.open_group(str(store32), mode="r")
-    samples = read_dataset(dataset)
+    samples = open_dataset(dataset).samples()
     n = len(samples)
     attrs = dict(g.attrs)
     assert attrs["format"] == "cachedseg-features" and attrs["format_version"] == 2
     assert attrs["backbone"] == "vit_small_patch14_dinov2" and attrs["input_size"] == [112, 112]
     assert attrs["layers"] == 1 and attrs["views"] == ["identity"] and attrs["mask_size"] == [128, 128]
-    assert attrs["dtype"] == "float32" and attrs["class_names"] == list(CLASS_NAMES)
+    assert attrs["dtype"] == "float32" and attrs["class_names"] == list(AEROSCAPES.names)
+    assert attrs["class_colors"] == [list(c) for c in AEROSCAPES.colors] and attrs["ignore_index"] == 255
     assert attrs["mean"] == [0.485, 0.456, 0.406] and attrs["std"] == [0.229, 0.224, 0.225]
     assert attrs["dataset"] == str(dataset.resolve()) and attrs["package_version"]
     assert len(attrs["fingerprint"]) == 32
@@ -48,13 +49,14 @@ def test_the_store_round_trip_is_bit_exact_and_live_features_are_within_rounding
     fs = FeatureStore.open(store32)
     model = build_backbone(BackboneConfig("vit_small_patch14_dinov2", 112), "random")
     assert fs.spec.fingerprint == model.fingerprint
-    samples = read_dataset(dataset)
+    data = open_dataset(dataset)
+    samples = data.samples()
     x = torch.stack([preprocess_image(load_image(s.image), model.preprocess) for s in samples[:4]])  # [4, 3, S, S]
     batch = model(x).numpy()  # the first batch of the extraction (batch size 4): the same computation
     for i, sample in enumerate(samples[:4]):
         features, mask = fs.read(i)
         assert np.array_equal(features, batch[i])
-        assert np.array_equal(mask, preprocess_mask(load_mask(sample.mask), (128, 128)).numpy())
+        assert np.array_equal(mask, preprocess_mask(data.read_labels(sample.mask), (128, 128)).numpy())
         assert_features_close(features, model(x[i:i + 1].clone())[0])  # batch of one: equal up to rounding
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from cachedseg import extract as extract_module
 from cachedseg.backbone import BackboneConfig
-from cachedseg.data import load_mask, preprocess_mask
+from cachedseg.data import preprocess_mask
+from cachedseg.dataset import open_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.extract import extract
 from cachedseg.features import cached_source
@@ -98,7 +99,7 @@ def test_a_changed_mask_is_rewritten_without_a_backbone_pass(copy, tmp_path, mon
     assert (result.masks_changed, result.changed, result.extracted) == (1, 0, 0)
     after = by_id(store)
     assert np.array_equal(after[id_][0], before[id_][0])  # the features were not touched
-    assert np.array_equal(after[id_][1], preprocess_mask(load_mask(path), (128, 128)).numpy())
+    assert np.array_equal(after[id_][1], preprocess_mask(open_dataset(data).read_labels(path), (128, 128)).numpy())
     assert not np.array_equal(after[id_][1], before[id_][1])
     assert_same_as_fresh(data, store, tmp_path)
 

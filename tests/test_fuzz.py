@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cachedseg.data import Preprocess, Sample, SegmentationDataset
+from cachedseg.data import Preprocess, SegmentationDataset
+from cachedseg.dataset import AEROSCAPES, Dataset, Sample
 
 PP = Preprocess(image_size=(28, 42), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
                 mask_size=(32, 48))
@@ -63,7 +64,8 @@ def read(tmp_path, image: bytes, mask: bytes) -> dict:
     """Write one sample and read it through the dataset."""
     (tmp_path / "x.jpg").write_bytes(image)
     (tmp_path / "x.png").write_bytes(mask)
-    return SegmentationDataset([Sample("x", "trn", tmp_path / "x.jpg", tmp_path / "x.png")], PP)[0]
+    return SegmentationDataset([Sample("x", "trn", tmp_path / "x.jpg", tmp_path / "x.png")], PP,
+                               Dataset(tmp_path, AEROSCAPES).read_labels)[0]
 
 
 def check(item: dict, tmp_path) -> None:

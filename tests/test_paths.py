@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cachedseg import paths
+from cachedseg.dataset import open_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.views import VIEWS, apply_view, check_views
 
@@ -38,10 +39,10 @@ def test_checkpoint_path_takes_a_file_or_a_run_folder_and_names_what_is_missing(
 
 
 def test_dataset_store_and_image_arguments_that_do_not_exist_are_named(dataset, store32, tmp_path):
-    assert paths.check_dataset(dataset) == dataset
+    assert open_dataset(dataset).root == dataset
     for missing in (tmp_path / "nowhere", next((dataset / "JPEGImages").glob("*.jpg"))):  # and a file, not a folder
         with pytest.raises(CachedsegError, match=str(missing)):
-            paths.check_dataset(missing)
+            open_dataset(missing)
     paths.check_store(store32)
     with pytest.raises(CachedsegError, match=f"{tmp_path / 'gone.zarr'}.*cachedseg extract"):
         paths.check_store(tmp_path / "gone.zarr")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
+from cachedseg.classes import ClassSet, spread_colors
 from cachedseg.pictures import PICTURE_ROWS, colorize, legend_strip, picture_rows, present_classes, with_legend
 from cachedseg.predict import _save_png_rows, _taps, labels_from_logits, resized_rows
 from tests.conftest import PEAK_GROWTH, one_line_error, run_cli
@@ -94,12 +95,12 @@ def test_pictures_in_bands_are_the_whole_frame_pictures(tmp_path):
     labels = np.repeat(rng.integers(0, 5, (height // 5 + 1, width), dtype=np.uint8), 5, axis=0)[:height]
     labels[0, 0] = 255  # an ignored label draws black, and names no class
     image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    names = ("background", "person", "bike", "car", "drone")
-    strip = legend_strip(width, present_classes(labels), names)
-    for on, expected in ((None, with_legend(colorize(labels), labels, names)),
-                         (image, with_legend(Image.blend(image, colorize(labels), 0.5), labels, names))):
+    classes = ClassSet(("background", "person", "bike", "car", "drone"), spread_colors(5))
+    strip = legend_strip(width, present_classes(labels), classes)
+    for on, expected in ((None, with_legend(colorize(labels, classes), labels, classes)),
+                         (image, with_legend(Image.blend(image, colorize(labels, classes), 0.5), labels, classes))):
         path = tmp_path / "p.png"
-        _save_png_rows(picture_rows(labels, strip, on), width, height + strip.height, path)
+        _save_png_rows(picture_rows(labels, classes, strip, on), width, height + strip.height, path)
         written = Image.open(path)
         assert written.mode == "RGB" and written.info["Software"].startswith("cachedseg")
         assert np.array_equal(np.asarray(written), np.asarray(expected))

@@ -160,3 +160,12 @@ def test_the_using_it_block_runs_as_written_scaled_down(tmp_path, monkeypatch):
         if args[0] == "extract":
             assert Path(SMALL_STORE).is_dir()  # the default store name, as the README's arrow says
     assert Path("eval.json").is_file() and len(list(Path("predictions").glob("*_label.png"))) == 2
+
+
+def test_the_toml_blocks_are_dataset_files_this_cachedseg_reads(tmp_path):
+    from cachedseg.dataset import load_dataset_file
+
+    (block,) = blocks("toml")
+    (tmp_path / "dataset.toml").write_text(block)
+    data = load_dataset_file(tmp_path / "dataset.toml")
+    assert data.mask_encoding == "rgb" and data.classes.names == ("ground", "building")

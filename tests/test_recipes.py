@@ -10,7 +10,8 @@ import zarr
 
 from cachedseg import checkpoint
 from cachedseg.backbone import BackboneConfig, build_backbone
-from cachedseg.data import load_image, preprocess_image, read_dataset
+from cachedseg.data import preprocess_image
+from cachedseg.dataset import load_image, open_dataset
 from cachedseg.store import FeatureStore
 from cachedseg.train import epoch_batches
 from tests.conftest import MIN_AGREEMENT, TRAIN, assert_features_close, one_line_error, run_cli
@@ -34,7 +35,7 @@ def test_the_store_keeps_the_aspect_ratio_layers_and_views(dataset, rich_store):
     assert zarr.open_group(str(rich_store))["features"].shape == (8, 2, 2, 384, 8, 11)
     # each view is the backbone on the transformed input, as the live path computes it
     model = build_backbone(BackboneConfig("vit_small_patch14_dinov2", (112, 154), layers=2), "random")
-    sample = read_dataset(dataset)[0]
+    sample = open_dataset(dataset).samples()[0]
     x = preprocess_image(load_image(sample.image), model.preprocess)[None]
     flipped, mask_flipped = fs.read(0, 1)
     assert_features_close(flipped, model(x.flip(-1))[0])

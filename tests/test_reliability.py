@@ -231,7 +231,7 @@ def test_awkward_images_are_handled_not_refused(dataset, tmp_path, run32):
     h, w = rgb.shape[:2]
     assert Image.open(tmp_path / "pred" / "rotated_label.png").size == (h, w)
     assert Image.open(tmp_path / "pred" / "sixteen_label.png").size == (w, h)
-    from cachedseg.data import load_image
+    from cachedseg.dataset import load_image
     sixteen = np.asarray(load_image(out / "sixteen.png"))[..., 0].astype(int)
     assert np.abs(sixteen - rgb[..., 0]).max() <= 1  # rescaled to 8 bits, not clipped at 255
 

@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from cachedseg import upgrade as upgrade_module
-from cachedseg.classes import CLASS_NAMES, SPLITS
+from cachedseg.dataset import AEROSCAPES, SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.spec import StoreSpec
 from cachedseg.store import DONE, PENDING, FeatureStore, StoreAttrs, decode_ids, encode_ids
@@ -17,7 +17,7 @@ from tests.conftest import chunk_file, one_line_error, run_cli
 
 SPEC = StoreSpec(backbone="vit_small_patch14_dinov2", fingerprint="f" * 32, input_size=(28, 42), mask_size=(32, 48),
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", precision="float32",
-                 dtype="float16", channels=6, grid=(2, 3), class_names=CLASS_NAMES, layers=2, views=("identity", "flip"))
+                 dtype="float16", channels=6, grid=(2, 3), class_names=AEROSCAPES.names, layers=2, views=("identity", "flip"))
 IDS = ["000001_001", "a", "ünïcode_7", "x" * 40]
 
 

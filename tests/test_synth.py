@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachedseg.classes import CLASS_NAMES
+from cachedseg.dataset import AEROSCAPES
 from cachedseg.synth import render_scene, synthesize
 
 SMALL = dict(count=8, width=160, height=120)
@@ -55,7 +55,7 @@ def test_all_classes_occur(small):
     seen = np.zeros(256, bool)
     for id_ in ids:
         seen[np.unique(np.asarray(Image.open(root / "SegmentationClass" / f"{id_}.png")))] = True
-    assert np.flatnonzero(seen).tolist() == list(range(len(CLASS_NAMES)))
+    assert np.flatnonzero(seen).tolist() == list(range(len(AEROSCAPES)))
 
 
 def test_deterministic(small, tmp_path):
@@ -74,7 +74,7 @@ def test_render_scene_matches_and_scales():
             img, labels = render_scene(np.random.default_rng(3), width, height, oblique=oblique)
             assert img.mode == "RGB" and img.size == (width, height)
             assert labels.dtype == np.uint8 and labels.shape == (height, width)
-            assert labels.max() < len(CLASS_NAMES)
+            assert labels.max() < len(AEROSCAPES)
             assert (11 in labels) == oblique  # sky only in oblique views
 
 

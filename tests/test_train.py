@@ -11,9 +11,9 @@ from PIL import Image
 
 from cachedseg import checkpoint
 from cachedseg.backbone import backbone_for
-from cachedseg.data import load_image, load_mask
+from cachedseg.dataset import load_image, load_mask
 from cachedseg.decoders import DECODERS, build_decoder, decoder_config
-from cachedseg.pictures import PALETTE
+from cachedseg.dataset import AEROSCAPES
 from cachedseg.predict import labels_from_logits, segment
 from cachedseg.spec import StoreSpec
 from cachedseg.store import FeatureStore
@@ -203,7 +203,7 @@ def test_predict_labels_score_exactly_like_evaluate_data(dataset, run32, tmp_pat
     val_ids = (dataset / "ImageSets" / "val.txt").read_text().split()
     out = tmp_path / "pred"
     run_cli("predict", *[dataset / "JPEGImages" / f"{i}.jpg" for i in val_ids], "--run", run32, "--out", out)
-    conf = np.zeros((12, 12), dtype=np.int64)
+    conf = np.zeros((len(AEROSCAPES), len(AEROSCAPES)), dtype=np.int64)
     for id_ in val_ids:
         pred = np.asarray(Image.open(out / f"{id_}_label.png"))
         truth = np.asarray(Image.open(dataset / "SegmentationClass" / f"{id_}.png"))
@@ -212,7 +212,7 @@ def test_predict_labels_score_exactly_like_evaluate_data(dataset, run32, tmp_pat
         np.add.at(conf, (truth[keep], pred[keep]), 1)
         h, w = pred.shape
         color = np.asarray(Image.open(out / f"{id_}_color.png"))
-        assert np.array_equal(color[:h], PALETTE[pred]) and color.shape[0] > h  # the picture, then its legend
+        assert np.array_equal(color[:h], AEROSCAPES.palette()[pred]) and color.shape[0] > h  # the picture, then its legend
         overlay = Image.open(out / f"{id_}_overlay.png")
         assert overlay.width == w and overlay.height == color.shape[0]
     assert conf.tolist() == live["confusion"]
@@ -225,7 +225,7 @@ def test_the_legend_shows_the_colour_of_each_class_present(dataset, run32, tmp_p
     legend = np.asarray(Image.open(tmp_path / f"{image.stem}_color.png"))[labels.shape[0]:].reshape(-1, 3)
     colours = {tuple(c) for c in legend.tolist()}
     for c in np.unique(labels):
-        assert tuple(PALETTE[c].tolist()) in colours, c
+        assert AEROSCAPES.colors[c] in colours, c
 
 
 def test_predict_takes_folders_and_refuses_another_backbone(dataset, run32, tmp_path):

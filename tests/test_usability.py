@@ -100,7 +100,7 @@ def test_the_reports_legends_are_page_text_naming_each_class_of_the_panel(datase
     import numpy as np
     from PIL import Image
 
-    from cachedseg.classes import CLASS_NAMES
+    from cachedseg.dataset import AEROSCAPES
 
     run_cli("report", run32, "--out", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
@@ -109,10 +109,10 @@ def test_the_reports_legends_are_page_text_naming_each_class_of_the_panel(datase
     assert legends and {what for _, what, _ in legends} == {"label", "prediction", "overlay"}
     for id_, what, keys in legends:
         names = re.findall(r"</span> ([^<]+)</span>", keys)
-        assert names and set(names) <= set(CLASS_NAMES)
+        assert names and set(names) <= set(AEROSCAPES.names)
         if what == "label":  # exactly the classes of its label PNG, in class order
             labels = np.unique(np.asarray(Image.open(dataset / "SegmentationClass" / f"{id_}.png")))
-            assert names == [CLASS_NAMES[c] for c in labels if c < len(CLASS_NAMES)]
+            assert names == [AEROSCAPES.names[c] for c in labels if c < len(AEROSCAPES)]
 
 
 def whole_on_one_line(text: str, *paths) -> None:
