@@ -21,7 +21,7 @@ from rich.text import Text
 from cachedseg import distributed, paths, runs
 from cachedseg.backbone_config import DEFAULT_BACKBONE
 from cachedseg.demo import DEMO_SHORT_SIDE, STAGES, DemoSteps
-from cachedseg.dataset import choose_dataset, open_dataset
+from cachedseg.dataset import choose_dataset, is_dataset, open_dataset
 from cachedseg.errors import CachedsegError
 
 app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache.\n\n"
@@ -555,8 +555,23 @@ def _predict(images, run, out: Path, **options):
 
 
 @app.command()
-def info(path: str = typer.Argument(..., help="A feature store (folder or URL), or a run folder / checkpoint file.")) -> None:
-    """Show what a feature store holds (settings, images done/pending/bad, size) or what a run was trained on."""
+def info(
+    path: Optional[str] = typer.Argument(None, help="A feature store (folder or URL), a run folder / checkpoint file, "
+                                         "or a dataset (folder or dataset file)."),
+    dataset: Optional[Path] = typer.Option(None, help="Survey this dataset file: " + DATASET_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="For a dataset: write the survey here as JSON."),
+) -> None:
+    """Show what a feature store holds (settings, images done/pending/bad, size), what a run was trained on, or
+    what a dataset holds before extraction (images per split, sizes, masks missing, class shares, problems)."""
+    if dataset is not None or (path is not None and not paths.is_url(path) and is_dataset(path)):
+        with user_errors():
+            data = choose_dataset(path, dataset)
+        _light_checks(lambda: open_dataset(data), lambda: json_out is not None and paths.check_writable(json_out, "--json"))
+        with user_errors():
+            return _info_dataset(open_dataset(data), json_out)
+    if path is None:
+        _light_checks(lambda: choose_dataset(None, None))
+
     def exists() -> None:
         if paths.is_url(path):  # only a store can live at a URL
             paths.check_store(path)
@@ -568,11 +583,33 @@ def info(path: str = typer.Argument(..., help="A feature store (folder or URL), 
 
     with user_errors():
         rows = describe(path)
-    # lines, not a table: a table wraps its title and cells to the terminal, and these paths are copied whole
-    console.print(f"[bold]{escape(path)}[/]", soft_wrap=True)
+    _print_rows(path, rows)
+
+
+def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    """`info`'s rows under their title: lines, not a table, which would wrap its title and cells to the terminal
+    (and these paths are copied whole)."""
+    console.print(f"[bold]{escape(title)}[/]", soft_wrap=True)
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         console.print(f"  [bold]{escape(key.ljust(width))}[/]  {escape(value)}", soft_wrap=True, highlight=False)
+
+
+def _info_dataset(data, json_out: Optional[Path]):
+    """Survey a dataset with progress and print what a user checks before extracting it."""
+    import json
+
+    from cachedseg.info import survey_rows
+    from cachedseg.survey import survey
+
+    with Reporter("mask") as reporter:
+        result = survey(data, progress=reporter.callback("survey"))
+    _print_rows(result.dataset, survey_rows(result))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_json(), indent=2))
+        console.print(f"wrote {escape(str(json_out))}", soft_wrap=True)
+    return result
 
 
 @app.command()

@@ -589,3 +589,12 @@ def choose_dataset(data: str | Path | None, file: str | Path | None) -> Path:
         raise CachedsegError(f"{data} and --dataset {file}: the file's paths are relative to its own folder "
                              f"({file.parent}); give --dataset alone, or put the file into {data} as {DATASET_FILE}")
     return file
+
+
+def is_dataset(path: str | Path) -> bool:
+    """Whether a local path is a dataset: a dataset file, or a folder with one or with the AeroScapes split files."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix == ".toml"
+    return path.is_dir() and ((path / DATASET_FILE).is_file()
+                              or all(Dataset(path).split_file(s).is_file() for s in SPLITS))

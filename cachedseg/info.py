@@ -1,14 +1,20 @@
-"""What `cachedseg info` shows: a feature store's settings and progress, or what a run was trained on, as rows of
-(key, value) text that the CLI prints one per line."""
+"""What `cachedseg info` shows: a feature store's settings and progress, what a run was trained on, or a dataset's
+survey, as rows of (key, value) text that the CLI prints one per line."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cachedseg import checkpoint, runs
 from cachedseg.checkpoint import Checkpoint
 from cachedseg.errors import CachedsegError
 from cachedseg.store import FeatureStore, is_store, open_group
+
+if TYPE_CHECKING:
+    from cachedseg.survey import Survey
+
+LISTED = 20  # problems, and missing files, shown by name (the JSON holds them all)
 
 
 def describe(path: str | Path) -> list[tuple[str, str]]:
@@ -70,3 +76,18 @@ def run_rows(ckpt: Checkpoint) -> list[tuple[str, object]]:
             ("weights", ckpt.weights),
             ("trained on", (f"live features from {ckpt.source.removeprefix('live:')}"
                             if ckpt.source.startswith("live:") else ckpt.source) or "not recorded")]
+
+
+def survey_rows(result: Survey) -> list[tuple[str, str]]:
+    """The rows of a dataset's survey (`cachedseg.survey.survey`): what a user checks before extracting it."""
+    sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in list(result.sizes.items())[:4])
+    rows = [("layout", result.layout),
+            ("images", f"{sum(result.images.values())} ({result.images['trn']} trn, {result.images['val']} val)"),
+            ("sizes", sizes + (f", and {len(result.sizes) - 4} more sizes" if len(result.sizes) > 4 else "")),
+            ("masks", f"{sum(result.images.values()) - len(result.problems)} readable, "
+                      f"{len(result.masks_missing)} images or masks missing, {len(result.problems)} with problems"),
+            ("classes", f"{len(result.classes)}, share of labelled trn pixels:")]
+    rows += [(f"  {name}", f"{share:7.2%}") for name, share in zip(result.classes, result.shares("trn"))]
+    rows += [("problem", p) for p in result.problems[:LISTED]]
+    rows += [("missing", e) for e in list(result.masks_missing.values())[:LISTED]]
+    return [(key, str(value)) for key, value in rows]

@@ -195,3 +195,43 @@ def test_the_ready_descriptions_cover_the_datasets_users_download_most():
     assert {"uavid", "udd6", "semantic-drone", "aeroscapes-9"} <= {p.stem for p in DOCS.glob("*.toml")}
     assert len(load_dataset_file(DOCS / "uavid.toml").classes) == 8
     assert len(load_dataset_file(DOCS / "semantic-drone.toml").classes) == 23
+
+
+def test_info_surveys_a_dataset_before_extraction_and_names_its_problems(six, tmp_path):
+    copy = shutil.copytree(six, tmp_path / "survey")
+    data = open_dataset(copy)
+    samples = data.samples()
+    samples[0].mask.unlink()  # a mask missing
+    rgb = np.array(Image.open(samples[1].mask).convert("RGB"))
+    rgb[0, 0] = (9, 9, 9)  # a colour that is no class
+    Image.fromarray(rgb).save(samples[1].mask)
+    run_cli("info", copy, "--json", tmp_path / "s.json")
+    survey = json.loads((tmp_path / "s.json").read_text())
+    assert survey["classes"] == list(data.classes.names)
+    assert sum(survey["images"].values()) == 9 and list(survey["masks_missing"]) == [samples[0].id]
+    assert survey["sizes"] == {"64x48": 9}
+    assert len(survey["problems"]) == 1 and samples[1].mask.name in survey["problems"][0]
+    labelled = {split: sum(counts) for split, counts in survey["class_pixels"].items()}
+    assert sum(labelled.values()) + sum(survey["ignored_pixels"].values()) == 64 * 48 * 8  # the 8 readable masks
+    assert sum(survey["trn_shares"].values()) == pytest.approx(1.0)
+    run_cli("info", "--dataset", copy / "dataset.toml")  # the same through --dataset
+
+
+def test_jpeg_png_tiff_and_webp_images_mix_in_one_dataset(tmp_path):
+    from cachedseg.dataset import load_image
+
+    (tmp_path / "dataset.toml").write_text('images = "images/*"\nmasks = "masks/{stem}.png"\n[splits]\n'
+                                           'trn = "trn.txt"\nval = "val.txt"\n[[classes]]\nname = "a"\n'
+                                           '[[classes]]\nname = "b"\n')
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("a.jpg", "b.png", "c.tif", "d.webp"):
+        Image.new("RGB", (8, 6), (10, 200, 30)).save(tmp_path / "images" / name)
+        Image.fromarray(np.ones((6, 8), np.uint8)).save(tmp_path / "masks" / f"{Path(name).stem}.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    (tmp_path / "trn.txt").write_text("a\nb\nc\n")
+    (tmp_path / "val.txt").write_text("d\n")
+    data = open_dataset(tmp_path)
+    samples = data.samples()
+    assert [s.image.name for s in samples] == ["a.jpg", "b.png", "c.tif", "d.webp"]
+    assert all(load_image(s.image).size == (8, 6) and data.read_labels(s.mask).max() == 1 for s in samples)
