@@ -7,39 +7,20 @@ import hashlib
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
 import torch
 
+from cachedseg.backbone_config import DEFAULT_BACKBONE, BackboneConfig  # noqa: F401 - imported from here
 from cachedseg.data import Preprocess, mask_size_for
 from cachedseg.errors import CachedsegError, first_line, load_failure
 
-DEFAULT_BACKBONE = "vit_base_patch14_dinov2"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Which backbone, at which input size, compute precision and depth of features.
-
-    Attributes:
-        name: A timm DINOv2 model name, e.g. `vit_base_patch14_dinov2` or `vit_small_patch14_reg4_dinov2`.
-        image_size: Input (height, width) in pixels, multiples of the patch size (an int: a square); `None`
-            takes the model's pretrained size (518x518).
-        precision: Compute precision of the forward pass; extraction and prediction must use the same.
-        layers: How many of the last blocks' patch tokens to return (each after the final norm, as DINOv2's
-            `get_intermediate_layers(norm=True)`); 1 is the final output.
-    """
-
-    name: str = DEFAULT_BACKBONE
-    image_size: tuple[int, int] | int | None = None
-    precision: str = "float32"
-    layers: int = 1
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -67,6 +48,51 @@ def size_for_short_side(short: int, width: int, height: int, patch: int = 14) ->
 def dinov2_models() -> list[str]:
     """The timm model names this tool accepts."""
     return timm.list_models("*dinov2*")
+
+
+def check_name(name: str) -> None:
+    """Refuse a name that is not a timm DINOv2 model, listing those that are."""
+    if name not in dinov2_models():
+        raise CachedsegError(f"unknown backbone {name!r}; pick a timm DINOv2 model: " + ", ".join(dinov2_models()))
+
+
+def pretrained_size(name: str) -> tuple[int, int]:
+    """The input (H, W) the model was pretrained at, from timm's pretrained config without building the model (for
+    a model that registers none, timm's own default config, the one it would build with)."""
+    return tuple(timm.models.resolve_pretrained_cfg(name).input_size[-2:])
+
+
+def config_from_options(name: str, data: str | Path, image_size: str | None = None, short_side: int | None = None,
+                        precision: str = "float32", layers: int = 1) -> BackboneConfig:
+    """The `BackboneConfig` that the size options of `extract` (and `train --live`, `demo`) ask for.
+
+    Args:
+        name: The timm DINOv2 model.
+        data: The dataset (a folder or a dataset file); its first frame gives the aspect ratio `short_side` keeps.
+        image_size: `--image-size`: one side or WIDTH x HEIGHT (see `parse_size`), used as given.
+        short_side: `--short-side`: the input's short side, the long one following the dataset's aspect ratio.
+            With neither size given: the model's pretrained size as the short side.
+        precision: Compute precision of the forward pass.
+        layers: How many of the last blocks' tokens to return.
+
+    Returns:
+        The config, its `image_size` filled in.
+
+    Raises:
+        CachedsegError: For both sizes given, a size that is no multiple of the patch size, an unreadable first
+            frame, or (when its pretrained size is the default) an unknown model.
+    """
+    from cachedseg.dataset import open_dataset
+
+    if image_size and short_side:
+        raise CachedsegError("give --image-size or --short-side, not both")
+    if image_size:
+        return BackboneConfig(name, parse_size(image_size), precision, layers)
+    if not short_side:  # the default: the model's own size as the short side, the dataset's aspect ratio kept
+        check_name(name)
+        short_side = min(pretrained_size(name))
+    size = size_for_short_side(short_side, *open_dataset(data).frame_size())
+    return BackboneConfig(name, size, precision, layers)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -142,13 +168,10 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
     Raises:
         CachedsegError: For an unknown model, a bad input size, or weights that cannot be had.
     """
-    if config.name not in dinov2_models():
-        raise CachedsegError(f"unknown backbone {config.name!r}; pick a timm DINOv2 model: "
-                             + ", ".join(dinov2_models()))
+    check_name(config.name)
     if config.precision not in PRECISIONS:
         raise CachedsegError(f"unknown precision {config.precision!r}; use one of {', '.join(PRECISIONS)}")
-    pretrained = tuple(timm.models.get_pretrained_cfg(config.name).input_size[-2:])
-    size = config.image_size or pretrained
+    size = config.image_size or pretrained_size(config.name)
     size = (size, size) if isinstance(size, int) else tuple(size)
     patch = 14
     if any(s < patch or s % patch for s in size):
@@ -291,25 +314,62 @@ def weights_source(weights: str) -> str:
     return weights if weights in ("auto", "random") else str(Path(weights).resolve())
 
 
-def _create_pretrained(name: str, kwargs: dict) -> torch.nn.Module:
-    """timm pretrained weights: the local HF cache first, then the hub, failing fast when neither answers."""
-    hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
-    hint = ("pass --weights FILE for a local .safetensors/.pth state dict, or --weights random for a "
-            "seeded random initialisation (tests, offline demos)")
+_WEIGHTS_HINT = ("pass --weights FILE for a local .safetensors/.pth state dict, or --weights random for a "
+                 "seeded random initialisation (tests, offline demos)")
+
+
+def pretrained_file(name: str) -> str | None:
+    """The local file of `name`'s pretrained weights, found without building the model: in the local Hugging Face
+    cache, else downloaded into it. Offline it answers from the cache alone, at once.
+
+    Args:
+        name: A timm DINOv2 model.
+
+    Returns:
+        The file's path; None for a model whose pretrained config names no Hugging Face repository (timm then
+        fetches the weights itself, from the URL its config gives).
+
+    Raises:
+        CachedsegError: For an unknown model, or weights that can be had from neither the cache nor the hub
+            (HF_HUB_OFFLINE set, the hub unreachable, a download that fails).
+    """
+    check_name(name)
+    hub_id = timm.models.resolve_pretrained_cfg(name).hf_hub_id
     cached = _cached_weights(hub_id)
-    if cached is not None:  # load the cached file directly: no network round trip, no retry stalls
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    if cached is not None:  # no network round trip, no retry stalls
+        return cached
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise CachedsegError(f"pretrained weights for {name} ({hub_id}) are not in the local Hugging Face cache "
-                             f"and HF_HUB_OFFLINE is set; {hint}")
+                             f"and HF_HUB_OFFLINE is set; {_WEIGHTS_HINT}")
     from huggingface_hub import constants
     if not _reachable(constants.ENDPOINT):
         raise CachedsegError(f"cannot reach {constants.ENDPOINT} to download the weights of {name} "
-                             f"and they are not cached locally; {hint}")
+                             f"and they are not cached locally; {_WEIGHTS_HINT}")
+    if not hub_id:
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    why = f"{hub_id} holds none of {', '.join(_WEIGHT_FILES)}"
+    for filename in _WEIGHT_FILES:  # the first the repository holds, in the order the cache is searched
+        try:
+            return hf_hub_download(hub_id, filename)
+        except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+            if isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
+                continue  # the repository has no file of this name (a *local* miss: the hub did not answer)
+            why = first_line(exc)
+            break
+    raise CachedsegError(f"could not download the weights of {name}: {why}; {_WEIGHTS_HINT}")
+
+
+def _create_pretrained(name: str, kwargs: dict) -> torch.nn.Module:
+    """timm pretrained weights: the local HF cache first, then the hub, failing fast when neither answers."""
+    path = pretrained_file(name)
+    if path is not None:  # the file itself: timm maps it as it would a download
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
-        raise CachedsegError(f"could not download the weights of {name}: {str(exc).splitlines()[0]}; {hint}") from None
+        raise CachedsegError(f"could not download the weights of {name}: {first_line(exc)}; {_WEIGHTS_HINT}") from None
 
 
 def _cached_weights(hub_id: str | None) -> str | None:

@@ -7,7 +7,6 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -19,8 +18,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from cachedseg import paths, runs
-from cachedseg.dataset import Dataset, choose_dataset, is_dataset, open_dataset
+from cachedseg import distributed, paths, runs
+from cachedseg.backbone_config import DEFAULT_BACKBONE
+from cachedseg.demo import DEMO_SHORT_SIDE, STAGES, DemoSteps
+from cachedseg.dataset import choose_dataset, is_dataset, open_dataset
 from cachedseg.errors import CachedsegError
 
 app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv2 backbone, with a feature cache.\n\n"
@@ -30,14 +31,12 @@ app = typer.Typer(help="Semantic segmentation of drone imagery on a frozen DINOv
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
-RANK = int(os.environ.get("RANK", "0"))  # under torchrun: only rank 0 reports
-
-
 def _console(stderr: bool = False) -> Console:
     """A console that, when piped into a log, does not wrap long paths at 80 columns (and is quiet on the ranks
     other than 0 of a torchrun job, except for errors)."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 240, quiet=RANK > 0 and not stderr)
+    return Console(stderr=stderr, width=None if stream.isatty() else 240,
+                   quiet=distributed.rank() > 0 and not stderr)
 
 
 console, errors = _console(), _console(stderr=True)
@@ -53,7 +52,6 @@ SIZE_HELP = ("Backbone input: one side (518: a square, as the seed design) or WI
 SHORT_SIDE = ("Keep the dataset's aspect ratio: this short side (a multiple of 14), the long side the nearest "
               "multiple of 14 (1280x720 frames at 518 -> 924x518).")
 SHORT_SIDE_HELP = SHORT_SIDE + " Default: the model's size, 518."
-DEMO_SHORT_SIDE = 224  # the demo's default: a CPU runs it in minutes
 VIEWS_HELP = "Extra cached views, comma-separated: flip (one more forward pass and as much storage per view)."
 DECODER_HELP = ("Decoder: conv (3x3 convs on the token grid; the best recipe measured), upconv (transposed convs, "
                 "aligned), linear (BN + 1x1; with 4 layers DINOv2's linear4), or seed (the seed design's, with its "
@@ -97,8 +95,9 @@ def user_errors(interrupted: Callable[[], str] = lambda: f"finished work is kept
     except CachedsegError as exc:
         if _state["verbose"]:
             raise
-        if RANK == 0 or not getattr(exc, "shared", False):  # a job-wide error is told once, by rank 0
-            prefix = f"[rank {RANK}] " if RANK else ""
+        rank = distributed.rank()
+        if rank == 0 or not getattr(exc, "shared", False):  # a job-wide error is told once, by rank 0
+            prefix = f"[rank {rank}] " if rank else ""
             errors.print(f"[bold red]{prefix}error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as exc:  # a path the system refused (read-only, full disk) that no check caught first
@@ -173,24 +172,6 @@ class Reporter:
         return line
 
 
-def _backbone_config(backbone: str, image_size: Optional[str], short_side: Optional[int], precision: str,
-                     layers: int, data: Optional[Path]):
-    """A BackboneConfig from the size options (--short-side reads the dataset's first frame)."""
-    import timm
-
-    from cachedseg.backbone import BackboneConfig, parse_size, size_for_short_side
-    from cachedseg.dataset import open_dataset
-
-    if image_size and short_side:
-        raise CachedsegError("give --image-size or --short-side, not both")
-    if image_size:
-        return BackboneConfig(backbone, parse_size(image_size), precision, layers)
-    if not short_side:  # the default: the model's own size as the short side, the dataset's aspect ratio kept
-        cfg = timm.models.get_pretrained_cfg(backbone) if backbone in timm.list_models("*dinov2*") else None
-        short_side = cfg.input_size[-1] if cfg else 518
-    return BackboneConfig(backbone, size_for_short_side(short_side, *open_dataset(data).frame_size()), precision, layers)
-
-
 def _views(views: str) -> tuple[str, ...]:
     """'flip' -> ('identity', 'flip')."""
     from cachedseg.views import check_views
@@ -254,7 +235,7 @@ def extract(
     data: Optional[Path] = typer.Argument(None, help="Dataset folder (AeroScapes layout: JPEGImages/, SegmentationClass/, ImageSets/{trn,val}.txt; or one with a dataset.toml), or a dataset file."),
     dataset: Optional[Path] = typer.Option(None, help=DATASET_HELP),
     store: Optional[str] = typer.Option(None, help="Store to write: a folder or a URL such as s3://bucket/x.zarr (default: cache/<data>-<backbone>-<size>-<dtype>.zarr)."),
-    backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help=BACKBONE_HELP),
     image_size: Optional[str] = typer.Option(None, help=SIZE_HELP),
     short_side: Optional[int] = typer.Option(None, help=SHORT_SIDE_HELP),
     layers: int = typer.Option(1, help="Store the normed patch tokens of the last N blocks (4: DINOv2's linear4 / +ms recipes)."),
@@ -280,8 +261,10 @@ def extract(
         data = choose_dataset(data, dataset)
     _light_checks(lambda: open_dataset(data), _at_least(1, batch_size=batch_size, layers=layers,
                   images_per_shard=images_per_shard, short_side=short_side), _at_least(0, workers=workers))
+    from cachedseg.backbone import config_from_options
+
     with user_errors():
-        config = _backbone_config(backbone, image_size, short_side, precision, layers, data)
+        config = config_from_options(backbone, data, image_size, short_side, precision, layers)
         return _extract(data, store, config, weights=weights, dtype=dtype, batch_size=batch_size, device=device,
                         workers=workers, overwrite=overwrite, skip_bad=skip_bad, redo=tuple(redo or ()),
                         views=_views(views), images_per_shard=images_per_shard)
@@ -358,7 +341,7 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint (from scratch if it has none yet)."),
     live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder (or dataset file) instead of a store."),
     dataset: Optional[Path] = typer.Option(None, help="With --live (which it implies): " + DATASET_HELP),
-    backbone: str = typer.Option("vit_base_patch14_dinov2", help="With --live: " + BACKBONE_HELP),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="With --live: " + BACKBONE_HELP),
     image_size: Optional[str] = typer.Option(None, help="With --live: " + SIZE_HELP),
     short_side: Optional[int] = typer.Option(None, help="With --live: " + SHORT_SIDE_HELP),
     views: str = typer.Option("", help="With --live: " + VIEWS_HELP),
@@ -380,49 +363,28 @@ def train(
         paths.check_store(store) if store is not None else open_dataset(live)
     _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
                   _at_least(0, workers=workers))
-    from cachedseg.backbone import build_backbone, resolve_device
+    from cachedseg.backbone import build_backbone, config_from_options, resolve_device
     from cachedseg.features import cached_source, live_source
-    from cachedseg.sweep import grid
+    from cachedseg.sweep import plan
     from cachedseg.train import TrainConfig
 
     # a rerun without --resume is refused (the run folder holds a run now): name the command that continues
     with user_errors(lambda: f"last.pt holds the last finished epoch; continue with {rerun('--resume')}"):
-        lrs, decoders = _values(lr, float, "--lr"), _values(decoder, str, "--decoder")
-        seeds, layer_counts = _values(seed, int, "--seed"), _values(layers, int, "--layers") if layers else [None]
-        for lr_ in lrs:  # nan > 0 is False too
-            if not (0 < lr_ < float("inf")):
-                raise CachedsegError(f"--lr {lr_}: give a positive, finite learning rate, e.g. 1e-4")
-        for n in layer_counts:
-            _at_least(1, layers=n)()
+        base = TrainConfig(epochs=epochs, batch_size=batch_size, data_seed=data_seed, workers=workers,
+                           decoder_precision=decoder_precision, channels_last=channels_last, compile=compile_)
+        todo = plan(base, lr, decoder, seed, layers, store=store, live=live, run=run)
         torch_device = resolve_device(device)
         if live is not None:
-            config = _backbone_config(backbone, image_size, short_side, precision, max(layer_counts, key=lambda n: n or 1)
-                                      or 1, live)
+            config = config_from_options(backbone, live, image_size, short_side, precision, todo.max_layers)
             source = live_source(live, build_backbone(config, weights, torch_device), dtype, weights, _views(views))
         else:
             source = cached_source(store, in_memory=in_memory, device=torch_device)
             if in_memory:
                 console.print(f"features {source.dataset.where}")
-        base = TrainConfig(epochs=epochs, batch_size=batch_size, data_seed=data_seed, workers=workers,
-                           decoder_precision=decoder_precision, channels_last=channels_last, compile=compile_)
-        configs = grid(base, lrs, decoders, layer_counts, seeds)
-        name = Path(store).name.removesuffix(".zarr") if store is not None else f"{Path(live).resolve().name}-live"
         kind = "live" if live else "cached"
-        if len(configs) == 1:
-            config = configs[0] if data_seed is not None else replace(configs[0], data_seed=None)
-            return _train(source, run or Path("runs") / f"{name}-{config.decoder}", config, torch_device, resume, kind)
-        return _sweep(source, run or Path("runs") / f"{name}-sweep", configs, torch_device, resume, kind)
-
-
-def _values(text: str, kind: type, option: str) -> list:
-    """A comma list of values of one kind ('1e-4,3e-4' -> [0.0001, 0.0003])."""
-    try:
-        values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise CachedsegError(f"{option} {text!r}: give a value, or a comma list of them")
-    return values
+        if todo.is_sweep:
+            return _sweep(source, todo.run, todo.configs, torch_device, resume, kind)
+        return _train(source, todo.run, todo.configs[0], torch_device, resume, kind)
 
 
 def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
@@ -617,77 +579,32 @@ def info(
             raise CachedsegError(f"nothing at {path} (expected a feature store or a run folder)"
                                  f"{paths.did_you_mean(Path(path))}")
     _light_checks(exists)
-    from cachedseg import checkpoint
-    from cachedseg.store import FeatureStore, is_store, open_group
+    from cachedseg.info import describe
 
     with user_errors():
-        group = open_group(path)  # opened once: on a bucket each open is a round trip
-        if is_store(path, group):
-            d = FeatureStore.open(path, group=group).describe()
-            (h, w), (mh, mw) = d["input_size"], d["mask_size"]
-            rows = [("backbone", f"{d['backbone']} @ {w}x{h} px, precision {d['precision']}"),
-                    ("features", f"[N, {len(d['views'])}, {d['layers']}, {d['channels']}, {d['grid'][0]}, "
-                                 f"{d['grid'][1]}] {d['dtype']} (views: {', '.join(d['views'])}; last {d['layers']} "
-                                 "layer(s))"),
-                    ("masks", f"{mw}x{mh} uint8"),
-                    ("classes", f"{len(d['class_names'])}: {', '.join(d['class_names'])} (ignore label "
-                                f"{d['ignore_index']})"),
-                    ("images", f"{d['images']} ({d['trn']} trn, {d['val']} val): {d['done']} done, "
-                               f"{d['pending']} pending, {d['skipped_bad']} skipped as bad"
-                               + (f", {d['gone']} gone from the dataset (left out)" if d["gone"] else "")),
-                    ("size on disk", f"{d['bytes_on_disk'] / 1e6:.1f} MB ({d['bytes_on_disk'] / 1e6 / max(d['images'], 1):.2f} MB/img)"),
-                    ("fingerprint", d["fingerprint"]), ("weights", d["weights"]), ("dataset", d["dataset"]),
-                    ("format", f"{d['format']} v{d['format_version']}, cachedseg {d['package_version']}")]
-            rows += [(f"bad: {k}", v) for k, v in d.get("bad", {}).items()]
-        else:
-            p = Path(path)
-            if p.is_file() and p.suffix != ".pt" or p.is_dir() and not runs.RunFolder(p).has_checkpoint():
-                raise CachedsegError(f"{path} is neither a feature store (a Zarr folder from `cachedseg extract`) nor "
-                                     "a run (a folder with best.pt/last.pt from `cachedseg train`, or a .pt file)")
-            ckpt = checkpoint.load_run(path, which="last")  # the whole history; best.pt stops at its epoch
-            best = runs.best_row(ckpt.metrics)
-            params = sum(p.numel() for p in ckpt.decoder().parameters())
-            rows = [("decoder", f"{ckpt.decoder_config.name} ({params:,} parameters)"),
-                    ("features", f"{ckpt.spec.backbone} @ {ckpt.spec.input_size[1]}x{ckpt.spec.input_size[0]} px, "
-                                 f"{ckpt.spec.dtype}, last {ckpt.decoder_config.layers} layer(s) of "
-                                 f"{ckpt.spec.layers}, views {', '.join(ckpt.spec.views)}, "
-                                 f"fingerprint {ckpt.spec.fingerprint}"),
-                    ("classes", f"{len(ckpt.spec.class_names)}: {', '.join(ckpt.spec.class_names)}"),
-                    ("recipe", ckpt.train_config.describe(ckpt.spec.layers)),
-                    ("epochs trained", str(ckpt.epoch)),
-                    ("best val", f"mIoU {best.val_miou:.4f}, pixel accuracy {best.val_pixel_acc:.4f} "
-                                 f"(epoch {best.epoch})"),
-                    ("weights", ckpt.weights),
-                    ("trained on", (f"live features from {ckpt.source.removeprefix('live:')}"
-                                    if ckpt.source.startswith("live:") else ckpt.source) or "not recorded")]
-    # lines, not a table: a table wraps its title and cells to the terminal, and these paths are copied whole
-    console.print(f"[bold]{escape(path)}[/]", soft_wrap=True)
+        rows = describe(path)
+    _print_rows(path, rows)
+
+
+def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    """`info`'s rows under their title: lines, not a table, which would wrap its title and cells to the terminal
+    (and these paths are copied whole)."""
+    console.print(f"[bold]{escape(title)}[/]", soft_wrap=True)
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
-        console.print(f"  [bold]{escape(key.ljust(width))}[/]  {escape(str(value))}", soft_wrap=True, highlight=False)
+        console.print(f"  [bold]{escape(key.ljust(width))}[/]  {escape(value)}", soft_wrap=True, highlight=False)
 
 
 def _info_dataset(data, json_out: Optional[Path]):
     """Survey a dataset with progress and print what a user checks before extracting it."""
     import json
 
+    from cachedseg.info import survey_rows
     from cachedseg.survey import survey
 
     with Reporter("mask") as reporter:
         result = survey(data, progress=reporter.callback("survey"))
-    sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in list(result.sizes.items())[:4])
-    rows = [("layout", result.layout),
-            ("images", f"{sum(result.images.values())} ({result.images['trn']} trn, {result.images['val']} val)"),
-            ("sizes", sizes + (f", and {len(result.sizes) - 4} more sizes" if len(result.sizes) > 4 else "")),
-            ("masks", f"{sum(result.images.values()) - sum(1 for p in result.problems)} readable, "
-                      f"{len(result.masks_missing)} images or masks missing, {len(result.problems)} with problems"),
-            ("classes", f"{len(result.classes)}, share of labelled trn pixels:")]
-    rows += [(f"  {name}", f"{share:7.2%}") for name, share in zip(result.classes, result.shares("trn"))]
-    rows += [("problem", p) for p in result.problems[:20]] + [("missing", e) for e in list(result.masks_missing.values())[:20]]
-    console.print(f"[bold]{escape(result.dataset)}[/]", soft_wrap=True)
-    width = max(len(key) for key, _ in rows)
-    for key, value in rows:
-        console.print(f"  [bold]{escape(key.ljust(width))}[/]  {escape(str(value))}", soft_wrap=True, highlight=False)
+    _print_rows(result.dataset, survey_rows(result))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.to_json(), indent=2))
@@ -739,11 +656,40 @@ def upgrade(store: str = typer.Argument(..., help="A feature store written by an
                      "pending now: rerun the `cachedseg extract` command that built the store", soft_wrap=True)
 
 
+class _ShownDemo(DemoSteps):
+    """The demo's stages with the progress and summaries the commands themselves show."""
+
+    def stage(self, number: int, title: str) -> None:
+        console.rule(f"{number}/{len(STAGES)} {title}")
+
+    def fallback(self, reason: str) -> None:
+        errors.print(f"[bold yellow]warning:[/] {escape(reason.split(';')[0])}.\n[bold yellow]Using random backbone "
+                     "weights: the pipeline runs end to end, but its accuracy numbers mean little.[/]", soft_wrap=True)
+
+    def reuse(self, data: Path) -> None:
+        console.print(f"reusing {escape(str(data))}", soft_wrap=True)
+
+    def synth(self, out, count, width, height, seed):
+        return _synth(out, count, width, height, seed)
+
+    def extract(self, data, store, backbone, **options):
+        return _extract(data, store, backbone, **options)
+
+    def train(self, source, run, config, device):
+        return _train(source, run, config, device, False, "cached")
+
+    def evaluate(self, run, json_out, **options):
+        return _evaluate(run, json_out=json_out, **options)
+
+    def predict(self, images, run, out, **options):
+        return _predict(images, run, out, **options)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the demo's data, store, run and predictions."),
     count: int = typer.Option(32, help="Generated images (a quarter go to val)."),
-    backbone: str = typer.Option("vit_base_patch14_dinov2", help=BACKBONE_HELP),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help=BACKBONE_HELP),
     image_size: Optional[str] = typer.Option(None, help=SIZE_HELP.split(" Default:")[0]
                                              + f" Default here: --short-side {DEMO_SHORT_SIDE}."),
     short_side: Optional[int] = typer.Option(None, help=SHORT_SIDE + f" Default here: {DEMO_SHORT_SIDE} (518 is "
@@ -756,59 +702,25 @@ def demo(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The whole pipeline on generated data: synth -> extract -> train -> evaluate -> predict -> report."""
-    import shutil
+    from cachedseg.demo import DemoConfig, demo as run_demo
 
-    from cachedseg.backbone import BackboneConfig, build_backbone, resolve_device
-    from cachedseg.features import cached_source
-    from cachedseg.store import is_store
-    from cachedseg.train import TrainConfig
-
-    data, store, run, preds = out / "data", out / "features.zarr", out / "run", out / "predictions"
     _light_checks(_at_least(2, count=count), _at_least(1, epochs=epochs, layers=layers, short_side=short_side),
                   lambda: paths.check_writable(out, "--out", folder=True))
     with user_errors():
-        torch_device = resolve_device(device)
-        if weights == "auto":
-            try:
-                build_backbone(BackboneConfig(backbone), "auto")
-            except CachedsegError as exc:
-                errors.print(f"[bold yellow]warning:[/] {escape(str(exc).split(';')[0])}.\n[bold yellow]Using random "
-                             "backbone weights: the pipeline runs end to end, but its accuracy numbers mean little.[/]",
-                             soft_wrap=True)
-                weights = "random"
-        console.rule("1/6 synth")
-        if not Dataset(data).split_file("val").is_file():
-            _synth(data, count, 1280, 720, 0)
-        else:
-            console.print(f"reusing {escape(str(data))}", soft_wrap=True)
-        console.rule("2/6 extract")
-        bcfg = _backbone_config(backbone, image_size, short_side or (None if image_size else DEMO_SHORT_SIDE),
-                                "float32", layers, data)
-        # the demo's own store is rebuilt each time: its options (or the weights the hub gave) may have changed
-        _extract(data, store, bcfg, weights=weights, dtype="float16", batch_size=4, device=device,
-                 overwrite=is_store(store), views=_views(views))
-        console.rule("3/6 train")
-        if run.exists():
-            shutil.rmtree(run)  # the demo's own previous run
-        rows = _train(cached_source(store), run, TrainConfig(epochs=epochs, decoder=decoder), torch_device, False,
-                      "cached")
-        console.rule("4/6 evaluate (native label resolution)")
-        result = _evaluate(run, store=store, split="val", json_out=out / "evaluation.json", device=device)
-        console.rule("5/6 predict")
-        dataset = open_dataset(data)
-        val_images = [dataset.image_path(i) for i in dataset.ids("val")[:4]]
-        written = _predict(val_images, run, preds, device=device)
-        console.rule("6/6 report")
-        from cachedseg.report import report as run_report
-        page = run_report(run, device=device)
+        config = DemoConfig(count=count, backbone=backbone, image_size=image_size, short_side=short_side,
+                            layers=layers, views=_views(views), decoder=decoder, epochs=epochs, weights=weights,
+                            device=device)
+        result = run_demo(out, config, _ShownDemo())
     console.rule("done")
+    bcfg = result.backbone
     size = f"{bcfg.image_size[1]}x{bcfg.image_size[0]}" if bcfg.image_size else "its pretrained size"
-    console.print(_metrics_table(rows, f"{decoder} decoder, {backbone} at {size} px, weights: {weights}"))
-    console.print(f"val at native resolution: mIoU {result.miou:.4f}, pixel accuracy {result.pixel_acc:.4f}")
-    for p in written:
+    console.print(_metrics_table(result.rows, f"{decoder} decoder, {backbone} at {size} px, weights: {result.weights}"))
+    console.print(f"val at native resolution: mIoU {result.evaluation.miou:.4f}, pixel accuracy "
+                  f"{result.evaluation.pixel_acc:.4f}")
+    for p in result.predictions:
         console.print(f"  {escape(str(p.overlay))}", soft_wrap=True)
-    console.print(f"run folder (checkpoints, metrics, curves.png): [bold]{escape(str(run))}[/]", soft_wrap=True)
-    console.print(f"report: [bold]{escape(str(page))}[/]", soft_wrap=True)
+    console.print(f"run folder (checkpoints, metrics, curves.png): [bold]{escape(str(result.run))}[/]", soft_wrap=True)
+    console.print(f"report: [bold]{escape(str(result.report))}[/]", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
         sweep.json              the configs, best first (see `cachedseg.sweep`)
         conv-l1-lr0.0001-s0/    a run folder
 
+A run goes into runs/<store>-<decoder> (or runs/<store>-sweep) unless a folder is named: see `default_run`.
+
 Deliberately light (no torch; matplotlib only when curves are drawn): the CLI reads these names before torch loads.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from cachedseg.recipe import TrainConfig
 
+RUNS = Path("runs")  # where runs go unless --run names a folder
 LAST, BEST = "last.pt", "best.pt"
 CHECKPOINTS = (BEST, LAST)
 METRICS_CSV, METRICS_JSON, CURVES = "metrics.csv", "metrics.json", "curves.png"
@@ -116,6 +119,13 @@ class SweepRow:
         known = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in row["config"].items() if k in known})
         return cls(**{f.name: row[f.name] for f in fields(cls) if f.name != "config"}, config=config)
+
+
+def default_run(store: str | Path | None, live: str | Path | None, name: str) -> Path:
+    """Where a run goes when no folder is named: runs/<store>-<name> for a store's features, runs/<data>-live-<name>
+    for live ones from a dataset folder; `name` is the decoder's, or `sweep`."""
+    source = Path(store).name.removesuffix(".zarr") if store is not None else f"{Path(live).resolve().name}-live"
+    return RUNS / f"{source}-{name}"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cachedseg import checkpoint, distributed
+from cachedseg import checkpoint, distributed, syncbn
 from cachedseg.checkpoint import Checkpoint
 from cachedseg.data import collate
 from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
@@ -242,7 +242,7 @@ def _head(run: Path, config: TrainConfig, spec: StoreSpec, device: torch.device,
         decoder.compile()  # in place: the state dict keeps its keys, so checkpoints load without compiling
     if ctx.world > 1:
         decoder = torch.nn.parallel.DistributedDataParallel(
-            distributed.sync_batchnorm(decoder), device_ids=[device.index] if device.type == "cuda" else None,
+            syncbn.sync_batchnorm(decoder), device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # batch-norm buffers stay equal: their statistics are already synchronised
     return Head(run, config, dec_cfg, decoder, torch.optim.Adam(decoder.parameters(), lr=config.lr))
 

@@ -173,3 +173,61 @@ def test_full_size_vit_b_at_518():
     model = build_backbone(BackboneConfig(), "random")
     assert model(torch.randn(1, 3, 518, 518)).shape == (1, 1, 768, 37, 37)
     assert model.preprocess.image_size == (518, 518) and model.preprocess.mask_size == (592, 592)
+
+
+def test_the_default_input_is_the_pretrained_size_as_the_short_side_with_the_datasets_aspect(dataset):
+    import timm
+
+    from cachedseg.backbone import config_from_options
+    from cachedseg.dataset import open_dataset
+    width, height = open_dataset(dataset).frame_size()  # 160x120: landscape
+    name = "vit_small_patch14_dinov2"
+    pretrained = timm.models.get_pretrained_cfg(name).input_size[-2:]
+    h, w = config_from_options(name, dataset).image_size
+    assert h == min(pretrained) and w % 14 == 0 and abs(w / h - width / height) <= 7 / h  # nearest multiple of 14
+    h, w = config_from_options(name, dataset, short_side=112, layers=2).image_size
+    assert h == 112 and abs(w / h - width / height) <= 7 / h
+    assert config_from_options(name, dataset, image_size="154x112", precision="bfloat16", layers=3) == BackboneConfig(
+        name, (112, 154), "bfloat16", 3)  # width x height typed, (H, W) kept; the dataset is not read
+
+
+def test_size_options_that_cannot_both_hold_or_an_unknown_model_are_refused(dataset):
+    from cachedseg.backbone import config_from_options
+    with pytest.raises(CachedsegError, match="--image-size.*--short-side"):
+        config_from_options("vit_small_patch14_dinov2", dataset, image_size="112", short_side=112)
+    with pytest.raises(CachedsegError, match="--short-side 100"):
+        config_from_options("vit_small_patch14_dinov2", dataset, short_side=100)
+    with pytest.raises(CachedsegError, match="'resnet50'"):  # its pretrained size would be the default
+        config_from_options("resnet50", dataset)
+
+
+def test_a_model_without_a_pretrained_config_gets_timms_own_default_size():
+    import timm
+
+    from cachedseg.backbone import pretrained_size
+    assert timm.models.get_pretrained_cfg("not_a_registered_model") is None
+    assert pretrained_size("not_a_registered_model") == tuple(timm.models.PretrainedCfg().input_size[-2:])
+
+
+def test_the_weights_probe_reads_the_local_cache_without_building_a_model(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import timm
+
+    from cachedseg import backbone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(timm, "create_model", None)  # building a model would fail the test
+    name = "vit_small_patch14_dinov2"
+    start = time.monotonic()
+    with pytest.raises(CachedsegError, match="--weights random"):  # offline, nothing cached: at once
+        backbone.pretrained_file(name)
+    assert time.monotonic() - start < 0.5
+    # a file in the cache's layout (models--org--name/snapshots/REV/FILE, refs/main naming REV) is found
+    repo = tmp_path / "hub" / ("models--" + timm.models.get_pretrained_cfg(name).hf_hub_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"weights")
+    assert backbone.pretrained_file(name) == str(repo / "snapshots" / "abc123" / "model.safetensors")
+    with pytest.raises(CachedsegError, match="'resnet50'"):
+        backbone.pretrained_file("resnet50")

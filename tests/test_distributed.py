@@ -101,3 +101,16 @@ def test_no_option_of_any_command_collides_with_torchrun():
                     assert any(o not in single_process_only for o in param.opts), (name, option)
                     continue
                 assert not any(t.startswith(option) for t in theirs), (name, option)
+
+
+def test_the_rank_is_read_from_torchruns_environment(monkeypatch):
+    from cachedseg import distributed
+    from cachedseg.errors import CachedsegError
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    assert distributed.rank() == 3
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(CachedsegError, match="RANK"):  # a job without its rank is refused, not run as rank 0
+        distributed.context("cpu")

@@ -70,3 +70,11 @@ def test_the_run_folder_module_loads_without_torch_or_matplotlib():
     code = "import sys, cachedseg.runs, cachedseg.paths; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def test_a_run_without_a_folder_goes_under_runs_named_by_its_features(tmp_path):
+    from cachedseg.runs import RUNS, default_run
+    assert default_run("cache/small.zarr", None, "conv") == RUNS / "small-conv"
+    assert default_run("s3://bucket/x/small.zarr", None, "sweep") == RUNS / "small-sweep"  # a URL's last part
+    (tmp_path / "frames").mkdir()
+    assert default_run(None, tmp_path / "frames" / ".", "linear") == RUNS / "frames-live-linear"  # the folder's name

@@ -104,6 +104,17 @@ def test_a_resumed_extract_with_nothing_to_do_reads_the_store_once(bucket, moto_
     assert len(sent) <= 64, sent
 
 
+def test_info_on_a_bucket_opens_the_store_once(bucket, moto_log, dataset):
+    url = f"{bucket}/described.zarr"
+    run_cli("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--workers", "0")
+    before = len(requests_logged(moto_log))
+    run_cli("info", url)
+    sent = requests_logged(moto_log)[before:]
+    # the group opened once and handed on; 41 requests when info still read the store itself in cli.py
+    assert sum(r.endswith("/described.zarr/zarr.json") for r in sent if r.startswith("GET")) == 1, sent
+    assert len(sent) <= 41, sent
+
+
 def test_two_ranks_write_a_sharded_store_to_a_bucket(bucket, dataset, store32_one_thread):
     url = f"{bucket}/sharded.zarr"
     torchrun("extract", dataset, "--store", url, *SMALL, "--dtype", "float32", "--batch-size", "1", "--workers", "0",

@@ -83,3 +83,38 @@ def test_the_gpu_speed_options_run_and_are_recorded(store32, tmp_path):
     run_cli("evaluate", last, "--store", store32)  # the checkpoints load and run in plain float32
     one_line_error(run_cli("train", store32, "--run-dir", tmp_path / "x", "--decoder-precision", "float8", ok=False),
                    "--decoder-precision")
+
+
+def test_options_plan_one_run_or_a_sweep_of_every_combination(tmp_path):
+    from cachedseg import sweep
+    from cachedseg.runs import default_run
+    from cachedseg.train import TrainConfig
+    base = TrainConfig(epochs=3)
+    one = sweep.plan(base, "3e-4", "linear", "2", store="cache/s.zarr")
+    assert not one.is_sweep and one.run == default_run("cache/s.zarr", None, "linear")
+    assert one.configs == [replace(base, lr=3e-4, decoder="linear", seed=2)]  # its own seed shuffles (no data_seed)
+    assert one.max_layers == 1  # all the store holds: a live backbone returns one
+    many = sweep.plan(base, "1e-4, 3e-4", "conv,linear", "0,1", "1,4", live=tmp_path, run=tmp_path / "s")
+    assert many.is_sweep and many.run == tmp_path / "s" and many.max_layers == 4
+    assert len(many.configs) == 16 and len({sweep.name(c) for c in many.configs}) == 16
+    assert {c.data_seed for c in many.configs} == {0}  # they share batches: the first seed shuffles
+    assert sweep.plan(replace(base, data_seed=5), "1e-4", "conv", "1", store="s.zarr").configs[0].data_seed == 5
+
+
+@pytest.mark.parametrize("option,lists", [
+    ("--lr", dict(lr="x")), ("--lr", dict(lr="0")), ("--lr", dict(lr="nan")), ("--lr", dict(lr="1e-4,inf")),
+    ("--seed", dict(seed="1.5")), ("--decoder", dict(decoder=",")), ("--layers", dict(layers="0")),
+    ("--layers", dict(layers="two"))])
+def test_options_that_do_not_parse_are_refused_by_name(option, lists):
+    from cachedseg import sweep
+    from cachedseg.train import TrainConfig
+    options = dict(lr="1e-4", decoder="conv", seed="0") | lists
+    with pytest.raises(CachedsegError, match=f"^{option} "):
+        sweep.plan(TrainConfig(), **options, store="s.zarr")
+
+
+def test_lists_that_repeat_a_value_are_refused():
+    from cachedseg import sweep
+    from cachedseg.train import TrainConfig
+    with pytest.raises(CachedsegError):  # each value parses: the list itself is refused
+        sweep.plan(TrainConfig(), "1e-4,0.0001", "conv", "0", store="s.zarr")

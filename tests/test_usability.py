@@ -53,16 +53,16 @@ def test_after_ctrl_c_the_command_train_names_continues_the_run(store32, tmp_pat
 def test_demo_help_states_the_short_side_the_demo_uses(monkeypatch, tmp_path):
     import typer.main
 
-    from cachedseg import cli
+    from cachedseg import backbone, cli
     from cachedseg.errors import CachedsegError
 
     used = {}
 
-    def stop(backbone, image_size, short_side, *rest):
+    def stop(name, data, image_size, short_side, *rest):
         used["short_side"] = short_side
         raise CachedsegError("stop here")  # the size is all this test needs: no extraction
     monkeypatch.setattr(cli, "_synth", lambda *args: None)
-    monkeypatch.setattr(cli, "_backbone_config", stop)
+    monkeypatch.setattr(backbone, "config_from_options", stop)
     run_cli("demo", "--out", tmp_path / "demo", "--weights", "random", "--device", "cpu", ok=False)
     params = {p.name: p for p in typer.main.get_command(cli.app).commands["demo"].params}
     stated = re.findall(r"[Dd]efault[^.\d]*(\d+)", params["short_side"].help)
