@@ -573,6 +573,13 @@ class Polygons:
             geoms = shapely.simplify(geoms, self.options.simplify, preserve_topology=True)
         parts = [(c, p) for (c, _), g in zip(keep, geoms)
                  for p in (g.geoms if g.geom_type == "MultiPolygon" else [g]) if not p.is_empty]
+        with warnings.catch_warnings():  # pyogrio's warning about a layer without CRS: a raster without one
+            warnings.simplefilter("ignore", UserWarning)
+            self._append(parts)
+
+    def _append(self, parts: list) -> None:
+        """Append (class, polygon) features to the GeoPackage."""
+        shapely = self.shapely
         self.pyogrio.raw.write(
             self.tmp, geometry=np.array(shapely.to_wkb([p for _, p in parts]), dtype=object),
             field_data=[np.array([c for c, _ in parts], dtype=np.int32),

@@ -4,8 +4,9 @@ Pure numpy (no raster I/O, no torch): `cachedseg.maps` reads and writes, and run
 
 Windows have the backbone's input size and step by `size - overlap`; the last row and column are shifted inward so
 that every window lies inside the raster (only a raster smaller than one window is padded). Where two windows
-overlap, a raised-cosine transition of `overlap` pixels hands one over to the other: their weights sum to one
-there, so the blend has no seam, and every weight is positive, so every pixel of a window counts. Edges on the
+overlap, a raised-cosine transition of `overlap` pixels (at the end of their overlap) hands one over to the other:
+their weights sum to one there, so the blend has no seam, and every weight is positive, so every pixel of a window
+counts. Edges on the
 raster's border are not ramped (no other window is there to take over). In the weight-1 centre of a window, at
 least `overlap` pixels from any neighbour's edge, the blend is that window's prediction alone.
 """
@@ -44,10 +45,11 @@ def window_starts(length: int, size: int, overlap: int) -> tuple[int, ...]:
 
 def _handover(start: int, prev_end: int, overlap: int) -> tuple[int, int]:
     """The raster pixels (first, count) where the window starting at `start` takes over from the one before it,
-    which ends at `prev_end`: `overlap` pixels centred in their overlap (all of it for regular steps)."""
-    shared = prev_end - start
-    width = min(overlap, shared)
-    return start + (shared - width) // 2, width
+    which ends at `prev_end`: the last `overlap` pixels of their overlap (all of it for regular steps). Where the
+    last window is shifted inward, the one before it thus keeps its usual falling edge, which never meets its
+    rising one (overlap <= size / 2), and covers the shifted window's first pixels alone."""
+    width = min(overlap, prev_end - start)
+    return prev_end - width, width
 
 
 def _ramp(n: int) -> np.ndarray:
