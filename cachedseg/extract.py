@@ -36,6 +36,7 @@ from cachedseg.spec import StoreSpec, check_dtype, check_spec, spec_for
 from cachedseg.store import (BAD, DONE, HASH_BYTES, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
                              disk_bytes, is_store, open_group, remove_partials, remove_store)
 from cachedseg.views import apply_view, check_views
+from cachedseg.workers import default_workers
 
 FLOAT16_MAX = 65504.0
 
@@ -122,7 +123,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         dtype: Storage dtype of the features, `float16` (half the size) or `float32`.
         batch_size: Images per backbone forward pass (per rank).
         device: `auto`, `cpu` or `cuda` (under torchrun, each rank its own GPU).
-        workers: DataLoader processes that decode and resize images; defaults to min(4, CPUs).
+        workers: DataLoader processes that decode and resize images; defaults to min(4, CPUs), on a CPU too
+            (see `default_workers`).
         overwrite: Delete an existing store built with other settings instead of refusing it.
         skip_bad: Record unreadable images in the store (flag 2, reason in the `bad` attribute) and carry on,
             instead of stopping at the first one.
@@ -191,7 +193,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         in_store_order = [by_id.get(id_) for id_ in cache.ids]  # None: gone from the dataset
         units = _units(pending, cache.images_per_shard, len(cache))  # whole shards
         todo = sum(in_store_order[i] is not None for u in units for i in u)
-        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        workers = default_workers(next(model.parameters()).device, "extract") if workers is None else workers
         report = progress if ctx.main and progress else (lambda done, total: None)
         key = f"extract:{token}"
         start = time.perf_counter()
