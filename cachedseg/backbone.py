@@ -14,7 +14,8 @@ from urllib.parse import urlparse
 import timm
 import torch
 
-from cachedseg.data import Preprocess, mask_size_for
+from cachedseg.data import Preprocess
+from cachedseg.decoders import mask_size_for
 from cachedseg.errors import CachedsegError, first_line, load_failure
 
 DEFAULT_BACKBONE = "vit_base_patch14_dinov2"
@@ -55,8 +56,9 @@ def parse_size(text: str) -> tuple[int, int]:
     raise CachedsegError(f"--image-size {text!r}: give one side (518) or width x height (924x518)")
 
 
-def size_for_short_side(short: int, width: int, height: int, patch: int = 14) -> tuple[int, int]:
-    """The input (H, W) whose short side is `short` and whose aspect ratio is closest to width:height."""
+def size_for_short_side(short: int, width: int, height: int, patch: int) -> tuple[int, int]:
+    """The input (H, W) whose short side is `short` and whose aspect ratio is closest to width:height, in
+    multiples of the backbone's `patch` size (see `patch_size`)."""
     if short < patch or short % patch:
         raise CachedsegError(f"--short-side {short} is not a multiple of the patch size {patch}; use e.g. "
                              f"{max(patch, round(short / patch) * patch)}")
@@ -67,6 +69,29 @@ def size_for_short_side(short: int, width: int, height: int, patch: int = 14) ->
 def dinov2_models() -> list[str]:
     """The timm model names this tool accepts."""
     return timm.list_models("*dinov2*")
+
+
+def _check_name(name: str) -> None:
+    """Refuse a model name this tool does not accept."""
+    if name not in dinov2_models():
+        raise CachedsegError(f"unknown backbone {name!r}; pick a timm DINOv2 model: " + ", ".join(dinov2_models()))
+
+
+def patch_size(name: str) -> int:
+    """The patch size (pixels per token side) of backbone `name`, before any weights exist.
+
+    timm records it in the model's own arguments only, so it is read from the model built on the meta device
+    with one block (no memory, no weights: milliseconds).
+
+    Raises:
+        CachedsegError: For a name that is not a timm DINOv2 model.
+    """
+    _check_name(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0, depth=1)
+    height, width = model.patch_embed.patch_size
+    assert height == width, f"{name}: non-square patches {height}x{width}"  # every timm ViT's are square
+    return height
 
 
 def resolve_device(device: str) -> torch.device:
@@ -142,15 +167,13 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
     Raises:
         CachedsegError: For an unknown model, a bad input size, or weights that cannot be had.
     """
-    if config.name not in dinov2_models():
-        raise CachedsegError(f"unknown backbone {config.name!r}; pick a timm DINOv2 model: "
-                             + ", ".join(dinov2_models()))
+    _check_name(config.name)
     if config.precision not in PRECISIONS:
         raise CachedsegError(f"unknown precision {config.precision!r}; use one of {', '.join(PRECISIONS)}")
     pretrained = tuple(timm.models.get_pretrained_cfg(config.name).input_size[-2:])
     size = config.image_size or pretrained
     size = (size, size) if isinstance(size, int) else tuple(size)
-    patch = 14
+    patch = patch_size(config.name)
     if any(s < patch or s % patch for s in size):
         raise CachedsegError(f"--image-size {size[1]}x{size[0]} (width x height) is not a multiple of the patch "
                              f"size {patch} on both sides; use e.g. "
@@ -261,10 +284,11 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _mismatch(path: Path, shapes: dict[str, tuple[int, ...]], name: str, exc: Exception) -> str:
     """Why a weights file does not load into `name`, naming the variant the file holds when it can tell."""
     dims = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
-    embed = next((s[0] for k, s in shapes.items() if k.endswith("patch_embed.proj.weight")), None)
+    proj = next((s for k, s in shapes.items() if k.endswith("patch_embed.proj.weight")), None)  # [C, 3, p, p]
+    embed = proj[0] if proj else None
     if embed in dims:
         registers = any("reg_token" in k or "register_tokens" in k for k in shapes)
-        held = f"vit_{dims[embed]}_patch14{'_reg4' if registers else ''}_dinov2"
+        held = f"vit_{dims[embed]}_patch{proj[-1]}{'_reg4' if registers else ''}_dinov2"
         if held != name:
             return (f"--weights {path} holds a {held} checkpoint ({embed} channels, "
                     f"{'with' if registers else 'no'} register tokens), not {name}; pass --backbone {held}")

@@ -178,7 +178,7 @@ def _backbone_config(backbone: str, image_size: Optional[str], short_side: Optio
     """A BackboneConfig from the size options (--short-side reads the dataset's first frame)."""
     import timm
 
-    from cachedseg.backbone import BackboneConfig, parse_size, size_for_short_side
+    from cachedseg.backbone import BackboneConfig, parse_size, patch_size, size_for_short_side
     from cachedseg.dataset import open_dataset
 
     if image_size and short_side:
@@ -188,7 +188,8 @@ def _backbone_config(backbone: str, image_size: Optional[str], short_side: Optio
     if not short_side:  # the default: the model's own size as the short side, the dataset's aspect ratio kept
         cfg = timm.models.get_pretrained_cfg(backbone) if backbone in timm.list_models("*dinov2*") else None
         short_side = cfg.input_size[-1] if cfg else 518
-    return BackboneConfig(backbone, size_for_short_side(short_side, *open_dataset(data).frame_size()), precision, layers)
+    size = size_for_short_side(short_side, *open_dataset(data).frame_size(), patch_size(backbone))
+    return BackboneConfig(backbone, size, precision, layers)
 
 
 def _views(views: str) -> tuple[str, ...]:
