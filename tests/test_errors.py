@@ -304,7 +304,7 @@ def test_huge_images_meet_our_pixel_limit_not_pils_warnings(dataset, run32, tmp_
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     message = one_line_error(result, image)
     assert "decompression" not in message.lower()
-    if size[0] * size[1] > 100_000_000:  # cachedseg.data.MAX_PIXELS: the one rule
+    if size[0] * size[1] > 100_000_000:  # cachedseg.dataset.MAX_PIXELS: the one rule
         assert f"{size[0]}x{size[1]}" in message
 
 

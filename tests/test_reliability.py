@@ -237,8 +237,8 @@ def test_awkward_images_are_handled_not_refused(dataset, tmp_path, run32):
 
 
 def test_an_oversized_image_is_refused_before_decoding(dataset, tmp_path, monkeypatch, run32):
-    import cachedseg.data
-    monkeypatch.setattr(cachedseg.data, "MAX_PIXELS", 1000)
+    import cachedseg.dataset
+    monkeypatch.setattr(cachedseg.dataset, "MAX_PIXELS", 1000)
     image = next((dataset / "JPEGImages").glob("*.jpg"))
     result = run_cli("predict", image, "--run", run32, "--out", tmp_path / "p", ok=False)
     one_line_error(result, image, "{}x{}".format(*Image.open(image).size))  # the image and its size
