@@ -106,10 +106,10 @@ def backbone_floor(backbone, data: Path, batch_size: int, device: torch.device) 
 
 def decoder_floor(store: Path, config: TrainConfig, device: torch.device) -> float:
     """Seconds of one training epoch of the decoder on features already in memory (no loader, no reads)."""
-    fs = FeatureStore.open(store)
-    spec = fs.spec
-    trn = [i for i, s in enumerate(fs.splits) if s == "trn"]
-    feats, masks = fs.read_all()
+    cache = FeatureStore.open(store)
+    spec = cache.spec
+    trn = [i for i, s in enumerate(cache.splits) if s == "trn"]
+    feats, masks = cache.read_all()
     feats = torch.from_numpy(feats[:, 0]).to(device)  # [N, L, C, h, w] (identity view), cache dtype
     masks = torch.from_numpy(masks).to(device)  # [N, Mh, Mw]
     torch.manual_seed(config.seed)
@@ -134,13 +134,13 @@ def decoder_floor(store: Path, config: TrainConfig, device: torch.device) -> flo
 
 def replicate(store: Path, times: int, out: Path) -> Path:
     """A store holding `times` copies of `store`'s images (same bytes, new ids), for the epoch-scaling figures."""
-    fs = FeatureStore.open(store)
-    new = FeatureStore.create(out, fs.spec, [f"{i}~{k}" for k in range(times) for i in fs.ids], fs.splits * times,
-                              dataset=fs.dataset, weights=fs.weights)
-    feats, masks = fs.read_all()
+    cache = FeatureStore.open(store)
+    new = FeatureStore.create(out, cache.spec, [f"{i}~{k}" for k in range(times) for i in cache.ids],
+                              cache.splits * times, dataset=cache.dataset, weights=cache.weights)
+    feats, masks = cache.read_all()
     for k in range(times):
-        for i in range(len(fs)):
-            new.write(k * len(fs) + i, feats[i], masks[i])
+        for i in range(len(cache)):
+            new.write(k * len(cache) + i, feats[i], masks[i])
     return out
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cachedseg.backbone import parse_size
-from cachedseg.data import Preprocess, SegmentationDataset, collate, mask_size_for
+from cachedseg.backbone import DEFAULT_BACKBONE, parse_size, patch_size
+from cachedseg.data import Preprocess, SegmentationDataset, collate
 from cachedseg.dataset import open_dataset
+from cachedseg.decoders import mask_size_for
 from cachedseg.synth import synthesize
 
 
@@ -42,8 +43,9 @@ def main() -> None:
     data = open_dataset(work)
     samples = data.samples()
     size = parse_size(args.size)
-    pp = Preprocess(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", mask_size_for((size[0] // 14,
-                                                                                                  size[1] // 14)))
+    patch = patch_size(DEFAULT_BACKBONE)  # the tool's default backbone, whose input --size defaults to
+    pp = Preprocess(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic",
+                    mask_size_for((size[0] // patch, size[1] // patch)))
     result = {"cpus": os.cpu_count(), "frame": args.frame, "size": args.size, "images": len(samples)}
     start = time.perf_counter()
     for s in samples:

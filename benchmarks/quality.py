@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cachedseg.backbone import BackboneConfig, resolve_device, size_for_short_side
+from cachedseg.backbone import BackboneConfig, patch_size, resolve_device, size_for_short_side
 from cachedseg.dataset import AEROSCAPES
 from cachedseg.evaluate import evaluate
 from cachedseg.extract import extract
@@ -94,7 +94,7 @@ def main() -> None:
         synthesize(data, count=args.images, width=width, height=height, seed=0)
     names = args.recipes.split(",")
     sizes = {"square": (args.short_side, args.short_side),
-             "aspect": size_for_short_side(args.short_side, width, height)}
+             "aspect": size_for_short_side(args.short_side, width, height, patch_size(args.backbone))}
     stores, costs = {}, {}
     for key in sorted({RECIPES[n][0] for n in names}):
         shape, layers, views = key

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cachedseg.backbone import BackboneConfig, resolve_device, size_for_short_side
+from cachedseg.backbone import BackboneConfig, patch_size, resolve_device, size_for_short_side
 from cachedseg.extract import extract
 from cachedseg.features import cached_source
 from cachedseg.synth import synthesize
@@ -58,8 +58,8 @@ def main() -> None:
     if not (data / "ImageSets" / "val.txt").is_file():
         synthesize(data, count=args.images, width=width, height=height, seed=0)
     if not (store / "zarr.json").exists():
-        extract(data, store, BackboneConfig(args.backbone, size_for_short_side(args.short_side, width, height)),
-                weights="random", device=str(device))
+        size = size_for_short_side(args.short_side, width, height, patch_size(args.backbone))
+        extract(data, store, BackboneConfig(args.backbone, size), weights="random", device=str(device))
     train(cached_source(store), work / "warm-up", TrainConfig(epochs=1, decoder="linear"), str(device))  # untimed
     rows = []
     for decoder in args.decoders.split(","):

@@ -15,7 +15,8 @@ import timm
 import torch
 
 from cachedseg.backbone_config import DEFAULT_BACKBONE, BackboneConfig  # noqa: F401 - imported from here
-from cachedseg.data import Preprocess, mask_size_for
+from cachedseg.data import Preprocess
+from cachedseg.decoders import mask_size_for
 from cachedseg.errors import CachedsegError, first_line, load_failure
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,8 +37,9 @@ def parse_size(text: str) -> tuple[int, int]:
     raise CachedsegError(f"--image-size {text!r}: give one side (518) or width x height (924x518)")
 
 
-def size_for_short_side(short: int, width: int, height: int, patch: int = 14) -> tuple[int, int]:
-    """The input (H, W) whose short side is `short` and whose aspect ratio is closest to width:height."""
+def size_for_short_side(short: int, width: int, height: int, patch: int) -> tuple[int, int]:
+    """The input (H, W) whose short side is `short` and whose aspect ratio is closest to width:height, in
+    multiples of the backbone's `patch` size (see `patch_size`)."""
     if short < patch or short % patch:
         raise CachedsegError(f"--short-side {short} is not a multiple of the patch size {patch}; use e.g. "
                              f"{max(patch, round(short / patch) * patch)}")
@@ -50,10 +52,27 @@ def dinov2_models() -> list[str]:
     return timm.list_models("*dinov2*")
 
 
-def check_name(name: str) -> None:
-    """Refuse a name that is not a timm DINOv2 model, listing those that are."""
+def _check_name(name: str) -> None:
+    """Refuse a model name this tool does not accept."""
     if name not in dinov2_models():
         raise CachedsegError(f"unknown backbone {name!r}; pick a timm DINOv2 model: " + ", ".join(dinov2_models()))
+
+
+def patch_size(name: str) -> int:
+    """The patch size (pixels per token side) of backbone `name`, before any weights exist.
+
+    timm records it in the model's own arguments only, so it is read from the model built on the meta device
+    with one block (no memory, no weights: milliseconds).
+
+    Raises:
+        CachedsegError: For a name that is not a timm DINOv2 model.
+    """
+    _check_name(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0, depth=1)
+    height, width = model.patch_embed.patch_size
+    assert height == width, f"{name}: non-square patches {height}x{width}"  # every timm ViT's are square
+    return height
 
 
 def pretrained_size(name: str) -> tuple[int, int]:
@@ -80,7 +99,7 @@ def config_from_options(name: str, data: str | Path, image_size: str | None = No
 
     Raises:
         CachedsegError: For both sizes given, a size that is no multiple of the patch size, an unreadable first
-            frame, or (when its pretrained size is the default) an unknown model.
+            frame, or an unknown model (unless the size is given in full).
     """
     from cachedseg.dataset import open_dataset
 
@@ -88,11 +107,11 @@ def config_from_options(name: str, data: str | Path, image_size: str | None = No
         raise CachedsegError("give --image-size or --short-side, not both")
     if image_size:
         return BackboneConfig(name, parse_size(image_size), precision, layers)
+    patch = patch_size(name)  # refuses an unknown model
     if not short_side:  # the default: the model's own size as the short side, the dataset's aspect ratio kept
-        check_name(name)
         short_side = min(pretrained_size(name))
-    size = size_for_short_side(short_side, *open_dataset(data).frame_size())
-    return BackboneConfig(name, size, precision, layers)
+    return BackboneConfig(name, size_for_short_side(short_side, *open_dataset(data).frame_size(), patch), precision,
+                          layers)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -168,12 +187,12 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
     Raises:
         CachedsegError: For an unknown model, a bad input size, or weights that cannot be had.
     """
-    check_name(config.name)
+    _check_name(config.name)
     if config.precision not in PRECISIONS:
         raise CachedsegError(f"unknown precision {config.precision!r}; use one of {', '.join(PRECISIONS)}")
     size = config.image_size or pretrained_size(config.name)
     size = (size, size) if isinstance(size, int) else tuple(size)
-    patch = 14
+    patch = patch_size(config.name)
     if any(s < patch or s % patch for s in size):
         raise CachedsegError(f"--image-size {size[1]}x{size[0]} (width x height) is not a multiple of the patch "
                              f"size {patch} on both sides; use e.g. "
@@ -284,10 +303,11 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _mismatch(path: Path, shapes: dict[str, tuple[int, ...]], name: str, exc: Exception) -> str:
     """Why a weights file does not load into `name`, naming the variant the file holds when it can tell."""
     dims = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
-    embed = next((s[0] for k, s in shapes.items() if k.endswith("patch_embed.proj.weight")), None)
+    proj = next((s for k, s in shapes.items() if k.endswith("patch_embed.proj.weight")), None)  # [C, 3, p, p]
+    embed = proj[0] if proj else None
     if embed in dims:
         registers = any("reg_token" in k or "register_tokens" in k for k in shapes)
-        held = f"vit_{dims[embed]}_patch14{'_reg4' if registers else ''}_dinov2"
+        held = f"vit_{dims[embed]}_patch{proj[-1]}{'_reg4' if registers else ''}_dinov2"
         if held != name:
             return (f"--weights {path} holds a {held} checkpoint ({embed} channels, "
                     f"{'with' if registers else 'no'} register tokens), not {name}; pass --backbone {held}")
@@ -333,7 +353,7 @@ def pretrained_file(name: str) -> str | None:
         CachedsegError: For an unknown model, or weights that can be had from neither the cache nor the hub
             (HF_HUB_OFFLINE set, the hub unreachable, a download that fails).
     """
-    check_name(name)
+    _check_name(name)
     hub_id = timm.models.resolve_pretrained_cfg(name).hf_hub_id
     cached = _cached_weights(hub_id)
     if cached is not None:  # no network round trip, no retry stalls

@@ -40,14 +40,6 @@ class Preprocess:
     mask_size: tuple[int, int]
 
 
-def mask_size_for(grid: tuple[int, int]) -> tuple[int, int]:
-    """Training masks: 16 pixels per token, the output grid of the transposed-conv decoders (37x37 -> 592x592).
-
-    Masks and images both cover the whole frame, so mask pixel j sits under the decoder's output pixel j.
-    """
-    return grid[0] * 16, grid[1] * 16
-
-
 def preprocess_image(img: Image.Image, pp: Preprocess) -> torch.Tensor:
     """RGB image -> normalised float32 tensor [3, H, W]; shared by extract, live training and predict."""
     height, width = pp.image_size

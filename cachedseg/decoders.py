@@ -20,6 +20,20 @@ from torch import nn
 
 from cachedseg.errors import CachedsegError
 
+# The widths of the four ConvTranspose(2, stride 2) blocks of `seed` and `upconv`: each doubles the grid.
+_UPCONV_WIDTHS = (512, 256, 128, 64)
+# Output pixels per token side: the 2**4 of those blocks. The masks are stored at this resolution, so every
+# decoder's output pixels sit over their labels.
+OUTPUT_STRIDE = 2 ** len(_UPCONV_WIDTHS)
+
+
+def mask_size_for(grid: tuple[int, int]) -> tuple[int, int]:
+    """Training masks: `OUTPUT_STRIDE` pixels per token, the transposed-conv decoders' output grid (37x37 -> 592x592).
+
+    Masks and images both cover the whole frame, so mask pixel j sits under the decoder's output pixel j.
+    """
+    return grid[0] * OUTPUT_STRIDE, grid[1] * OUTPUT_STRIDE
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
@@ -49,7 +63,8 @@ def decoder_config(name: str, spec, layers: int = 1) -> DecoderConfig:
     if layers > spec.layers:
         raise CachedsegError(f"--layers {layers}: the features hold {spec.layers} layer(s); extract with --layers "
                              f"{layers} for a head that reads {layers}")
-    out = tuple(s // 16 * 16 for s in spec.input_size) if name == "seed" else tuple(spec.mask_size)
+    out = (tuple(s // OUTPUT_STRIDE * OUTPUT_STRIDE for s in spec.input_size) if name == "seed"
+           else tuple(spec.mask_size))
     return DecoderConfig(name, spec.channels, len(spec.class_names), out, layers)
 
 
@@ -77,7 +92,7 @@ class Decoder(nn.Module):
         return F.interpolate(x, size=self.out_size, mode="bilinear", align_corners=False)
 
 
-def _upconv_blocks(channels: int, widths=(512, 256, 128, 64)) -> nn.Sequential:
+def _upconv_blocks(channels: int, widths=_UPCONV_WIDTHS) -> nn.Sequential:
     """Four ConvTranspose(2, stride 2) + BN + ReLU blocks: each token becomes a 16x16 patch."""
     blocks = []
     for width in widths:
@@ -93,7 +108,7 @@ class UpconvDecoder(Decoder):
     def __init__(self, cfg: DecoderConfig):
         super().__init__(cfg)
         self.up = _upconv_blocks(cfg.in_channels * cfg.layers)
-        self.classifier = nn.Conv2d(64, cfg.num_classes, kernel_size=1)
+        self.classifier = nn.Conv2d(_UPCONV_WIDTHS[-1], cfg.num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.upsample(self.up(self.tokens(x)))  # [B, 64, Mh, Mw] (16h x 16w: a resize only for other mask sizes)

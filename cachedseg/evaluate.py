@@ -18,7 +18,7 @@ from cachedseg.errors import CachedsegError
 from cachedseg.extract import stale_labels
 from cachedseg.features import cached_source
 from cachedseg.metrics import confusion, scores
-from cachedseg.predict import batches, failed, labels_over_views, segment_batch, tta_views
+from cachedseg.predict import batches, labels_over_views, raise_first_error, segment_batch, tta_views
 from cachedseg.spec import check_spec
 from cachedseg.store import FeatureStore
 
@@ -182,7 +182,7 @@ def predictions(run: str | Path, store: str | Path | None = None, data: str | Pa
     items = _Scoring(ids, dataset, cached, backbone.preprocess if backbone else None)
     done = 0
     for batch in batches(items, batch_size, workers, torch_device):
-        failed(batch)
+        raise_first_error(batch)
         sizes = [item["labels"].shape for item in batch]
         preds = live = [None] * len(batch)
         if cached:

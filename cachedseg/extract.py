@@ -36,6 +36,7 @@ from cachedseg.spec import StoreSpec, check_dtype, check_spec, spec_for
 from cachedseg.store import (BAD, DONE, HASH_BYTES, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
                              disk_bytes, is_store, open_group, remove_partials, remove_store)
 from cachedseg.views import apply_view, check_views
+from cachedseg.workers import default_workers
 
 FLOAT16_MAX = 65504.0
 
@@ -122,7 +123,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         dtype: Storage dtype of the features, `float16` (half the size) or `float32`.
         batch_size: Images per backbone forward pass (per rank).
         device: `auto`, `cpu` or `cuda` (under torchrun, each rank its own GPU).
-        workers: DataLoader processes that decode and resize images; defaults to min(4, CPUs).
+        workers: DataLoader processes that decode and resize images; defaults to min(4, CPUs), on a CPU too
+            (see `default_workers`).
         overwrite: Delete an existing store built with other settings instead of refusing it.
         skip_bad: Record unreadable images in the store (flag 2, reason in the `bad` attribute) and carry on,
             instead of stopping at the first one.
@@ -169,41 +171,41 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
                 return [], uuid.uuid4().hex, {}
             if overwrite:
                 remove_store(store)
-            fs, created = _open_or_create(store, spec, ids, splits, dataset.reference, weights, images_per_shard)
+            cache, created = _open_or_create(store, spec, ids, splits, dataset.reference, weights, images_per_shard)
             # the flags are read once (one request per image on a bucket) and kept up to date here
-            fs, changes, flags = ((fs, {}, np.full(len(fs), PENDING, dtype=np.uint8)) if created
-                                  else _follow_data(fs, dataset, samples, missing, model.preprocess))
+            cache, changes, flags = ((cache, {}, np.full(len(cache), PENDING, dtype=np.uint8)) if created
+                                  else _follow_data(cache, dataset, samples, missing, model.preprocess))
             for id_ in redo:
                 if id_ not in ids:
                     raise CachedsegError(f"--redo {id_}: no such image id in {data}")
-                fs.mark(fs.ids.index(id_), PENDING)
-                flags[fs.ids.index(id_)] = PENDING
-            gone = fs.gone
+                cache.mark(cache.ids.index(id_), PENDING)
+                flags[cache.ids.index(id_)] = PENDING
+            gone = cache.gone
             # bad images are retried too; the token names this run's job-wide progress counter
-            pending = [i for i in np.flatnonzero(flags != DONE).tolist() if fs.ids[i] not in gone]
+            pending = [i for i in np.flatnonzero(flags != DONE).tolist() if cache.ids[i] not in gone]
             if pending:
-                fs.check_writable(len(pending))
-            opened.update(store=fs, flags=flags)
+                cache.check_writable(len(pending))
+            opened.update(store=cache, flags=flags)
             return pending, uuid.uuid4().hex, changes
         pending, token, changes = ctx.once(setup)
-        fs = opened["store"] if "store" in opened else FeatureStore.open(store, mode="r+")
+        cache = opened["store"] if "store" in opened else FeatureStore.open(store, mode="r+")
         by_id = {s.id: s for s in samples}
-        in_store_order = [by_id.get(id_) for id_ in fs.ids]  # None: gone from the dataset
-        units = _units(pending, fs.images_per_shard, len(fs))  # whole shards
+        in_store_order = [by_id.get(id_) for id_ in cache.ids]  # None: gone from the dataset
+        units = _units(pending, cache.images_per_shard, len(cache))  # whole shards
         todo = sum(in_store_order[i] is not None for u in units for i in u)
-        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        workers = default_workers(next(model.parameters()).device, "extract") if workers is None else workers
         report = progress if ctx.main and progress else (lambda done, total: None)
         key = f"extract:{token}"
         start = time.perf_counter()
         sources = _Sources(in_store_order, model.preprocess, dataset.read_labels)
-        bad = _compute(model, fs, sources, ctx.share(units), batch_size, workers, skip_bad,
+        bad = _compute(model, cache, sources, ctx.share(units), batch_size, workers, skip_bad,
                        lambda n: report(ctx.count(key, n), todo))
         bad = {k: v for part in ctx.gather(bad) for k, v in part.items()}
         # nothing pending anywhere: the flags are as setup left them, not read again
-        ctx.once(lambda: _finish(fs, bad, data, None if pending else opened.get("flags")))
+        ctx.once(lambda: _finish(cache, bad, data, None if pending else opened.get("flags")))
         seconds = time.perf_counter() - start
     return ExtractResult(store=store, images=len(ids), extracted=todo - len(bad), skipped=len(ids) - todo,
-                         seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad, gone=fs.gone, **changes)
+                         seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad, gone=cache.gone, **changes)
 
 
 def file_stats(paths: tuple[Path, ...]) -> np.ndarray:
@@ -229,31 +231,31 @@ def _sources(sample: Sample) -> tuple[Path, Path]:
     return sample.image, sample.mask
 
 
-def _follow_data(fs: FeatureStore, dataset: Dataset, samples: list[Sample], missing: dict[str, str],
+def _follow_data(cache: FeatureStore, dataset: Dataset, samples: list[Sample], missing: dict[str, str],
                  pp) -> tuple[FeatureStore, dict, np.ndarray]:
     """Bring an existing store up to the dataset: add newly listed images, update moved splits, record gone ones,
     and check each done image against its record (stats, then hashes): a changed image goes back to pending, a
     changed mask alone is rewritten, equal content only updates the stats. Returns the store, the counts and the
     flags as they are now."""
     listed = {s.id: s for s in samples}
-    have = set(fs.ids)
+    have = set(cache.ids)
     for id_, error in missing.items():
         if id_ not in have:  # a new image without its files: nothing cached to fall back on
             raise CachedsegError(error)
     new = [s for s in samples if s.id not in have]
-    splits = [listed[id_].split if id_ in listed else split for id_, split in zip(fs.ids, fs.splits)]
-    moved = sum(split != old for split, old in zip(splits, fs.splits))
+    splits = [listed[id_].split if id_ in listed else split for id_, split in zip(cache.ids, cache.splits)]
+    moved = sum(split != old for split, old in zip(splits, cache.splits))
     if new or moved:
-        fs = fs.set_index(fs.ids + [s.id for s in new], splits + [s.split for s in new])
-    fs.set_gone({id_: missing.get(id_, dataset.unlisted_reason())
-                 for id_ in fs.ids if id_ not in listed})
-    fs.add_records()  # a store from before records: every record unknown, adopted below
+        cache = cache.set_index(cache.ids + [s.id for s in new], splits + [s.split for s in new])
+    cache.set_gone({id_: missing.get(id_, dataset.unlisted_reason())
+                 for id_ in cache.ids if id_ not in listed})
+    cache.add_records()  # a store from before records: every record unknown, adopted below
     counts = {"changed": 0, "masks_changed": 0, "touched": 0, "added": len(new), "moved": moved, "adopted": 0}
-    stats, hashes = fs.records()
-    masks = SegmentationDataset([listed.get(id_) for id_ in fs.ids], pp, dataset.read_labels)
-    flags = fs.flags(repair=True)
+    stats, hashes = cache.records()
+    masks = SegmentationDataset([listed.get(id_) for id_ in cache.ids], pp, dataset.read_labels)
+    flags = cache.flags(repair=True)
     for i in np.flatnonzero(flags == DONE):
-        sample = listed.get(fs.ids[i])
+        sample = listed.get(cache.ids[i])
         if sample is None:  # gone: kept as it is
             continue
         paths = _sources(sample)
@@ -262,42 +264,42 @@ def _follow_data(fs: FeatureStore, dataset: Dataset, samples: list[Sample], miss
             continue  # the fast path: no file is read
         current = file_hashes(paths)
         if stats[i, 0, 0] == NO_STAT:  # no record to compare with: take the files as they are now
-            fs.set_record(i, now, current)
+            cache.set_record(i, now, current)
             counts["adopted"] += 1
             continue
         same = (current == hashes[i]).all(axis=1)  # [image, mask]
         if same.all():
-            fs.set_record(i, now, current)
+            cache.set_record(i, now, current)
             counts["touched"] += 1
         elif same[0]:
             item = masks[i]  # decoded and checked exactly as extraction does
             if "error" not in item and np.array_equal(file_stats(paths), now):
-                fs.write_mask(i, item["mask"].numpy(), now, current)
+                cache.write_mask(i, item["mask"].numpy(), now, current)
                 counts["masks_changed"] += 1
             else:  # unreadable, or changing as we read: the full path decides (and --skip-bad applies)
-                fs.mark(i, PENDING)
+                cache.mark(i, PENDING)
                 flags[i] = PENDING
                 counts["changed"] += 1
         else:
-            fs.mark(i, PENDING)
+            cache.mark(i, PENDING)
             flags[i] = PENDING
             counts["changed"] += 1
-    return fs, counts, flags
+    return cache, counts, flags
 
 
-def _finish(fs: FeatureStore, bad: dict[str, str], data: str | Path, flags: np.ndarray | None = None) -> None:
+def _finish(cache: FeatureStore, bad: dict[str, str], data: str | Path, flags: np.ndarray | None = None) -> None:
     """Record the unreadable images, and refuse a split left without a usable image (training needs both);
     `flags`: the flags if known to be current, else they are read."""
-    fs.set_bad(bad)
-    flags, gone = fs.flags() if flags is None else flags, fs.gone
+    cache.set_bad(bad)
+    flags, gone = cache.flags() if flags is None else flags, cache.gone
     for split in SPLITS:
-        members = [id_ for id_, s in zip(fs.ids, fs.splits) if s == split]
+        members = [id_ for id_, s in zip(cache.ids, cache.splits) if s == split]
         if members and not any(f == DONE and id_ not in gone and s == split
-                               for id_, s, f in zip(fs.ids, fs.splits, flags)):
+                               for id_, s, f in zip(cache.ids, cache.splits, flags)):
             first = next((id_ for id_ in members if id_ in bad), None) or next(id_ for id_ in members if id_ in gone)
             raise CachedsegError(f"no usable image in the {split} split of {data}: none of its {len(members)} images "
                                  f"can be used, the first ({first!r}) because {bad.get(first) or gone[first]}; fix "
-                                 f"or replace them and rerun (the store {fs.path} records them as bad)")
+                                 f"or replace them and rerun (the store {cache.path} records them as bad)")
 
 
 def _units(pending: list[int], per: int, n: int) -> list[list[int]]:
@@ -334,7 +336,7 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
-def _compute(model: Backbone, fs: FeatureStore, dataset: _Sources, units: list[list[int]],
+def _compute(model: Backbone, cache: FeatureStore, dataset: _Sources, units: list[list[int]],
              batch_size: int, workers: int, skip_bad: bool, progress: Callable[[int], None]) -> dict[str, str]:
     """Run the backbone over the images of `units` and write each unit whole once its images are done; returns
     the images skipped as unreadable. `progress(n)` is told each batch's image count. Images of a unit that are
@@ -354,25 +356,25 @@ def _compute(model: Backbone, fs: FeatureStore, dataset: _Sources, units: list[l
     with ThreadPoolExecutor(max_workers=1) as writer:
         def put(index: int, feats: np.ndarray | None, mask: np.ndarray | None, flag: int, record=None) -> None:
             k = owner[index]
-            block = blocks.setdefault(k, _Block(fs, units[k]))
+            block = blocks.setdefault(k, _Block(cache, units[k]))
             if block.put(index, feats, mask, flag, record):
                 writes.append(writer.submit(block.write))
                 del blocks[k]
         for index in kept:
-            features, mask, flag, stats, hashes = fs.raw(index)
+            features, mask, flag, stats, hashes = cache.raw(index)
             put(index, features if flag == DONE else None, mask if flag == DONE else None, flag, (stats, hashes))
         for batch in loader:
             for index, reason in batch["errors"]:
                 if not skip_bad:
-                    raise CachedsegError(f"{reason} (image {fs.ids[index]!r}); or pass --skip-bad to record it in "
+                    raise CachedsegError(f"{reason} (image {cache.ids[index]!r}); or pass --skip-bad to record it in "
                                          "the store and carry on")
-                bad[fs.ids[index]] = reason
+                bad[cache.ids[index]] = reason
                 put(index, None, None, BAD)
             if len(batch["index"]):
                 x = batch["image"].to(device, non_blocking=True)  # [B, 3, H, W]
-                feats = torch.stack([model(apply_view(x, v)) for v in fs.spec.views], 1)  # [B, V, L, C, h, w]
-                _check_finite(feats, [fs.ids[i] for i in batch["index"].tolist()], fs.spec.dtype)
-                feats = feats.to(getattr(torch, fs.spec.dtype)).cpu().numpy()
+                feats = torch.stack([model(apply_view(x, v)) for v in cache.spec.views], 1)  # [B, V, L, C, h, w]
+                _check_finite(feats, [cache.ids[i] for i in batch["index"].tolist()], cache.spec.dtype)
+                feats = feats.to(getattr(torch, cache.spec.dtype)).cpu().numpy()
                 for index, f, m, record in zip(batch["index"].tolist(), feats, batch["mask"].numpy(),
                                                batch["records"]):
                     put(index, f, m, DONE, record)
@@ -387,8 +389,8 @@ def _compute(model: Backbone, fs: FeatureStore, dataset: _Sources, units: list[l
 class _Block:
     """One unit of work being filled image by image, written whole when complete."""
 
-    def __init__(self, fs: FeatureStore, indices: list[int]):
-        self.fs, self.start, self.n, self.filled = fs, indices[0], len(indices), 0
+    def __init__(self, cache: FeatureStore, indices: list[int]):
+        self.cache, self.start, self.n, self.filled = cache, indices[0], len(indices), 0
         self.features: np.ndarray | None = None
         self.masks: np.ndarray | None = None
         self.flags = np.zeros(self.n, dtype=np.uint8)
@@ -401,7 +403,7 @@ class _Block:
         complete."""
         if feats is not None:
             if self.features is None:  # a skipped image's chunks stay unwritten (they read as missing)
-                self.features, self.masks = self.fs.empty_block(self.n)
+                self.features, self.masks = self.cache.empty_block(self.n)
             self.features[index - self.start], self.masks[index - self.start] = feats, mask
         if record is not None:
             self.stats[index - self.start], self.hashes[index - self.start] = record
@@ -413,9 +415,9 @@ class _Block:
         """Write the block: data and records first, flags last."""
         if self.features is None:  # every image of the block unreadable: only the flags
             for i, flag in enumerate(self.flags):
-                self.fs.mark(self.start + i, int(flag))
+                self.cache.mark(self.start + i, int(flag))
             return
-        self.fs.write_block(self.start, self.features, self.masks, self.flags, self.stats, self.hashes)
+        self.cache.write_block(self.start, self.features, self.masks, self.flags, self.stats, self.hashes)
 
 
 def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[str], data: str,
@@ -423,10 +425,10 @@ def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[st
     """Open a store to finish or update it (refusing other settings), or create it; says whether it was created."""
     group = open_group(store, mode="r+")  # opened once and handed on: on a bucket each open is a round trip
     if is_store(store, group):
-        fs = FeatureStore.open(store, mode="r+", group=group)
-        check_spec(store, fs.spec, spec)
+        cache = FeatureStore.open(store, mode="r+", group=group)
+        check_spec(store, cache.spec, spec)
         remove_partials(store)  # a killed writer's temporary chunk files
-        return fs, False
+        return cache, False
     # an empty folder is fine
     if group is not None or (exists(store) and not (Path(store).is_dir() and not any(Path(store).iterdir()))):
         raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
@@ -442,11 +444,11 @@ def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[
     group = None if missing else open_group(store)
     if group is None or not is_store(store, group):
         return False
-    fs = FeatureStore.open(store, group=group)
-    if (fs.spec != spec or (fs.ids, fs.splits) != ([s.id for s in samples], [s.split for s in samples]) or fs.gone
-            or not (fs.flags() == DONE).all()):
+    cache = FeatureStore.open(store, group=group)
+    if (cache.spec != spec or (cache.ids, cache.splits) != ([s.id for s in samples], [s.split for s in samples])
+            or cache.gone or not (cache.flags() == DONE).all()):
         return False
-    stats, _ = fs.records()
+    stats, _ = cache.records()
     return all(np.array_equal(file_stats(_sources(s)), stats[i]) for i, s in enumerate(samples))
 
 
@@ -465,11 +467,11 @@ def stale_labels(store: str | Path, split: str, data: str | Path | None = None) 
     """The ids of a split whose label file (under `data`, by default the store's dataset) is not the one their
     cached mask was computed from: its stats differ from the record and so does its hash. Images without a record
     (a store from before records) and missing files (scoring names those) are not counted."""
-    fs = FeatureStore.open(store)
-    stats, hashes = fs.records()
-    dataset, gone, flags, k = open_dataset(data or fs.dataset), fs.gone, fs.flags(), SOURCE_FILES.index("mask")
+    cache = FeatureStore.open(store)
+    stats, hashes = cache.records()
+    dataset, gone, flags, k = open_dataset(data or cache.dataset), cache.gone, cache.flags(), SOURCE_FILES.index("mask")
     stale = []
-    for i, (id_, s) in enumerate(zip(fs.ids, fs.splits)):
+    for i, (id_, s) in enumerate(zip(cache.ids, cache.splits)):
         path = dataset.mask_path(id_)
         if s != split or id_ in gone or flags[i] != DONE or stats[i, k, 0] == NO_STAT or not path.is_file():
             continue

@@ -155,17 +155,18 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
                   device: str | torch.device = "cpu") -> FeatureSource:
     """A source reading a finished feature store; `data` overrides the dataset folder the store records; with
     `in_memory` the whole cache is loaded first, onto `device` when it is a GPU with room for it."""
-    fs = FeatureStore.open(store)
-    states, gone = fs.states(), fs.gone
-    listed = [id_ not in gone for id_ in fs.ids]
+    cache = FeatureStore.open(store)
+    states, gone = cache.states(), cache.gone
+    listed = [id_ not in gone for id_ in cache.ids]
     if any(s == "pending" and keep for s, keep in zip(states, listed)):
         finished = sum(s != "pending" for s in states)
         raise CachedsegError(f"the store {store} is unfinished ({finished} of {len(states)} images); "
                              "rerun the same `cachedseg extract` command to finish it")
     # images skipped as unreadable (`extract --skip-bad`) and images gone from the dataset belong to no split
-    splits = ["gone" if not keep else s if f == "done" else "skipped" for s, f, keep in zip(fs.splits, states, listed)]
-    return FeatureSource(spec=fs.spec, ids=fs.ids, splits=splits, dataset=StoreDataset(store, in_memory, device),
-                         data_root=Path(data or fs.dataset), weights=fs.weights,
+    splits = ["gone" if not keep else s if f == "done" else "skipped"
+              for s, f, keep in zip(cache.splits, states, listed)]
+    return FeatureSource(spec=cache.spec, ids=cache.ids, splits=splits, dataset=StoreDataset(store, in_memory, device),
+                         data_root=Path(data or cache.dataset), weights=cache.weights,
                          # absolute: the run records it, and evaluate/report default to it from any folder
                          location=str(store) if is_url(store) else str(Path(store).resolve()))
 

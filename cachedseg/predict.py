@@ -32,6 +32,7 @@ from cachedseg.pictures import legend_strip, picture_rows, present_classes
 from cachedseg.spec import StoreSpec
 from cachedseg.tiles import Grid, check_overlap, default_overlap
 from cachedseg.views import apply_view
+from cachedseg.workers import default_workers
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 KINDS = ("label", "color", "overlay")  # the PNGs written per image, <stem>_<kind>.png
@@ -189,18 +190,18 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def batches(dataset: torch.utils.data.Dataset, batch_size: int, workers: int | None,
             device: torch.device) -> torch.utils.data.DataLoader:
-    """Batches (lists of items) of `dataset` in order, loaded by `workers` processes (default: none on a CPU, where
-    the backbone dwarfs decoding, min(4, CPUs) on a GPU)."""
+    """Batches (lists of items) of `dataset` in order, loaded by `workers` processes (default: `default_workers`,
+    none on a CPU, where the backbone dwarfs decoding, min(4, CPUs) on a GPU)."""
     if batch_size < 1:
         raise CachedsegError("--batch-size must be at least 1")
     if workers is not None and workers < 0:
         raise CachedsegError(f"--workers {workers}: give 0 (decode in this process) or more")
     if workers is None:
-        workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+        workers = default_workers(device, "predict")
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
 
 
-def failed(items: list[dict]) -> None:
+def raise_first_error(items: list[dict]) -> None:
     """Raise the first error a worker reported."""
     for item in items:
         if "error" in item:
@@ -435,7 +436,7 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
 
     if frames and not tile:
         for items in batches(ImageFiles(frames, backbone.preprocess), batch_size, workers, torch_device):
-            failed(items)
+            raise_first_error(items)
             x = torch.stack([item["x"] for item in items])  # [B, 3, H', W']
             sizes = [(item["image"].height, item["image"].width) for item in items]
             for item, labels in zip(items, segment_batch(x, sizes, backbone, spec, decoder, views)):  # [H, W]
@@ -444,7 +445,7 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             done()
     model = window_model(backbone, spec, decoder, views)
     for path in frames if tile else []:
-        image = load_image(path, limit=None)  # never resized whole: memory is the limit (4 bytes a pixel)
+        image = load_image(path, limit=None)  # never resized whole: memory is the limit (about 7 bytes a pixel)
         labels = tiled_labels(image, model, overlap, batch_size, classes.ignore_index, windows_of(path))
         written[path] = _write_pngs(path, image, labels, out, classes)
         done()

@@ -10,7 +10,6 @@ plus every config), `metrics.csv`, `metrics.json` and `curves.png`, written by r
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from cachedseg.paths import check_writable
 from cachedseg.recipe import TrainConfig  # defined there for checkpoint.py; its home is here
 from cachedseg.runs import EpochMetrics, RunFolder, is_best
 from cachedseg.spec import StoreSpec
+from cachedseg.workers import default_workers
 
 
 def epoch_batches(indices: list[int], batch_size: int, generator: torch.Generator,
@@ -351,9 +351,10 @@ def _restore_all(heads: list[Head], spec: StoreSpec, generator: torch.Generator,
 
 
 def _workers(config: TrainConfig, device: torch.device, source: FeatureSource) -> int:
-    """DataLoader workers: as asked, else 0 on a CPU (they only compete for cores) and min(4, CPUs) on a GPU."""
+    """DataLoader workers: as asked, else `default_workers` (0 on a CPU, where they only compete for cores, and
+    min(4, CPUs) on a GPU)."""
     if getattr(source.dataset, "in_memory", False):
         return 0  # indexing a tensor in RAM: a worker would only add copies
     if config.workers is not None:
         return config.workers
-    return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+    return default_workers(device, "train")

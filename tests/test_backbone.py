@@ -75,6 +75,25 @@ def test_the_position_embedding_is_resized_as_the_official_model_does(name, size
     assert model(torch.randn(1, 3, *size)).shape == (1, 1, 384, *grid)
 
 
+def test_the_patch_size_and_the_mask_grid_are_read_from_the_model(monkeypatch):
+    # no timm DINOv2 has patches other than 14: a tiny patch-16 ViT (random weights, offline) stands in for one
+    from cachedseg import backbone
+    from cachedseg.decoders import OUTPUT_STRIDE
+    name = "vit_tiny_patch16_224"
+    monkeypatch.setattr(backbone, "dinov2_models", lambda: [name, "vit_small_patch14_dinov2"])
+    assert backbone.patch_size("vit_small_patch14_dinov2") == 14 and backbone.patch_size(name) == 16
+    model = build_backbone(BackboneConfig(name, (64, 96)), "random")
+    assert model.grid == (4, 6) and model.preprocess.mask_size == (4 * OUTPUT_STRIDE, 6 * OUTPUT_STRIDE)
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, 1, model.channels, 4, 6)
+    with pytest.raises(CachedsegError, match="--image-size"):
+        build_backbone(BackboneConfig(name, (126, 126)), "random")  # a multiple of 14, not of 16
+    assert backbone.size_for_short_side(64, 1280, 720, backbone.patch_size(name)) == (64, 112)
+    with pytest.raises(CachedsegError, match="--short-side"):
+        backbone.size_for_short_side(126, 1280, 720, backbone.patch_size(name))
+    with pytest.raises(CachedsegError, match="vit_base_patch14_dinov3"):  # refused, named
+        backbone.patch_size("vit_base_patch14_dinov3")
+
+
 def test_a_checkpoint_of_another_variant_is_named(tmp_path):
     from safetensors.torch import save_file
     reg = build_backbone(BackboneConfig("vit_small_patch14_reg4_dinov2", 112), "random")

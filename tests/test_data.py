@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cachedseg.data import Preprocess, mask_size_for, preprocess_image, preprocess_mask
+from cachedseg.data import Preprocess, preprocess_image, preprocess_mask
 from cachedseg.dataset import load_image, open_dataset
+from cachedseg.decoders import mask_size_for
 from cachedseg.errors import CachedsegError
 
 PP = Preprocess(image_size=(112, 154), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
@@ -43,13 +44,14 @@ def test_masks_have_16_pixels_per_token_the_decoders_output_grid():
 def test_sizes_parse_as_width_x_height_and_short_side_keeps_the_aspect_ratio():
     from cachedseg.backbone import parse_size, size_for_short_side
     assert parse_size("518") == (518, 518) and parse_size("924x518") == (518, 924)
-    assert size_for_short_side(518, 1280, 720) == (518, 924)  # AeroScapes frames: a 37x66 token grid
-    assert size_for_short_side(518, 720, 1280) == (924, 518)
+    assert size_for_short_side(518, 1280, 720, 14) == (518, 924)  # AeroScapes frames: a 37x66 token grid
+    assert size_for_short_side(518, 720, 1280, 14) == (924, 518)
+    assert size_for_short_side(512, 1280, 720, 16) == (512, 912)  # multiples of the patch size given
     for bad in ("", "x", "1x2x3", "abc"):
         with pytest.raises(CachedsegError, match="--image-size"):
             parse_size(bad)
     with pytest.raises(CachedsegError, match="--short-side"):
-        size_for_short_side(500, 1280, 720)
+        size_for_short_side(500, 1280, 720, 14)
 
 
 def test_exif_rotation_is_applied(tmp_path):

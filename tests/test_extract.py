@@ -46,15 +46,15 @@ def test_store_layout_reads_back_with_plain_zarr(dataset, store32):
 
 
 def test_the_store_round_trip_is_bit_exact_and_live_features_are_within_rounding(dataset, store32):
-    fs = FeatureStore.open(store32)
+    cache = FeatureStore.open(store32)
     model = build_backbone(BackboneConfig("vit_small_patch14_dinov2", 112), "random")
-    assert fs.spec.fingerprint == model.fingerprint
+    assert cache.spec.fingerprint == model.fingerprint
     data = open_dataset(dataset)
     samples = data.samples()
     x = torch.stack([preprocess_image(load_image(s.image), model.preprocess) for s in samples[:4]])  # [4, 3, S, S]
     batch = model(x).numpy()  # the first batch of the extraction (batch size 4): the same computation
     for i, sample in enumerate(samples[:4]):
-        features, mask = fs.read(i)
+        features, mask = cache.read(i)
         assert np.array_equal(features, batch[i])
         assert np.array_equal(mask, preprocess_mask(data.read_labels(sample.mask), (128, 128)).numpy())
         assert_features_close(features, model(x[i:i + 1].clone())[0])  # batch of one: equal up to rounding

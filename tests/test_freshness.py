@@ -40,9 +40,10 @@ def relist(data, split, ids):
 
 def by_id(store):
     """Features, masks and flags of a store, keyed by image id (store order may differ between stores)."""
-    g, fs = zarr.open_group(str(store)), FeatureStore.open(store)
+    g, cache = zarr.open_group(str(store)), FeatureStore.open(store)
     features, masks, flags = g["features"][:], g["masks"][:], g["done"][:]
-    return {id_: (features[i], masks[i], flags[i], split) for i, (id_, split) in enumerate(zip(fs.ids, fs.splits))}
+    return {id_: (features[i], masks[i], flags[i], split)
+            for i, (id_, split) in enumerate(zip(cache.ids, cache.splits))}
 
 
 def assert_same_as_fresh(data, store, tmp_path):
@@ -151,9 +152,9 @@ def test_an_added_id_is_extracted_and_a_moved_id_changes_split(copy, tmp_path):
     before = by_id(store)
     result = run(data, store)
     assert (result.added, result.moved, result.gone) == (1, 1, {})
-    fs = FeatureStore.open(store)
-    assert fs.ids[-1] == new and len(fs) == len(before) + 1
-    assert dict(zip(fs.ids, fs.splits))[trn[0]] == "val"
+    cache = FeatureStore.open(store)
+    assert cache.ids[-1] == new and len(cache) == len(before) + 1
+    assert dict(zip(cache.ids, cache.splits))[trn[0]] == "val"
     assert np.array_equal(by_id(store)[trn[0]][0], before[trn[0]][0])  # moved, not recomputed
     source = cached_source(store)
     assert sorted(source.ids[i] for i in source.indices("val")) == sorted([trn[0], *val, new])

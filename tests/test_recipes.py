@@ -29,17 +29,17 @@ def rich_store(dataset, tmp_path_factory):
 
 
 def test_the_store_keeps_the_aspect_ratio_layers_and_views(dataset, rich_store):
-    fs = FeatureStore.open(rich_store)
-    assert fs.spec.input_size == (112, 154) and fs.spec.grid == (8, 11) and fs.spec.mask_size == (128, 176)
-    assert fs.spec.layers == 2 and fs.spec.views == ("identity", "flip")
+    cache = FeatureStore.open(rich_store)
+    assert cache.spec.input_size == (112, 154) and cache.spec.grid == (8, 11) and cache.spec.mask_size == (128, 176)
+    assert cache.spec.layers == 2 and cache.spec.views == ("identity", "flip")
     assert zarr.open_group(str(rich_store))["features"].shape == (8, 2, 2, 384, 8, 11)
     # each view is the backbone on the transformed input, as the live path computes it
     model = build_backbone(BackboneConfig("vit_small_patch14_dinov2", (112, 154), layers=2), "random")
     sample = open_dataset(dataset).samples()[0]
     x = preprocess_image(load_image(sample.image), model.preprocess)[None]
-    flipped, mask_flipped = fs.read(0, 1)
+    flipped, mask_flipped = cache.read(0, 1)
     assert_features_close(flipped, model(x.flip(-1))[0])
-    assert np.array_equal(mask_flipped, fs.read(0, 0)[1][:, ::-1])
+    assert np.array_equal(mask_flipped, cache.read(0, 0)[1][:, ::-1])
 
 
 def test_each_epoch_draws_one_view_per_image_the_same_for_cached_and_live():

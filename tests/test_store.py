@@ -24,15 +24,15 @@ IDS = ["000001_001", "a", "ünïcode_7", "x" * 40]
 @pytest.fixture
 def small(tmp_path):
     """A store of four images with known numbers: three written, one pending."""
-    fs = FeatureStore.create(tmp_path / "s.zarr", SPEC, IDS, ["trn", "trn", "val", "val"], dataset="/data",
+    cache = FeatureStore.create(tmp_path / "s.zarr", SPEC, IDS, ["trn", "trn", "val", "val"], dataset="/data",
                              weights="random")
     rng = np.random.default_rng(0)
     data = [(rng.standard_normal((2, 2, 6, 2, 3)).astype(np.float16), rng.integers(0, 12, (32, 48), dtype=np.uint8))
             for _ in IDS]
     data[1][1][:] = 255  # an image with no labelled pixel is still an image
     for i in range(3):
-        fs.write(i, *data[i])
-    return fs, data
+        cache.write(i, *data[i])
+    return cache, data
 
 
 def test_ids_encode_to_bytes_and_back():
@@ -42,8 +42,8 @@ def test_ids_encode_to_bytes_and_back():
 
 
 def test_what_is_written_reads_back_exactly(small):
-    fs, data = small
-    again = FeatureStore.open(fs.path)
+    cache, data = small
+    again = FeatureStore.open(cache.path)
     assert again.spec == SPEC and again.ids == IDS and again.splits == ["trn", "trn", "val", "val"]
     assert again.flags().tolist() == [DONE, DONE, DONE, PENDING]
     for i in range(3):
@@ -57,27 +57,27 @@ def test_what_is_written_reads_back_exactly(small):
 
 
 def test_a_missing_chunk_is_an_error_naming_the_image_never_fill_values(small):
-    fs, _ = small
+    cache, _ = small
     with pytest.raises(CachedsegError, match="'000001_001'.*--redo 000001_001"):
-        chunk_file(fs.path, "features", 0).unlink()
-        fs.read(0)
+        chunk_file(cache.path, "features", 0).unlink()
+        cache.read(0)
     with pytest.raises(CachedsegError, match="'a'.*--redo a"):
-        chunk_file(fs.path, "masks", 1).unlink()
-        fs.read(1)
+        chunk_file(cache.path, "masks", 1).unlink()
+        cache.read(1)
 
 
 def test_a_corrupt_flag_is_an_error_or_with_repair_a_pending_image(small):
-    fs, _ = small
-    chunk = chunk_file(fs.path, "done", 2)
+    cache, _ = small
+    chunk = chunk_file(cache.path, "done", 2)
     chunk.write_bytes(bytes([chunk.read_bytes()[0] ^ 1]) + chunk.read_bytes()[1:])
     with pytest.raises(CachedsegError, match="ünïcode_7"):
-        fs.flags()
-    assert fs.flags(repair=True).tolist() == [DONE, DONE, PENDING, PENDING]
-    assert fs.flags().tolist() == [DONE, DONE, PENDING, PENDING]
+        cache.flags()
+    assert cache.flags(repair=True).tolist() == [DONE, DONE, PENDING, PENDING]
+    assert cache.flags().tolist() == [DONE, DONE, PENDING, PENDING]
 
 
 def test_open_refuses_what_is_not_a_store_of_this_version(small, tmp_path):
-    fs, _ = small
+    cache, _ = small
     with pytest.raises(CachedsegError, match=f"{tmp_path / 'nothing.zarr'}.*cachedseg extract"):  # how to make one
         FeatureStore.open(tmp_path / "nothing.zarr")
     (tmp_path / "folder").mkdir()
@@ -85,15 +85,15 @@ def test_open_refuses_what_is_not_a_store_of_this_version(small, tmp_path):
         FeatureStore.open(tmp_path / "folder")
     with pytest.raises(CachedsegError, match="s3://bucket/x.zarr.*AWS_ENDPOINT_URL"):  # no credentials here
         FeatureStore.open("s3://bucket/x.zarr")
-    fs.group.attrs["format_version"] = 1
+    cache.group.attrs["format_version"] = 1
     with pytest.raises(CachedsegError, match="cachedseg upgrade"):
-        FeatureStore.open(fs.path)
+        FeatureStore.open(cache.path)
 
 
 def test_xarray_opens_every_array_with_named_dimensions(small):
     xr = pytest.importorskip("xarray")
-    fs, data = small
-    ds = xr.open_zarr(fs.path, consolidated=False)
+    cache, data = small
+    ds = xr.open_zarr(cache.path, consolidated=False)
     assert dict(ds.sizes) == {"image": 4, "view": 2, "layer": 2, "channel": 6, "token_y": 2, "token_x": 3,
                               "mask_y": 32, "mask_x": 48, "id_byte": 40, "source_file": 2, "source_field": 4}
     # the README's recipe: the ids as the `image` coordinate, then select by id
@@ -101,15 +101,16 @@ def test_xarray_opens_every_array_with_named_dimensions(small):
     assert np.array_equal(ds["features"].sel(image="ünïcode_7").values, data[2][0])
     assert np.array_equal(ds["features"].sel(image="a", view=1, layer=1).values, data[1][0][1, 1])
     assert np.array_equal(ds["masks"].sel(image="a").values, data[1][1])
-    assert [SPLITS[c] for c in ds["split"].values] == fs.splits and ds["done"].values.tolist() == fs.flags().tolist()
+    assert [SPLITS[c] for c in ds["split"].values] == cache.splits
+    assert ds["done"].values.tolist() == cache.flags().tolist()
 
 
 def test_tensorstore_reads_every_array(small):
     ts = pytest.importorskip("tensorstore")
-    fs, _ = small
-    group = zarr.open_group(fs.path, mode="r")
+    cache, _ = small
+    group = zarr.open_group(cache.path, mode="r")
     for name in ("features", "masks", "ids", "split", "done", "sources"):
-        array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{fs.path}/{name}"}}).result()
+        array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{cache.path}/{name}"}}).result()
         values, expected = array.read().result(), group[name][:]
         assert values.shape == expected.shape, name
         assert np.array_equal(values, expected, equal_nan=True), name
@@ -196,23 +197,24 @@ def test_upgrade_sends_done_images_without_chunks_back_to_pending(store32, tmp_p
 
 
 def test_the_typed_attributes_are_what_the_store_holds(small):
-    fs, _ = small
-    stored = dict(zarr.open_group(fs.path, mode="r").attrs)
-    written = json.loads(json.dumps(fs.attrs.to_dict()))  # as JSON: tuples are lists
+    cache, _ = small
+    stored = dict(zarr.open_group(cache.path, mode="r").attrs)
+    written = json.loads(json.dumps(cache.attrs.to_dict()))  # as JSON: tuples are lists
     assert written == stored and list(written) == list(stored)  # same keys, values and order
-    assert StoreAttrs.from_dict(stored) == fs.attrs
-    assert (fs.attrs.spec, fs.attrs.num_images, fs.attrs.images_per_shard, fs.attrs.gone) == (SPEC, 4, 1, None)
-    fs.set_gone({"a": "deleted"})  # written only once there is something gone, and read back
-    assert FeatureStore.open(fs.path).attrs.gone == {"a": "deleted"} == FeatureStore.open(fs.path).gone
+    assert StoreAttrs.from_dict(stored) == cache.attrs
+    attrs = cache.attrs
+    assert (attrs.spec, attrs.num_images, attrs.images_per_shard, attrs.gone) == (SPEC, 4, 1, None)
+    cache.set_gone({"a": "deleted"})  # written only once there is something gone, and read back
+    assert FeatureStore.open(cache.path).attrs.gone == {"a": "deleted"} == FeatureStore.open(cache.path).gone
 
 
 def test_an_empty_block_reads_as_missing_where_it_is_not_filled(small):
-    fs, data = small
-    features, masks = fs.empty_block(2)
+    cache, data = small
+    features, masks = cache.empty_block(2)
     assert features.shape == (2, *data[0][0].shape) and features.dtype == np.float16 and masks.shape == (2, 32, 48)
     features[0], masks[0] = data[0]
-    fs.write_block(2, features, masks, np.array([DONE, DONE], dtype=np.uint8))
-    assert np.array_equal(fs.read(2)[0], data[0][0][0])
+    cache.write_block(2, features, masks, np.array([DONE, DONE], dtype=np.uint8))
+    assert np.array_equal(cache.read(2)[0], data[0][0][0])
     with pytest.raises(CachedsegError, match="x{40}"):
-        fs.read(3)
-    assert fs.states() == ["done", "done", "done", "done"]
+        cache.read(3)
+    assert cache.states() == ["done", "done", "done", "done"]

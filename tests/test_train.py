@@ -162,17 +162,17 @@ def _val_predictions(run, store, dataset, live: bool) -> list[np.ndarray]:
     """Native-resolution val predictions of a run, from the cache or live."""
     ckpt = checkpoint.load_run(run)
     decoder = ckpt.decoder()
-    fs = FeatureStore.open(store)
+    cache = FeatureStore.open(store)
     backbone = backbone_for(ckpt.spec, "random", "cpu")
     preds = []
-    for i in [i for i, s in enumerate(fs.splits) if s == "val"]:
-        size = np.asarray(load_mask(dataset / "SegmentationClass" / f"{fs.ids[i]}.png")).shape
+    for i in [i for i, s in enumerate(cache.splits) if s == "val"]:
+        size = np.asarray(load_mask(dataset / "SegmentationClass" / f"{cache.ids[i]}.png")).shape
         if live:
-            preds.append(segment(load_image(dataset / "JPEGImages" / f"{fs.ids[i]}.jpg"), backbone, ckpt.spec,
+            preds.append(segment(load_image(dataset / "JPEGImages" / f"{cache.ids[i]}.jpg"), backbone, ckpt.spec,
                                  decoder, size))
         else:
             with torch.no_grad():
-                logits = decoder(torch.from_numpy(fs.read(i)[0][None]).float())
+                logits = decoder(torch.from_numpy(cache.read(i)[0][None]).float())
             preds.append(labels_from_logits(logits, size))
     return preds
 
@@ -279,10 +279,10 @@ def test_a_mistyped_run_folder_is_named_with_what_was_meant(dataset, run32):
 def test_backbone_precision_is_recorded_and_reused_live(dataset, tmp_path):
     store = tmp_path / "bf16.zarr"
     run_cli("extract", dataset, "--store", store, *SMALL, "--precision", "bfloat16", "--dtype", "float32")
-    fs = FeatureStore.open(store)
-    assert fs.spec.precision == "bfloat16"
-    model = backbone_for(fs.spec, "random", "cpu")  # rebuilt at the recorded precision
-    assert model.config.precision == "bfloat16" and model.fingerprint == fs.spec.fingerprint
+    cache = FeatureStore.open(store)
+    assert cache.spec.precision == "bfloat16"
+    model = backbone_for(cache.spec, "random", "cpu")  # rebuilt at the recorded precision
+    assert model.config.precision == "bfloat16" and model.fingerprint == cache.spec.fingerprint
     run = tmp_path / "run"
     run_cli("train", store, "--run", run, *TRAIN)
     cached = _evaluate(run, "--store", store, "--compare-live", tmp_path=tmp_path, name="cached")
