@@ -324,6 +324,44 @@ def _window_batches(reader, grid: Grid, model: WindowModel, batch_size: int) -> 
         yield "row", r, valid
 
 
+class _Strip:
+    """The rows of one row of windows: their weighted probability sums [K, h, W] (on the model's device) and
+    validity; the rows the next row of windows overlaps carry over."""
+
+    def __init__(self, grid: Grid, model: WindowModel):
+        self.grid, self.h, self.w = grid, *grid.size
+        rows = min(self.h, grid.height)
+        self.total = torch.zeros(model.classes, rows, grid.width, device=model.device)
+        self.valid = np.zeros((rows, grid.width), dtype=bool)
+        self.row_w = [torch.from_numpy(p).to(model.device) for p in grid.row_weights]
+        self.col_w = [torch.from_numpy(p).to(model.device) for p in grid.col_weights]
+
+    def rows(self, r: int) -> int:
+        """Raster rows window row r covers (fewer than h only for a raster smaller than a window)."""
+        return min(self.grid.rows[r] + self.h, self.grid.height) - self.grid.rows[r]
+
+    def add(self, r: int, c: int, probs: torch.Tensor) -> None:
+        """Add window (r, c)'s probabilities [K, h, w], weighted."""
+        x, n = self.grid.cols[c], self.rows(r)
+        m = min(x + self.w, self.grid.width) - x
+        weight = self.row_w[r][:n, None] * self.col_w[c][None, :m]  # [n, m]
+        self.total[:, :n, x:x + m] += probs[:, :n, :m] * weight
+
+    def finish(self, r: int, valid: np.ndarray, nodata: int) -> np.ndarray:
+        """Labels [f, W] of the rows final after window row r (valid [n, W]: its pixels inside the map), and the
+        overlapped rows moved to the top for the next row of windows."""
+        n, final = self.rows(r), self.grid.final_after(r) - self.grid.rows[r]
+        self.valid[:n] = valid
+        labels = self.total[:, :final].argmax(0).to(torch.uint8).cpu().numpy()  # [final, W]
+        labels[~self.valid[:final]] = nodata
+        keep = n - final
+        self.total[:, :keep] = self.total[:, final:final + keep].clone()
+        self.total[:, keep:] = 0
+        self.valid[:keep] = self.valid[final:final + keep]
+        self.valid[keep:] = False
+        return labels
+
+
 @torch.no_grad()
 def blend(reader, grid: Grid, model: WindowModel, nodata: int, batch_size: int,
           sink: Callable[[int, np.ndarray], None], progress: Callable[[int, int], None] | None = None) -> int:
@@ -335,41 +373,21 @@ def blend(reader, grid: Grid, model: WindowModel, nodata: int, batch_size: int,
     one strip (the window height, the raster's width) is held: after row r of windows, rows before
     `grid.final_after(r)` are final, and the rows the next row of windows overlaps move to the strip's top.
     """
-    h, w = grid.size
-    rows = min(h, grid.height)
-    total = torch.zeros(model.classes, rows, grid.width, device=model.device)  # [K, h, W] weighted sum
-    valid_rows = np.zeros((rows, grid.width), dtype=bool)
-    weights = [torch.from_numpy(p).to(model.device) for p in grid.row_weights], \
-        [torch.from_numpy(p).to(model.device) for p in grid.col_weights]
-    predicted, done = 0, 0
-    for item in _prefetched(_window_batches(reader, grid, model, batch_size), PREFETCH):
-        kind, r = item[0], item[1]
-        y = grid.rows[r]  # the strip holds rows y .. y + rows
-        n = min(y + h, grid.height) - y
-        if kind == "batch":
-            chunk, inputs = item[2], item[3]
-            probs = model.run(inputs.to(model.device, non_blocking=True))  # [B, K, h, w]
-            for c, p in zip(chunk, probs):
-                x = grid.cols[c]
-                m = min(x + w, grid.width) - x
-                weight = weights[0][r][:n, None] * weights[1][c][None, :m]  # [n, m]
-                total[:, :n, x:x + m] += p[:, :n, :m] * weight
-            predicted += len(chunk)
-            continue
-        valid_rows[:n] = item[2]
-        end = grid.final_after(r)
-        final = end - y
-        labels = total[:, :final].argmax(0).to(torch.uint8).cpu().numpy()  # [final, W]
-        labels[~valid_rows[:final]] = nodata
-        sink(y, labels)
-        keep = n - final  # rows the next row of windows overlaps: moved to the top, the rest cleared
-        total[:, :keep] = total[:, final:final + keep].clone()
-        total[:, keep:] = 0
-        valid_rows[:keep] = valid_rows[final:final + keep]
-        valid_rows[keep:] = False
-        done += len(grid.cols)
-        if progress:
-            progress(done, len(grid))
+    strip, predicted, done = _Strip(grid, model), 0, 0
+    # closed on any exception here, so the reading thread has stopped before the caller closes the raster
+    with contextlib.closing(_prefetched(_window_batches(reader, grid, model, batch_size), PREFETCH)) as items:
+        for item in items:
+            if item[0] == "batch":
+                _, r, cols, inputs = item
+                for c, probs in zip(cols, model.run(inputs.to(model.device, non_blocking=True))):  # [K, h, w]
+                    strip.add(r, c, probs)
+                predicted += len(cols)
+                continue
+            _, r, valid = item
+            sink(grid.rows[r], strip.finish(r, valid, nodata))
+            done += len(grid.cols)
+            if progress:
+                progress(done, len(grid))
     return predicted
 
 
