@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from cachedseg import checkpoint
-from cachedseg.data import Preprocess, SegmentationDataset
-from cachedseg.dataset import open_dataset
 from cachedseg.features import FeatureSource, cached_source
 from cachedseg.losses import dice_loss, segmentation_loss
 from cachedseg.recipe import MAX_WEIGHT, auto_class_weights
 from cachedseg.spec import StoreSpec
 from cachedseg.store import FeatureStore
 from cachedseg.train import TrainConfig, train
-from tests.conftest import one_line_error, run_cli, torchrun
+from tests.conftest import SMALL, one_line_error, run_cli, torchrun
 
 TRAIN1 = ["--epochs", "1", "--workers", "0", "--device", "cpu"]
 IGNORE = 255
@@ -50,16 +48,13 @@ def test_auto_weights_of_hand_made_masks_follow_the_rule(tmp_path):
     assert FeatureStore.open(tmp_path / "s.zarr").class_pixels([2]).tolist() == [0, 0, 0, 1024, 0]
 
 
-def test_the_live_source_counts_the_pixels_the_store_holds(dataset, store32):
-    # the same counts from the decoded masks as from the store, so cached and live runs get the same weights
-    source = cached_source(store32)
-    spec = source.spec
-    pp = Preprocess(spec.input_size, spec.mean, spec.std, spec.interpolation, spec.mask_size)
-    data = open_dataset(dataset)
-    samples = {s.id: s for s in data.samples()}
-    live = SegmentationDataset([samples[i] for i in source.ids], pp, data.read_labels)
-    counts = live.class_pixels(source.indices("trn"), len(spec.class_names))
-    assert counts.tolist() == source.class_pixels("trn").tolist() and counts.sum() > 0
+def test_live_training_gets_the_weights_the_store_gives(dataset, store32, tmp_path):
+    # the decoded trn masks, resized as training sees them, count what the store holds: cached and live runs of a
+    # dataset train with the same weights
+    expected = auto_class_weights(cached_source(store32).class_pixels("trn").tolist())
+    run_cli("train", "--live", dataset, *SMALL, "--dtype", "float32", "--run-dir", tmp_path / "live",
+            "--class-weights", "auto", "--decoder", "linear", *TRAIN1)
+    assert checkpoint.load_run(tmp_path / "live", "last").train_config.class_weights == expected
 
 
 def _loss_case():
