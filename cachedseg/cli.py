@@ -531,35 +531,59 @@ def _evaluate(run, json_out: Path | None = None, **options):
 
 @app.command()
 def predict(
-    images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders of images; GeoTIFF maps too."),
     run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (uses best.pt) or a checkpoint file."),
     out: Path = typer.Option(Path("predictions"), help="Output folder."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights (default: those the run was trained with); "
                                           "they must give the run's backbone fingerprint."),
     tta: bool = typer.Option(False, "--tta", help="Average the logits of every view the run's store cached (e.g. flipped)."),
-    batch_size: int = typer.Option(4, help="Images per forward pass."),
+    batch_size: int = typer.Option(4, help="Images (or windows) per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Processes decoding images (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    tile: bool = typer.Option(False, "--tile", help="Predict frames by sliding windows of the run's input size, "
+                              "pixels as they are (no resize, no 100-megapixel limit), and take every TIFF as a map."),
+    tile_overlap: Optional[int] = typer.Option(None, help="Pixels neighbouring windows share, blended smoothly "
+                                               "(default: an eighth of the window in whole patches, 14 at 112)."),
+    polygons: bool = typer.Option(False, "--polygons", help="Also write <name>.gpkg per map: one polygon per "
+                                  "connected region, with class_id and class_name, in the map's CRS."),
+    min_area: float = typer.Option(0.0, help="With --polygons: leave out regions smaller than this, in m² (pixels "
+                                   "for a map without a CRS); the label raster keeps them."),
+    simplify: float = typer.Option(0.0, help="With --polygons: simplify outlines to this tolerance, in CRS units "
+                                   "(neighbouring outlines may then no longer meet exactly)."),
 ):
     """Segment images live (backbone + decoder): writes <name>_label.png, and _color.png and _overlay.png with a
-    legend of the classes shown, per image."""
+    legend of the classes shown, per image. A map (a GeoTIFF with a CRS, one over 100 megapixels, or any TIFF with
+    --tile) is predicted by sliding windows into <name>_label.tif, a cloud-optimised GeoTIFF on the map's grid, and
+    with --polygons <name>.gpkg."""
     _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run),
-                  _at_least(1, batch_size=batch_size), _at_least(0, workers=workers),
+                  _at_least(1, batch_size=batch_size), _at_least(0, workers=workers, tile_overlap=tile_overlap),
                   lambda: paths.check_writable(out, "--out", folder=True))
+    from cachedseg.maps import PolygonOptions
+
     with user_errors(lambda: f"the images written so far are kept; rerun {rerun()} to redo them all"):
+        options = PolygonOptions(min_area, simplify) if polygons else None
         return _predict(images, run, out, weights=weights, device=device, tta=tta, batch_size=batch_size,
-                        workers=workers)
+                        workers=workers, tile=tile, tile_overlap=tile_overlap, polygons=options)
 
 
 def _predict(images, run, out: Path, **options):
     """Run `cachedseg.predict.predict` with progress and say what was written (and what was replaced)."""
+    from cachedseg.maps import MapPrediction
     from cachedseg.predict import predict as run_predict
 
     with Reporter() as reporter:
-        written = run_predict(images, run, out, progress=reporter.callback("predict"), **options)
-    replaced = sum(p.replaced for p in written)
-    console.print(f"wrote {3 * len(written)} PNGs for {len(written)} images to [bold]{escape(str(out))}[/]"
-                  + (f", replacing the earlier files of {replaced} of them" if replaced else ""), soft_wrap=True)
+        written = run_predict(images, run, out, progress=reporter.callback("predict"),
+                              window_progress=reporter.callback("windows"), **options)
+    maps = [p for p in written if isinstance(p, MapPrediction)]
+    frames = [p for p in written if not isinstance(p, MapPrediction)]
+    replaced = sum(p.replaced for p in frames)
+    if frames or not maps:
+        console.print(f"wrote {3 * len(frames)} PNGs for {len(frames)} images to [bold]{escape(str(out))}[/]"
+                      + (f", replacing the earlier files of {replaced} of them" if replaced else ""), soft_wrap=True)
+    for p in maps:
+        console.print(f"wrote {escape(str(p.label))} ({p.windows} windows)"
+                      + (f" and {escape(str(p.polygons))} ({p.features} polygons)" if p.polygons else "")
+                      + (", replacing earlier files" if p.replaced else ""), soft_wrap=True)
     if written.left_out:
         shown = ", ".join(p.name for p in written.left_out[:3]) + (", ..." if len(written.left_out) > 3 else "")
         console.print(f"left out {len(written.left_out)} files that cachedseg wrote itself ({escape(shown)}): "

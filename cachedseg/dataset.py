@@ -408,19 +408,19 @@ def own_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _refuse_huge(img: Image.Image, path: str | Path) -> Image.Image:
-    """The image (only its header read so far), if it is within MAX_PIXELS."""
-    if img.width * img.height > MAX_PIXELS:
+def _refuse_huge(img: Image.Image, path: str | Path, limit: int | None = MAX_PIXELS) -> Image.Image:
+    """The image (only its header read so far), if it is within `limit` pixels (None: any size)."""
+    if limit is not None and img.width * img.height > limit:
         raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
                              "downscale it before use")
     return img
 
 
-def _open(path: str | Path, what: str) -> Image.Image:
+def _open(path: str | Path, what: str, limit: int | None = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image file, turning every decoder failure into one clear error."""
     try:
         with own_pixel_limit():
-            img = _refuse_huge(Image.open(path), path)  # reads the header only
+            img = _refuse_huge(Image.open(path), path, limit)  # reads the header only
             img.load()
         return img
     except CachedsegError:
@@ -429,9 +429,10 @@ def _open(path: str | Path, what: str) -> Image.Image:
         raise CachedsegError(f"{path} is not a readable {what} ({exc}); replace or remove it") from None
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file to upright 8-bit RGB (EXIF orientation applied; 16-bit and float images rescaled)."""
-    img = _open(path, "image")
+def load_image(path: str | Path, limit: int | None = MAX_PIXELS) -> Image.Image:
+    """Decode an image file to upright 8-bit RGB (EXIF orientation applied; 16-bit and float images rescaled),
+    refusing one over `limit` pixels (None: any size, for tiled prediction, which never resizes a frame whole)."""
+    img = _open(path, "image", limit)
     ImageOps.exif_transpose(img, in_place=True)  # a copy would double the memory of a large frame
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # convert("RGB") would clip these at 255; scale the 16-bit range down to 8 bits instead.

@@ -23,11 +23,14 @@ from PIL.PngImagePlugin import PngInfo
 from cachedseg import __version__, checkpoint
 from cachedseg.backbone import Backbone, backbone_for, resolve_device
 from cachedseg.data import preprocess_image
-from cachedseg.dataset import load_image, own_pixel_limit
+from cachedseg.dataset import MAX_PIXELS, load_image, own_pixel_limit
 from cachedseg.errors import CachedsegError
+from cachedseg.maps import (TIFF_SUFFIXES, PolygonOptions, WindowModel, is_map, map_size, predict_map,
+                            tiled_labels)
 from cachedseg.paths import check_images
 from cachedseg.pictures import legend_strip, picture_rows, present_classes
 from cachedseg.spec import StoreSpec
+from cachedseg.tiles import Grid, check_overlap, default_overlap
 from cachedseg.views import apply_view
 from cachedseg.workers import default_workers
 
@@ -97,14 +100,20 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], whole_bytes:
     return labels  # [H, W]
 
 
+def mean_over_views(logits: list[torch.Tensor], views: tuple[str, ...]) -> torch.Tensor:
+    """Logits [B, K, Mh, Mw] computed in each view -> their mean [B, K, Mh, Mw] in the original frame
+    (test-time augmentation)."""
+    total = apply_view(logits[0], views[0])
+    for view_logits, view in zip(logits[1:], views[1:]):
+        total = total + apply_view(view_logits, view)
+    return total / len(views)  # [B, K, Mh, Mw]
+
+
 def labels_over_views(logits: list[torch.Tensor], views: tuple[str, ...],
                       sizes: list[tuple[int, int]]) -> list[np.ndarray]:
     """Logits [B, K, Mh, Mw] computed in each view -> class indices [H, W] per image at its size (H, W), from the
     views' mean in the original frame (test-time augmentation)."""
-    total = apply_view(logits[0], views[0])
-    for view_logits, view in zip(logits[1:], views[1:]):
-        total = total + apply_view(view_logits, view)
-    mean = total / len(views)  # [B, K, Mh, Mw]
+    mean = mean_over_views(logits, views)  # [B, K, Mh, Mw]
     return [labels_from_logits(mean[i:i + 1], size) for i, size in enumerate(sizes)]
 
 
@@ -117,17 +126,42 @@ def tta_views(spec: StoreSpec, tta: bool) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def segment_batch(x: torch.Tensor, sizes: list[tuple[int, int]], backbone: Backbone, spec: StoreSpec,
-                  decoder: torch.nn.Module, views: tuple[str, ...] = ("identity",)) -> list[np.ndarray]:
-    """Class indices [H, W] at each size (H, W) for a batch of preprocessed images [B, 3, H', W'], averaging the
-    logits of `views` (each computed as extraction computes it, then mapped back to the frame)."""
+def view_logits(x: torch.Tensor, backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
+                views: tuple[str, ...] = ("identity",)) -> list[torch.Tensor]:
+    """Decoder logits [B, K, Mh, Mw] in each of `views` for a batch of preprocessed images [B, 3, H', W'], each
+    computed as extraction computes it (features cast to the cache dtype)."""
     device = next(backbone.parameters()).device
     x = x.to(device, non_blocking=True)
     logits = []
     for view in views:
         feats = backbone(apply_view(x, view)).to(getattr(torch, spec.dtype)).float()  # [B, L, C, h, w], as cached
         logits.append(decoder.to(device)(feats))  # [B, K, Mh, Mw], in the view
-    return labels_over_views(logits, views, sizes)
+    return logits
+
+
+def segment_batch(x: torch.Tensor, sizes: list[tuple[int, int]], backbone: Backbone, spec: StoreSpec,
+                  decoder: torch.nn.Module, views: tuple[str, ...] = ("identity",)) -> list[np.ndarray]:
+    """Class indices [H, W] at each size (H, W) for a batch of preprocessed images [B, 3, H', W'], averaging the
+    logits of `views` (each computed as extraction computes it, then mapped back to the frame)."""
+    return labels_over_views(view_logits(x, backbone, spec, decoder, views), views, sizes)
+
+
+def window_model(backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
+                 views: tuple[str, ...] = ("identity",)) -> WindowModel:
+    """Sliding-window prediction (`cachedseg.maps`) with the same steps as `segment_batch`: each window, at the
+    backbone's input size already, preprocessed by `preprocess_image` (no resize), the views' mean logits resized
+    bilinearly to the window as `labels_from_logits` resizes a frame, then softmax: class probabilities to blend."""
+    pp, device = backbone.preprocess, next(backbone.parameters()).device
+
+    def prepare(pixels: np.ndarray) -> torch.Tensor:
+        return preprocess_image(Image.fromarray(pixels), pp)  # [3, h, w]
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        mean = mean_over_views(view_logits(x, backbone, spec, decoder, views), views).float()  # [B, K, Mh, Mw]
+        return F.interpolate(mean, size=pp.image_size, mode="bilinear", align_corners=False).softmax(1)
+
+    return WindowModel(tuple(pp.image_size), len(spec.class_names), prepare, run, device)
 
 
 def segment(image: Image.Image, backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
@@ -216,11 +250,15 @@ def find_images(inputs: list[str | Path]) -> tuple[list[Path], list[Path]]:
 
 def own_outputs(paths: list[Path]) -> set[Path]:
     """The files among `paths` that cachedseg wrote: PNGs whose text chunk says so (`_save_png` marks every PNG it
-    writes), and, for those written before the mark, `<stem>_label/_color/_overlay.png` next to an image `<stem>.*`
-    or with all three of them there."""
+    writes), label rasters `<stem>_label.tif` whose Software tag says so, and, for PNGs written before the mark,
+    `<stem>_label/_color/_overlay.png` next to an image `<stem>.*` or with all three of them there."""
     outputs: set[Path] = set()
     listed: dict[Path, set[str]] = {}  # folder -> its file names, lower case
     for path in paths:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            if path.stem.lower().endswith("_label") and _written_tiff(path):
+                outputs.add(path)
+            continue
         if path.suffix.lower() != ".png":
             continue
         stem, _, kind = path.stem.lower().rpartition("_")
@@ -238,6 +276,15 @@ def own_outputs(paths: list[Path]) -> set[Path]:
         except (OSError, ValueError, SyntaxError):
             pass  # not readable: loading it says so
     return outputs
+
+
+def _written_tiff(path: Path) -> bool:
+    """Whether a TIFF is a label raster cachedseg wrote (its Software tag says so; the header only is read)."""
+    try:
+        with own_pixel_limit(), Image.open(path) as tiff:
+            return str(getattr(tiff, "tag_v2", {}).get(305, "")).startswith(SOFTWARE.split()[0])
+    except (OSError, ValueError, SyntaxError):
+        return False  # not readable: loading it says so
 
 
 def _check_names(paths: list[Path]) -> None:
@@ -282,11 +329,47 @@ class Predictions(list):
         self.left_out = left_out
 
 
+def _write_pngs(path: Path, image: Image.Image, labels: np.ndarray, out: Path, classes) -> Prediction:
+    """Write a frame's label, colour and overlay PNGs (the pictures a band of rows at a time)."""
+    files = [out / f"{path.stem}_{kind}.png" for kind in KINDS]
+    pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
+    _save_png(Image.fromarray(labels, mode="L"), pred.label)
+    strip = legend_strip(labels.shape[1], present_classes(labels), classes)
+    size = labels.shape[1], labels.shape[0] + strip.height
+    _save_png_rows(picture_rows(labels, classes, strip), *size, pred.color)
+    _save_png_rows(picture_rows(labels, classes, strip, image), *size, pred.overlay)
+    return pred
+
+
+def _frame_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of a frame upright (EXIF orientation applied), from its header; None if unreadable (loading
+    it then says so)."""
+    try:
+        with own_pixel_limit(), Image.open(path) as img:
+            (width, height), orientation = img.size, img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)  # the tags that rotate by 90°
+
+
+def _refuse_whole(frames: list[Path]) -> None:
+    """Refuse frames too large to predict whole (over MAX_PIXELS, from their headers), pointing to --tile."""
+    for path in frames:
+        size = _frame_size(path)
+        if size and size[0] * size[1] > MAX_PIXELS:
+            raise CachedsegError(f"{path} is {size[1]}x{size[0]}, over {MAX_PIXELS // 10**6} megapixels, too large "
+                                 "to predict whole; pass --tile to predict it by sliding windows")
+
+
 def predict(images: list[str | Path], run: str | Path, out: str | Path = "predictions", weights: str | None = None,
             device: str = "auto", tta: bool = False, batch_size: int = 4, workers: int | None = None,
-            progress: Callable[[int, int], None] | None = None) -> Predictions:
-    """Segment images with a trained run, writing a label, a colour and an overlay PNG per image. Files that
-    cachedseg wrote (earlier predictions, say in the output folder itself) are left out of the inputs.
+            progress: Callable[[int, int], None] | None = None, tile: bool = False, tile_overlap: int | None = None,
+            polygons: PolygonOptions | None = None,
+            window_progress: Callable[[int, int], None] | None = None) -> Predictions:
+    """Segment images with a trained run: a frame gets a label, a colour and an overlay PNG; a map (a GeoTIFF with a
+    CRS, or over MAX_PIXELS, or any TIFF with `tile`) is predicted by sliding windows into a label COG
+    `<stem>_label.tif` (`cachedseg.maps`). Files that cachedseg wrote (earlier predictions, say in the output folder
+    itself) are left out of the inputs.
 
     Args:
         images: Image files and folders of images.
@@ -296,42 +379,79 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             They must give the fingerprint the run was trained on.
         device: `auto`, `cpu` or `cuda`.
         tta: Average the logits of every view the run's features were cached in (e.g. flipped).
-        batch_size: Images per backbone forward pass.
-        workers: DataLoader processes that decode images (default: 0 on a CPU, min(4, CPUs) on a GPU).
-        progress: Called as `progress(done, total)`.
+        batch_size: Images (or windows) per backbone forward pass.
+        workers: DataLoader processes that decode whole frames (default: 0 on a CPU, min(4, CPUs) on a GPU).
+        progress: Called as `progress(done, total)` in images.
+        tile: Predict frames by sliding windows too (pixels as they are, no resize; their PNGs as ever), and take
+            every TIFF as a map. Without it a frame is resized whole to the backbone's input.
+        tile_overlap: Pixels shared by neighbouring windows (default: an eighth of the window, in whole patches).
+        polygons: Also write `<stem>.gpkg` for each map, with these options.
+        window_progress: Called as `window_progress(done, total)` in windows, for each map or tiled frame.
 
     Returns:
-        The files written, per image (`replaced` tells which overwrote an earlier prediction's files), and in
-        `left_out` the inputs left out as cachedseg's own outputs.
+        The files written, per image in input order (a `Prediction` per frame, a `cachedseg.maps.MapPrediction` per
+        map; `replaced` tells which overwrote an earlier prediction's files), and in `left_out` the inputs left
+        out as cachedseg's own outputs.
 
     Raises:
-        CachedsegError: For missing inputs, inputs whose outputs would collide, an unreadable image, or a backbone
-            that does not match the run.
+        CachedsegError: For missing inputs, inputs whose outputs would collide, an unreadable image or raster, a
+            frame over MAX_PIXELS without `tile`, a bad overlap, or a backbone that does not match the run.
     """
     paths, left_out = find_images(images)
     _check_names(paths)
+    maps = [p for p in paths if is_map(p, tile)]
+    frames = [p for p in paths if p not in maps]
+    if polygons is not None and not maps:
+        raise CachedsegError("--polygons vectorises maps (GeoTIFFs), but none of the inputs is one; leave it out")
+    if not tile:
+        _refuse_whole(frames)
+    tiled = {p: map_size(p) for p in maps}  # checked before the model loads: bands, alpha, 8-bit
+    tiled.update({p: _frame_size(p) or (1, 1) for p in (frames if tile else [])})
     ckpt = checkpoint.load_run(run)
-    views, classes = tta_views(ckpt.spec, tta), ckpt.spec.classes
+    views, classes, spec = tta_views(ckpt.spec, tta), ckpt.spec.classes, ckpt.spec
+    size = tuple(spec.input_size)
+    overlap = default_overlap(size, size[0] // spec.grid[0]) if tile_overlap is None else tile_overlap
+    if tiled:
+        check_overlap(overlap, size)
+    grids = {p: Grid(*hw, size, overlap) for p, hw in tiled.items()}
+    total_windows, windows_before = sum(map(len, grids.values())), [0]
+
+    def windows_of(path: Path) -> Callable[[int, int], None] | None:
+        """`window_progress` over all maps and tiled frames, from this one's windows."""
+        def report(done: int, total: int) -> None:
+            window_progress(windows_before[0] + done, total_windows)
+            if done == total:
+                windows_before[0] += total
+        return report if window_progress else None
     torch_device = resolve_device(device)
-    backbone = backbone_for(ckpt.spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
+    backbone = backbone_for(spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
     decoder = ckpt.decoder()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for items in batches(ImageFiles(paths, backbone.preprocess), batch_size, workers, torch_device):
-        raise_first_error(items)
-        x = torch.stack([item["x"] for item in items])  # [B, 3, H', W']
-        sizes = [(item["image"].height, item["image"].width) for item in items]
-        for item, labels in zip(items, segment_batch(x, sizes, backbone, ckpt.spec, decoder, views)):  # [H, W]
-            path, image = paths[item["n"]], item.pop("image")  # dropped as soon as its overlay is written
-            files = [out / f"{path.stem}_{kind}.png" for kind in KINDS]
-            pred = Prediction(path, *files, replaced=any(f.exists() for f in files))
-            _save_png(Image.fromarray(labels, mode="L"), pred.label)
-            strip = legend_strip(labels.shape[1], present_classes(labels), classes)
-            size = labels.shape[1], labels.shape[0] + strip.height
-            _save_png_rows(picture_rows(labels, classes, strip), *size, pred.color)
-            _save_png_rows(picture_rows(labels, classes, strip, image), *size, pred.overlay)
-            written.append(pred)
+    written: dict[Path, object] = {}
+
+    def done() -> None:
         if progress:
             progress(len(written), len(paths))
-    return Predictions(written, left_out)
+
+    if frames and not tile:
+        for items in batches(ImageFiles(frames, backbone.preprocess), batch_size, workers, torch_device):
+            raise_first_error(items)
+            x = torch.stack([item["x"] for item in items])  # [B, 3, H', W']
+            sizes = [(item["image"].height, item["image"].width) for item in items]
+            for item, labels in zip(items, segment_batch(x, sizes, backbone, spec, decoder, views)):  # [H, W]
+                path = frames[item["n"]]
+                written[path] = _write_pngs(path, item.pop("image"), labels, out, classes)  # image dropped here
+            done()
+    model = window_model(backbone, spec, decoder, views)
+    for path in frames if tile else []:
+        image = load_image(path, limit=None)  # never resized whole: memory is the limit (about 7 bytes a pixel)
+        labels = tiled_labels(image, model, overlap, batch_size, classes.ignore_index, windows_of(path))
+        written[path] = _write_pngs(path, image, labels, out, classes)
+        done()
+    provenance = {"BACKBONE": spec.backbone, "FINGERPRINT": spec.fingerprint, "RUN": str(run)}
+    for path in maps:
+        written[path] = predict_map(path, out, model, classes, overlap, batch_size, polygons, provenance,
+                                    windows_of(path))
+        done()
+    return Predictions([written[p] for p in paths], left_out)

@@ -76,3 +76,19 @@ def test_imbalance_benchmark_quick_scores_every_variant_per_class(tmp_path):
         assert list(row["iou"]) == names and len(row["miou"]) == 1 and 0 <= row["rare_miou"] <= 1
     assert sum(result["trn_pixel_share"].values()) == pytest.approx(1)
     assert "| dice-ce + auto weights |" in (tmp_path / "results" / "imbalance.md").read_text()
+
+
+def test_ortho_benchmark_reports_every_figure(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "ortho.py"
+    out = tmp_path / "ortho.json"
+    proc = subprocess.run([sys.executable, str(script), "--sizes", "200,300", "--image-size", "112",
+                           "--polygons-size", "200", "--json", str(out), "--results", str(tmp_path / "results")],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["side"] for r in rows] == [200, 300]
+    for row in rows:
+        for key in ("windows", "map_s", "map_win_s", "floor_win_s", "model_win_s", "ratio", "peak_mb", "s_per_mp"):
+            assert row[key] > 0, key
+    assert rows[0]["features"] > 0 and "features" not in rows[1]
+    assert (tmp_path / "results" / "ortho.md").read_text().count("| 112 (overlap 14) |") == 2

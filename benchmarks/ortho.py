@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Maps: peak memory, windows/s and time against area of `predict` on generated orthomosaics (issue 17).
+
+    benchmarks/ortho.py [--sizes 2000,5000] [--image-size 518] [--device cpu] [--batch-size 4]
+        [--polygons-size N] [--label TEXT] [--json FILE] [--results [DIR]] [--workdir DIR]
+
+A run is trained for one epoch on generated 160x120 frames (vit_small_patch14_dinov2 at --image-size, random
+weights: speed and memory do not depend on them). For each size N, a georeferenced N x N mosaic of
+`cachedseg.synth` scenes with a nodata border (`cachedseg.maps.synth_map`, RGBA, EPSG:32633 at 5 cm) is predicted
+by `cachedseg.maps.predict_map` in a fresh process (windows of the run's input size, the default overlap):
+  windows, map_s, map_win_s      windows predicted (all-nodata ones skipped), seconds of predict_map (read,
+                                 forward, blend, write, COG), windows/s
+  peak_mb                        peak RSS of that process (interpreter, torch and model included)
+  floor_win_s, floor_peak_mb     the backbone alone on as many in-memory tiles, same batches, fresh process
+  model_win_s                    backbone + decoder + resize + softmax on those tiles (the window model)
+  ratio                          map_win_s / floor_win_s (goal >= 0.9: I/O and blending hidden)
+  s_per_mp                       map_s per megapixel (time linear in area: flat across sizes)
+With --polygons-size N, `predict --polygons` of the N x N mosaic is timed too (polygons_s, features).
+Results: printed, --json, and with --results Markdown rows appended to benchmarks/results/ortho.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cachedseg.maps import synth_map
+from cachedseg.runs import RunFolder
+from cachedseg.synth import synthesize
+from large_frame import commit, cli
+from results_md import append, machine
+
+RESULTS = Path(__file__).parent / "results"
+# Runs one Python snippet (argv: code, then its arguments) and adds its peak RSS (kB on Linux) to the JSON the
+# snippet wrote: RUSAGE_CHILDREN of this wrapper is that process's alone.
+WRAPPER = ("import json, resource, subprocess, sys; rc = subprocess.call([sys.executable, '-c', *sys.argv[1:]]); "
+           "print(json.dumps({'rc': rc, 'peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+MAP = """
+import json, sys, time
+from pathlib import Path
+import torch
+from cachedseg import checkpoint
+from cachedseg.backbone import backbone_for
+from cachedseg.maps import PolygonOptions, predict_map
+from cachedseg.predict import window_model
+from cachedseg.tiles import default_overlap
+run, ortho, out, device, batch, polygons, result = sys.argv[1:]
+ckpt = checkpoint.load_run(run)
+backbone = backbone_for(ckpt.spec, ckpt.weights, device, ckpt.decoder_config.layers)
+model = window_model(backbone, ckpt.spec, ckpt.decoder(), ("identity",))
+overlap = default_overlap(model.size, model.size[0] // ckpt.spec.grid[0])
+start = time.perf_counter()
+written = predict_map(ortho, out, model, ckpt.spec.classes, overlap, int(batch),
+                      PolygonOptions() if polygons == "1" else None)
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+seconds = time.perf_counter() - start
+Path(result).write_text(json.dumps({"windows": written.windows, "seconds": seconds, "features": written.features,
+                                    "overlap": overlap, "cog_mb": Path(written.label).stat().st_size / 2**20}))
+"""
+FLOOR = """
+import json, sys, time
+from pathlib import Path
+import numpy as np, torch
+from cachedseg import checkpoint
+from cachedseg.backbone import backbone_for
+from cachedseg.predict import window_model
+run, count, device, batch, result = sys.argv[1:]
+ckpt = checkpoint.load_run(run)
+backbone = backbone_for(ckpt.spec, ckpt.weights, device, ckpt.decoder_config.layers)
+model = window_model(backbone, ckpt.spec, ckpt.decoder(), ("identity",))
+rng = np.random.default_rng(0)
+tiles = [model.prepare(rng.integers(0, 256, (*model.size, 3), dtype=np.uint8)) for _ in range(int(batch))]
+x = torch.stack(tiles).to(device)  # one batch, in memory: no reading, no preprocessing
+batches = [x[: min(int(batch), int(count) - i)] for i in range(0, int(count), int(batch))]
+def timed(f):
+    f(batches[0])  # warm
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in batches:
+        f(b)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return int(count) / (time.perf_counter() - start)
+with torch.no_grad():
+    floor = timed(backbone)
+    full = timed(model.run)
+Path(result).write_text(json.dumps({"floor_win_s": floor, "model_win_s": full}))
+"""
+
+
+def parse() -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="2000,5000", help="mosaic sides in pixels, comma-separated")
+    p.add_argument("--image-size", type=int, default=518, help="the run's input (the window) [default: 518]")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--polygons-size", type=int, default=None, help="also time --polygons on this mosaic size")
+    p.add_argument("--label", default=None, help="names the code measured [default: its git commit]")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--workdir", type=Path, default=None, help="keep data, run and outputs here [default: a temp folder]")
+    p.add_argument("--results", type=Path, nargs="?", const=RESULTS, default=None,
+                   help=f"append Markdown rows to ortho.md in this folder [bare --results: {RESULTS}]")
+    return p.parse_args()
+
+
+def measured(code: str, *args) -> dict:
+    """What the snippet `code` wrote to its last argument, with its process's peak RSS (MB)."""
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, code, *map(str, args)], capture_output=True, text=True)
+    wrapper = json.loads(proc.stdout.strip().splitlines()[-1])
+    if wrapper["rc"] != 0:
+        raise SystemExit(f"the measured process failed:\n{proc.stdout}{proc.stderr}")
+    return {**json.loads(Path(args[-1]).read_text()), "peak_mb": wrapper["peak_kb"] / 1024}
+
+
+def main() -> None:
+    args = parse()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="cachedseg-ortho-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = ["--device", args.device]
+    small, run = work / "small", work / f"run{args.image_size}"
+    if not RunFolder(run).best.exists():
+        if not small.exists():
+            synthesize(small, count=8, width=160, height=120, seed=0)
+        store = work / f"small{args.image_size}.zarr"
+        subprocess.run(cli("extract", small, "--store", store, "--backbone", "vit_small_patch14_dinov2",
+                           "--image-size", args.image_size, "--weights", "random", "--workers", "0", "--overwrite",
+                           *device), check=True, capture_output=True)
+        subprocess.run(cli("train", store, "--run", run, "--epochs", "1", "--workers", "0", *device), check=True,
+                       capture_output=True)
+    rows = []
+    for side in (int(s) for s in args.sizes.split(",")):
+        ortho = work / f"ortho-{side}.tif"
+        if not ortho.exists():
+            synth_map(ortho, side, side, seed=side)
+        out = work / f"out-{side}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        pred = measured(MAP, run, ortho, out, args.device, args.batch_size, 0, work / "map.json")
+        floor = measured(FLOOR, run, pred["windows"], args.device, args.batch_size, work / "floor.json")
+        row = {"side": side, "mp": side * side / 1e6, "windows": pred["windows"], "overlap": pred["overlap"],
+               "map_s": pred["seconds"], "map_win_s": pred["windows"] / pred["seconds"], "peak_mb": pred["peak_mb"],
+               "floor_win_s": floor["floor_win_s"], "model_win_s": floor["model_win_s"],
+               "floor_peak_mb": floor["peak_mb"], "cog_mb": pred["cog_mb"]}
+        row["ratio"] = row["map_win_s"] / row["floor_win_s"]
+        row["s_per_mp"] = row["map_s"] / row["mp"]
+        if args.polygons_size == side:
+            shutil.rmtree(out)
+            out.mkdir()
+            poly = measured(MAP, run, ortho, out, args.device, args.batch_size, 1, work / "map.json")
+            row.update(polygons_s=poly["seconds"], features=poly["features"], polygons_peak_mb=poly["peak_mb"])
+        rows.append(row)
+        print(json.dumps(row))
+    result = {"label": args.label or commit(), "device": machine(torch.device(args.device)),
+              "date": dt.date.today().isoformat(), "image_size": args.image_size, "batch_size": args.batch_size,
+              "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.results:
+        append(args.results / "ortho.md",
+               "# Maps\n\nAppended by `benchmarks/ortho.py`: `predict_map` of generated N x N orthomosaics (RGBA, "
+               "nodata border, EPSG:32633 at 5 cm), vit_small_patch14_dinov2 at the window size, random weights, "
+               "each in a fresh process. map s: reading, forward passes, blending, writing and the COG copy; "
+               "floor: the backbone alone on as many in-memory windows, same batches; model: backbone + decoder "
+               "+ resize + softmax on them; peak: the process's peak RSS (interpreter, torch and model included). "
+               "On a shared machine the seconds vary 2-3x between runs; the peaks do not.\n\n"
+               "| date | code | device | window | mosaic | windows | map s | s/MP | map win/s | floor win/s | "
+               "model win/s | ratio | peak MB | floor peak MB | COG MB | polygons s (features) |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+               [f"| {result['date']} | {result['label']} | {result['device']} | {args.image_size} "
+                f"(overlap {r['overlap']}) | {r['side']}² | {r['windows']} | {r['map_s']:.1f} | {r['s_per_mp']:.1f} | "
+                f"{r['map_win_s']:.2f} | {r['floor_win_s']:.2f} | {r['model_win_s']:.2f} | {r['ratio']:.2f} | "
+                f"{r['peak_mb']:.0f} | {r['floor_peak_mb']:.0f} | {r['cog_mb']:.1f} | "
+                + (f"{r['polygons_s']:.1f} ({r['features']}) |" if "polygons_s" in r else "- |") for r in rows])
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,762 @@
+"""Maps: orthomosaics predicted by sliding windows, in strips, to a cloud-optimised GeoTIFF and a GeoPackage.
+
+The one owner of raster I/O. A GeoTIFF (RGB or RGBA, 8-bit; an alpha band, a nodata value or an internal mask
+marks the pixels outside the map) is read one strip of windows at a time; each window is predicted as it is (the
+backbone's input size, no resizing) and the windows' class probabilities are blended with the weights of
+`cachedseg.tiles`. Rows that no later window touches are final: their labels are written, and only the rows the
+next strip of windows overlaps are kept. Memory therefore grows with the raster's width (the strip: K classes x
+window height x width float32, with the input strip and the prefetched windows), never with its height.
+
+The labels go to a tiled, compressed GeoTIFF block row by block row, which is then copied into a COG (GDAL's COG
+driver only copies; writing one directly would hold the whole raster in memory): uint8 class ids, the run's
+ignore label as nodata where the input is nodata, the input's CRS, transform and size, the classes' colour table,
+their names in the metadata. `--polygons` vectorises each finished block row and merges the regions that cross
+block rows, so each connected region is one feature.
+
+rasterio, pyogrio and shapely (the `maps` extra) are imported when a map is read or written, never before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from cachedseg import __version__
+from cachedseg.classes import ClassSet
+from cachedseg.dataset import MAX_PIXELS, own_pixel_limit
+from cachedseg.errors import CachedsegError, first_line
+from cachedseg.tiles import Grid
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+SOFTWARE = f"cachedseg {__version__}"  # TIFFTAG_SOFTWARE of every label raster: it is never taken for an input
+EXTRA = "pip install 'cachedseg[maps]'"
+BLOCK = 512  # label raster tiles, and the rows vectorised at a time
+GDAL_CACHE_MB = 256  # GDAL's block cache (default 5% of RAM, which a large map would fill)
+POLYGON_BATCH = 10_000  # features written to the GeoPackage at a time
+PREFETCH = 2  # batches of windows read and preprocessed ahead of the forward pass
+_GEOTIFF_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory
+
+
+def _module(name: str):
+    """Import an optional dependency of the maps extra, or say how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise CachedsegError(f"GeoTIFF maps need {name.split('.')[0]}, which is not installed; {EXTRA}") from None
+
+
+def _rasterio():
+    """rasterio, with its submodules this module uses."""
+    rasterio = _module("rasterio")
+    for sub in ("rasterio.features", "rasterio.shutil", "rasterio.windows", "rasterio.errors"):
+        importlib.import_module(sub)
+    return rasterio
+
+
+@dataclass(frozen=True)
+class WindowModel:
+    """How windows become class probabilities: what `blend` runs on each window.
+
+    Attributes:
+        size: Window (height, width): the backbone's input.
+        classes: Number of classes K.
+        prepare: A window's pixels [h, w, 3] uint8 -> the model's input [3, h, w] (run ahead, in a thread).
+        run: Inputs [B, 3, h, w] -> class probabilities [B, K, h, w] (on `device`).
+        device: Where `run` returns its probabilities; the strip's blend is summed there.
+    """
+
+    size: tuple[int, int]
+    classes: int
+    prepare: Callable[[np.ndarray], torch.Tensor]
+    run: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class PolygonOptions:
+    """What `--polygons` writes.
+
+    Attributes:
+        min_area: Regions smaller than this are left out (m² for a georeferenced raster, else pixels); 0 keeps all.
+        simplify: Douglas-Peucker tolerance in CRS units (pixels without a CRS); 0 keeps every vertex.
+    """
+
+    min_area: float = 0.0
+    simplify: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_area < 0 or self.simplify < 0:
+            raise CachedsegError(f"--min-area {self.min_area} / --simplify {self.simplify}: give 0 or more")
+
+
+@dataclass(frozen=True)
+class MapPrediction:
+    """The files written for one map.
+
+    Attributes:
+        image: The input raster.
+        label: The label COG, `<stem>_label.tif`.
+        polygons: The GeoPackage `<stem>.gpkg` (with `--polygons`), else None.
+        windows: Windows predicted (all-nodata windows are skipped).
+        features: Polygons written (with `--polygons`).
+        replaced: Whether files of an earlier prediction were overwritten.
+    """
+
+    image: Path
+    label: Path
+    polygons: Path | None
+    windows: int
+    features: int = 0
+    replaced: bool = False
+
+
+# --- inputs ------------------------------------------------------------------------------------------------------
+
+def _pil_georeferenced(path: Path) -> bool:
+    """Whether a TIFF's header has GeoTIFF tags or more than MAX_PIXELS (read by PIL, when rasterio is missing)."""
+    from PIL import Image
+    try:
+        with own_pixel_limit(), Image.open(path) as img:
+            tags = getattr(img, "tag_v2", {})
+            return any(t in tags for t in _GEOTIFF_TAGS) or img.width * img.height > MAX_PIXELS
+    except (OSError, ValueError, SyntaxError):
+        return False  # not readable: loading it says so
+
+
+def is_map(path: str | Path, tile: bool = False) -> bool:
+    """Whether `predict` takes the map path for this file: a TIFF with a CRS, or over MAX_PIXELS, or any TIFF with
+    `tile`. Other images (and TIFFs no reader opens, which loading then reports) are frames.
+
+    Raises:
+        CachedsegError: For a map when the maps extra is not installed.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    try:
+        rasterio = _rasterio()
+    except CachedsegError:
+        if tile or _pil_georeferenced(path):
+            raise
+        return False
+    try:
+        with _quiet(), rasterio.open(path) as src:
+            return tile or src.crs is not None or src.width * src.height > MAX_PIXELS
+    except rasterio.errors.RasterioError:
+        return tile
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """rasterio's warning about a raster without georeference off: such a TIFF is fine (pixels then)."""
+    from rasterio.errors import NotGeoreferencedWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
+def _env():
+    """The GDAL settings of map I/O: a bounded block cache."""
+    return _rasterio().Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
+class MapReader:
+    """An open RGB(A) GeoTIFF, read a strip of rows at a time with its validity mask."""
+
+    def __init__(self, path: str | Path):
+        rasterio = _rasterio()
+        self.path = Path(path)
+        try:
+            with _quiet():
+                self.src = rasterio.open(self.path)
+        except rasterio.errors.RasterioError as exc:
+            raise CachedsegError(f"{self.path} is not a readable raster ({first_line(exc)}); replace or remove it"
+                                 ) from None
+        try:
+            self._check()
+        except CachedsegError:
+            self.src.close()
+            raise
+
+    def _check(self) -> None:
+        """Refuse what the model cannot read: other than 3 or 4 bands, a 4th band that is not alpha, not 8-bit."""
+        from rasterio.enums import ColorInterp
+        src = self.src
+        if src.count not in (3, 4):
+            raise CachedsegError(f"{self.path} has {src.count} band(s); a map must be RGB (3 bands) or RGBA "
+                                 "(4, the 4th alpha)")
+        if src.count == 4 and src.colorinterp[3] != ColorInterp.alpha:
+            raise CachedsegError(f"{self.path}'s 4th band is {src.colorinterp[3].name}, not alpha; mark it "
+                                 f"(gdal_edit.py -colorinterp_4 alpha {self.path.name}) or give the RGB bands only")
+        if set(src.dtypes) != {"uint8"}:
+            raise CachedsegError(f"{self.path} is {src.dtypes[0]}, but the model reads 8-bit RGB; convert it "
+                                 f"(gdal_translate -ot Byte -scale {self.path.name} out.tif)")
+
+    @property
+    def height(self) -> int:
+        return self.src.height
+
+    @property
+    def width(self) -> int:
+        return self.src.width
+
+    @property
+    def crs(self):
+        return self.src.crs
+
+    @property
+    def transform(self):
+        """The affine pixel -> CRS transform (the identity for a raster without georeference)."""
+        return self.src.transform
+
+    @property
+    def georeferenced(self) -> bool:
+        from affine import Affine
+        return self.src.crs is not None or self.src.transform != Affine.identity()
+
+    def read(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows y0:y1: RGB [n, W, 3] uint8 and valid [n, W] bool (False outside the map)."""
+        from rasterio.windows import Window
+        window = Window(0, y0, self.width, y1 - y0)
+        try:
+            rgb = self.src.read((1, 2, 3), window=window)  # [3, n, W]
+            valid = self.src.dataset_mask(window=window) > 0  # [n, W]: alpha, internal mask or nodata
+        except _rasterio().errors.RasterioError as exc:
+            raise CachedsegError(f"rows {y0}-{y1} of {self.path} could not be read ({first_line(exc)}); the file "
+                                 "is damaged: rebuild or replace it") from None
+        return np.ascontiguousarray(rgb.transpose(1, 2, 0)), valid
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def map_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a map, checked as `MapReader` checks it (bands, alpha, 8-bit), from its header."""
+    with _env():
+        reader = MapReader(path)
+        reader.close()
+    return reader.height, reader.width
+
+
+class FrameReader:
+    """A decoded frame (a PIL image, RGB) read as a map: every pixel valid."""
+
+    def __init__(self, image):
+        self.pixels = np.asarray(image)  # [H, W, 3] uint8, a view of the image's memory
+        self.height, self.width = self.pixels.shape[:2]
+
+    def read(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows y0:y1: RGB [n, W, 3] uint8 and valid [n, W] bool (all True)."""
+        return self.pixels[y0:y1], np.ones((y1 - y0, self.width), dtype=bool)
+
+
+# --- sliding windows ---------------------------------------------------------------------------------------------
+
+def _padded(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A window's pixels [n, m, 3], reflected out to `size` where the raster is smaller than a window."""
+    pad = (0, max(0, size[0] - pixels.shape[0])), (0, max(0, size[1] - pixels.shape[1])), (0, 0)
+    return np.pad(pixels, pad, mode="reflect") if any(p[1] for p in pad[:2]) else pixels
+
+
+def _prefetched(items: Iterable, depth: int) -> Iterator:
+    """Iterate `items` in a thread, `depth` items ahead (reading and preprocessing hide behind the forward pass);
+    its exceptions are raised here, and it stops when this generator is closed."""
+    box: queue.Queue = queue.Queue(depth)
+    stop, done = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("done", done))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(("error", exc))
+
+    thread = threading.Thread(target=produce, daemon=True, name="cachedseg-prefetch")
+    thread.start()
+    try:
+        while True:
+            kind, item = box.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _window_batches(reader, grid: Grid, model: WindowModel, batch_size: int) -> Iterator[tuple]:
+    """Per row of windows r: ("batch", r, columns, inputs [B, 3, h, w]) for its windows that hold valid pixels,
+    then ("row", r, valid [n, W]); all-nodata windows are skipped."""
+    h, w = grid.size
+    for r, y in enumerate(grid.rows):
+        y1 = min(y + h, grid.height)
+        rgb, valid = reader.read(y, y1)
+        cols = [c for c, x in enumerate(grid.cols) if valid[:, x:x + w].any()]
+        for i in range(0, len(cols), batch_size):
+            chunk = cols[i:i + batch_size]
+            inputs = torch.stack([model.prepare(_padded(rgb[:, grid.cols[c]:grid.cols[c] + w], grid.size))
+                                  for c in chunk])
+            yield "batch", r, chunk, inputs
+        yield "row", r, valid
+
+
+class _Strip:
+    """The rows of one row of windows: their weighted probability sums [K, h, W] (on the model's device) and
+    validity; the rows the next row of windows overlaps carry over."""
+
+    def __init__(self, grid: Grid, model: WindowModel):
+        self.grid, self.h, self.w = grid, *grid.size
+        rows = min(self.h, grid.height)
+        self.total = torch.zeros(model.classes, rows, grid.width, device=model.device)
+        self.valid = np.zeros((rows, grid.width), dtype=bool)
+        self.row_w = [torch.from_numpy(p).to(model.device) for p in grid.row_weights]
+        self.col_w = [torch.from_numpy(p).to(model.device) for p in grid.col_weights]
+
+    def rows(self, r: int) -> int:
+        """Raster rows window row r covers (fewer than h only for a raster smaller than a window)."""
+        return min(self.grid.rows[r] + self.h, self.grid.height) - self.grid.rows[r]
+
+    def add(self, r: int, c: int, probs: torch.Tensor) -> None:
+        """Add window (r, c)'s probabilities [K, h, w], weighted."""
+        x, n = self.grid.cols[c], self.rows(r)
+        m = min(x + self.w, self.grid.width) - x
+        weight = self.row_w[r][:n, None] * self.col_w[c][None, :m]  # [n, m]
+        self.total[:, :n, x:x + m] += probs[:, :n, :m] * weight
+
+    def finish(self, r: int, valid: np.ndarray, nodata: int) -> np.ndarray:
+        """Labels [f, W] of the rows final after window row r (valid [n, W]: its pixels inside the map), and the
+        overlapped rows moved to the top for the next row of windows."""
+        n, final = self.rows(r), self.grid.final_after(r) - self.grid.rows[r]
+        self.valid[:n] = valid
+        labels = self.total[:, :final].argmax(0).to(torch.uint8).cpu().numpy()  # [final, W]
+        labels[~self.valid[:final]] = nodata
+        keep = n - final
+        self.total[:, :keep] = self.total[:, final:final + keep].clone()
+        self.total[:, keep:] = 0
+        self.valid[:keep] = self.valid[final:final + keep]
+        self.valid[keep:] = False
+        return labels
+
+
+@torch.no_grad()
+def blend(reader, grid: Grid, model: WindowModel, nodata: int, batch_size: int,
+          sink: Callable[[int, np.ndarray], None], progress: Callable[[int, int], None] | None = None) -> int:
+    """Predict every window of `grid` over `reader`, blend, and hand final label rows to `sink(y0, labels [n, W])`
+    in order, top to bottom; returns the windows predicted.
+
+    Each window's probabilities are weighted by `grid.weight` and summed per pixel; the label is the argmax of the
+    sum, which is the argmax of the weighted mean (the weight sum is positive and the same for every class). Only
+    one strip (the window height, the raster's width) is held: after row r of windows, rows before
+    `grid.final_after(r)` are final, and the rows the next row of windows overlaps move to the strip's top.
+    """
+    strip, predicted, done = _Strip(grid, model), 0, 0
+    # closed on any exception here, so the reading thread has stopped before the caller closes the raster
+    with contextlib.closing(_prefetched(_window_batches(reader, grid, model, batch_size), PREFETCH)) as items:
+        for item in items:
+            if item[0] == "batch":
+                _, r, cols, inputs = item
+                for c, probs in zip(cols, model.run(inputs.to(model.device, non_blocking=True))):  # [K, h, w]
+                    strip.add(r, c, probs)
+                predicted += len(cols)
+                continue
+            _, r, valid = item
+            sink(grid.rows[r], strip.finish(r, valid, nodata))
+            done += len(grid.cols)
+            if progress:
+                progress(done, len(grid))
+    return predicted
+
+
+def tiled_labels(image, model: WindowModel, overlap: int, batch_size: int, nodata: int,
+                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Class indices [H, W] of a frame (a PIL RGB image) predicted by sliding windows (`predict --tile` on a
+    frame): the same windows and blend as a map, the labels held whole."""
+    reader = FrameReader(image)
+    labels = np.empty((reader.height, reader.width), dtype=np.uint8)
+
+    def keep(y0: int, rows: np.ndarray) -> None:
+        labels[y0:y0 + len(rows)] = rows
+
+    blend(reader, Grid(reader.height, reader.width, model.size, overlap), model, nodata, batch_size, keep, progress)
+    return labels
+
+
+# --- outputs -----------------------------------------------------------------------------------------------------
+
+class _Blocks:
+    """Label rows arriving in order, passed on in whole block rows of BLOCK (and the rest at the end)."""
+
+    def __init__(self, emit: Callable[[int, np.ndarray], None]):
+        self.emit, self.parts, self.start, self.rows = emit, [], 0, 0
+
+    def add(self, y0: int, labels: np.ndarray) -> None:
+        if y0 != self.start + self.rows:
+            raise AssertionError(f"rows {y0}.. arrived after rows up to {self.start + self.rows}")
+        self.parts.append(labels)
+        self.rows += len(labels)
+        if self.rows >= BLOCK:
+            self._flush(self.rows - self.rows % BLOCK)
+
+    def close(self) -> None:
+        if self.rows:
+            self._flush(self.rows)
+
+    def _flush(self, count: int) -> None:
+        rows = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        self.emit(self.start, rows[:count])
+        rest = rows[count:]
+        self.parts, self.start, self.rows = ([rest] if len(rest) else []), self.start + count, len(rest)
+
+
+def _color_table(classes: ClassSet, nodata: int) -> dict[int, tuple[int, int, int, int]]:
+    """The colour of each class id, opaque, and the nodata value transparent."""
+    table = {i: (*color, 255) for i, color in enumerate(classes.colors)}
+    table[nodata] = (0, 0, 0, 0)
+    return table
+
+
+def label_tags(classes: ClassSet, provenance: dict[str, str]) -> dict[str, str]:
+    """The metadata of a label raster: the class names (a JSON list and CLASS_<id>), what made it."""
+    tags = {"CLASS_NAMES": json.dumps(list(classes.names)), "TIFFTAG_SOFTWARE": SOFTWARE, **provenance}
+    tags.update({f"CLASS_{i}": name for i, name in enumerate(classes.names)})
+    return tags
+
+
+def _temp(path: Path, what: str) -> Path:
+    """A temporary file beside `path`, hidden, per process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{what}{path.suffix}")
+
+
+class LabelRaster:
+    """The label COG of a map, written block row by block row into a tiled GeoTIFF, copied into a COG on close."""
+
+    def __init__(self, path: Path, reader, classes: ClassSet, nodata: int, provenance: dict[str, str]):
+        rasterio = _rasterio()
+        self.path, self.tmp = path, _temp(path, "strips")
+        profile = dict(driver="GTiff", width=reader.width, height=reader.height, count=1, dtype="uint8",
+                       nodata=nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
+                       BIGTIFF="IF_SAFER")
+        if getattr(reader, "georeferenced", False):
+            profile.update(crs=reader.crs, transform=reader.transform)
+        with _quiet():
+            self.dst = rasterio.open(self.tmp, "w", **profile)
+        self.dst.write_colormap(1, _color_table(classes, nodata))
+        self.dst.update_tags(**label_tags(classes, provenance))
+        self.dst.set_band_description(1, "class")
+
+    def add(self, y0: int, labels: np.ndarray) -> None:
+        """Write rows y0.. (whole block rows but the last) of labels [n, W]."""
+        from rasterio.windows import Window
+        self.dst.write(labels, 1, window=Window(0, y0, labels.shape[1], labels.shape[0]))
+
+    def close(self) -> None:
+        """Finish the GeoTIFF and copy it into the COG at `path` (through a temporary file, so a kill never
+        leaves half a COG there)."""
+        rasterio = _rasterio()
+        self.dst.close()
+        cog = _temp(self.path, "cog")
+        try:
+            with _quiet():
+                rasterio.shutil.copy(self.tmp, cog, driver="COG", compress="DEFLATE", blocksize=BLOCK,
+                                     overview_resampling="NEAREST", bigtiff="IF_SAFER", num_threads="ALL_CPUS")
+            os.replace(cog, self.path)
+        finally:
+            for f in (self.tmp, cog):
+                f.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Remove what was written."""
+        self.dst.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _pixel_area_units(reader) -> float:
+    """What one pixel's area is in --min-area's units: m² for a georeferenced raster, else 1 (pixels)."""
+    if not getattr(reader, "georeferenced", False) or reader.crs is None:
+        return 1.0
+    t = reader.transform
+    if reader.crs.is_geographic:
+        raise CachedsegError(f"--min-area is in m², but {reader.path.name}'s CRS is geographic (degrees); "
+                             "reproject it to a projected CRS (gdalwarp -t_srs EPSG:...) or leave --min-area out")
+    metres = reader.crs.linear_units_factor[1]
+    return abs(t.a * t.e - t.b * t.d) * metres ** 2
+
+
+class Polygons:
+    """One GeoPackage feature per connected region of a class (4-connected), built from finished block rows of
+    labels: regions that cross from one block row into the next are merged, so a region is never cut."""
+
+    def __init__(self, path: Path, reader, classes: ClassSet, nodata: int, options: PolygonOptions):
+        self.shapely = _module("shapely")
+        self.pyogrio = _module("pyogrio")
+        _module("pyogrio.raw")
+        self.path, self.tmp, self.classes, self.nodata, self.options = path, _temp(path, "part"), classes, nodata, options
+        self.min_pixels = options.min_area / _pixel_area_units(reader) if options.min_area else 0.0
+        t = reader.transform if getattr(reader, "georeferenced", False) else None
+        # pixel (col, row) -> CRS (x, y) as a matrix product: [col, row] @ [[a, d], [b, e]] + [c, f]
+        self.affine = None if t is None else (np.array([[t.a, t.d], [t.b, t.e]]), np.array([t.c, t.f]))
+        self.crs = reader.crs.to_wkt() if getattr(reader, "crs", None) is not None else None
+        self.open: list[tuple[int, object]] = []  # (class, polygon in pixels) touching the last block row's bottom
+        self.bottom = 0  # the row where the open polygons end
+        self.pending: list[tuple[int, object]] = []
+        self.written, self.appending = 0, False
+
+    def add(self, y0: int, labels: np.ndarray) -> None:
+        """Vectorise rows y0.. of labels [n, W] (the rows right after the previous ones)."""
+        from affine import Affine
+        from rasterio.features import shapes
+        shape = self.shapely.geometry.shape
+        found = [(int(v), shape(g)) for g, v in shapes(labels, mask=labels != self.nodata, connectivity=4,
+                                                         transform=Affine.translation(0, y0))]
+        y1 = y0 + len(labels)
+        top = [i for i, (_, g) in enumerate(found) if g.bounds[1] == y0]
+        merged = self._merge(found, top, y0)
+        still_open = []
+        for cls, geom in merged:
+            (still_open if geom.bounds[3] == y1 else self.pending).append((cls, geom))
+        self.open, self.bottom = still_open, y1
+        if len(self.pending) >= POLYGON_BATCH:
+            self._write()
+
+    def _merge(self, found: list, top: list[int], y0: int) -> list:
+        """`found` with each polygon touching row y0 joined to the open ones of its class it shares an edge with
+        (union-find over both), and the open polygons that join none finished."""
+        if not self.open or self.bottom != y0:
+            self.pending += self.open
+            return found
+        parent = list(range(len(self.open) + len(found)))  # open polygons first, then the new ones
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        tree = self.shapely.STRtree([g for _, g in self.open])
+        for j in top:
+            cls, geom = found[j]
+            for i in tree.query(geom):
+                other_cls, other = self.open[i]
+                if other_cls == cls and geom.intersection(other).length > 0:  # an edge, not a corner
+                    parent[root(len(self.open) + j)] = root(int(i))
+        groups: dict[int, list[int]] = {}
+        for i in range(len(parent)):
+            groups.setdefault(root(i), []).append(i)
+        every = self.open + found
+        out = []
+        for members in groups.values():
+            if len(members) == 1 and members[0] < len(self.open):
+                self.pending.append(self.open[members[0]])  # joined nothing below: finished
+                continue
+            geoms = [every[i][1] for i in members]
+            out.append((every[members[0]][0], geoms[0] if len(geoms) == 1 else self.shapely.union_all(geoms)))
+        return out
+
+    def _write(self) -> None:
+        """Write the finished polygons: small ones left out, mapped to the CRS, simplified."""
+        shapely = self.shapely
+        keep = [(c, g) for c, g in self.pending if g.area >= self.min_pixels]
+        self.pending = []
+        if not keep and self.appending:
+            return
+        geoms = np.array([g for _, g in keep] or [], dtype=object)
+        if len(geoms) and self.affine is not None:
+            matrix, offset = self.affine
+            geoms = shapely.transform(geoms, lambda xy: xy @ matrix + offset)
+        if len(geoms) and self.options.simplify:
+            geoms = shapely.simplify(geoms, self.options.simplify, preserve_topology=True)
+        parts = [(c, p) for (c, _), g in zip(keep, geoms)
+                 for p in (g.geoms if g.geom_type == "MultiPolygon" else [g]) if not p.is_empty]
+        with warnings.catch_warnings():  # pyogrio's warning about a layer without CRS: a raster without one
+            warnings.simplefilter("ignore", UserWarning)
+            self._append(parts)
+
+    def _append(self, parts: list) -> None:
+        """Append (class, polygon) features to the GeoPackage."""
+        shapely = self.shapely
+        self.pyogrio.raw.write(
+            self.tmp, geometry=np.array(shapely.to_wkb([p for _, p in parts]), dtype=object),
+            field_data=[np.array([c for c, _ in parts], dtype=np.int32),
+                        np.array([self.classes.names[c] for c, _ in parts], dtype=object)],
+            fields=["class_id", "class_name"], driver="GPKG", geometry_type="Polygon", crs=self.crs,
+            layer=self.path.stem, append=self.appending)
+        self.written += len(parts)
+        self.appending = True
+
+    def close(self) -> int:
+        """Write what is left and move the GeoPackage into place; returns the features written."""
+        self.pending += self.open
+        self.open = []
+        self._write()
+        os.replace(self.tmp, self.path)
+        return self.written
+
+    def abort(self) -> None:
+        """Remove what was written."""
+        self.tmp.unlink(missing_ok=True)
+
+
+def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: ClassSet, overlap: int,
+                batch_size: int = 4, polygons: PolygonOptions | None = None,
+                provenance: dict[str, str] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> MapPrediction:
+    """Predict one GeoTIFF by sliding windows and write `OUT/<stem>_label.tif` (a COG), and with `polygons`
+    `OUT/<stem>.gpkg`.
+
+    Args:
+        path: The input raster: RGB or RGBA, 8-bit.
+        out: Output folder (it exists).
+        model: What predicts a window (`cachedseg.predict.window_model`).
+        classes: The run's classes: colours, names, and the ignore label, which is the nodata value.
+        overlap: Pixels shared by neighbouring windows.
+        batch_size: Windows per forward pass.
+        polygons: Also vectorise the labels, with these options.
+        provenance: More metadata for the label raster (backbone, run, window).
+        progress: Called as `progress(windows done, windows)`.
+
+    Returns:
+        The files written.
+
+    Raises:
+        CachedsegError: For a raster that is unreadable, not RGB(A) or not 8-bit, a damaged block, or a missing
+            maps extra.
+    """
+    path, out = Path(path), Path(out)
+    label_path, gpkg_path = out / f"{path.stem}_label.tif", out / f"{path.stem}.gpkg"
+    replaced = label_path.exists() or (polygons is not None and gpkg_path.exists())
+    nodata = classes.ignore_index
+    with _env():
+        reader = MapReader(path)
+        outputs: list = []
+        try:
+            grid = Grid(reader.height, reader.width, model.size, overlap)
+            raster = LabelRaster(label_path, reader, classes, nodata, {
+                "SOURCE": path.name, "TILE_SIZE": f"{model.size[1]}x{model.size[0]}", "TILE_OVERLAP": str(overlap),
+                **(provenance or {})})
+            outputs.append(raster)
+            if polygons is not None:
+                outputs.append(Polygons(gpkg_path, reader, classes, nodata, polygons))
+
+            def emit(y0: int, labels: np.ndarray) -> None:
+                for output in outputs:
+                    output.add(y0, labels)
+
+            blocks = _Blocks(emit)
+            windows = blend(reader, grid, model, nodata, batch_size, blocks.add, progress)
+            blocks.close()
+            reader.close()
+            raster.close()
+            features = outputs[1].close() if polygons is not None else 0
+        except BaseException:
+            for output in outputs:
+                output.abort()
+            raise
+        finally:
+            reader.close()
+    return MapPrediction(path, label_path, gpkg_path if polygons is not None else None, windows, features, replaced)
+
+
+def cog_problems(path: str | Path) -> list[str]:
+    """Why a file is not a valid cloud-optimised GeoTIFF (empty when it is), checked as rio-cogeo's `cog_validate`
+    and GDAL's validate_cloud_optimized_geotiff.py check: a GeoTIFF, internal overviews, tiled, the main IFD first
+    (within the COG driver's ghost header), the overviews' IFDs after it in order, and the image data from the
+    smallest overview up to the full resolution last."""
+    rasterio = _rasterio()
+    problems = []
+    with _quiet(), rasterio.open(path) as src:
+        if src.driver != "GTiff":
+            return [f"driver {src.driver}, not GTiff"]
+        if any(f.endswith(".ovr") for f in src.files):
+            problems.append("overviews in an external .ovr file")
+        overviews = src.overviews(1)
+        if max(src.width, src.height) > BLOCK:
+            if not src.profile.get("tiled"):
+                problems.append("larger than 512 px but not tiled")
+            if not overviews:
+                problems.append("larger than 512 px but no overviews")
+        if src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") != "COG":
+            problems.append("no LAYOUT=COG in IMAGE_STRUCTURE")
+        if overviews != sorted(overviews) or any(d <= 1 for d in overviews):
+            problems.append(f"overview factors {overviews} not increasing from 2")
+        ifds = [int(src.get_tag_item("IFD_OFFSET", "TIFF", bidx=1))]
+        if ifds[0] >= 300:
+            problems.append(f"main IFD at byte {ifds[0]}, not at the start")
+        data = [int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) or 0)]
+        for i in range(len(overviews)):
+            ifds.append(int(src.get_tag_item("IFD_OFFSET", "TIFF", bidx=1, ovr=i)))
+            data.append(int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1, ovr=i) or 0))
+        if ifds != sorted(ifds):
+            problems.append(f"IFDs at {ifds}, not in increasing order")
+        if not data[0]:
+            problems.append("no first block")
+        elif data[-1] < ifds[-1]:
+            problems.append("the smallest level's data lies before its IFD")
+        if any(data[i] < data[i + 1] for i in range(len(data) - 1)):
+            problems.append(f"image data at {data}: not from the smallest overview up to the full resolution")
+    return problems
+
+
+def synth_map(path: str | Path, width: int, height: int, seed: int = 0, gsd: float = 0.05, crs: str = "EPSG:32633",
+              nodata: str = "alpha", scene: int = 256) -> Path:
+    """Write a generated orthomosaic (tests, benchmarks, the README's example): `cachedseg.synth` scenes of
+    `scene` pixels tiled over a `width` x `height` GeoTIFF at `gsd` metres a pixel in `crs` (None: no
+    georeference), written strip by strip; outside a footprint (a border and a cut corner) it is nodata, marked
+    by an alpha band (`nodata="alpha"`) or by the value 0 (`"value"`, valid pixels then at least 1).
+    """
+    from affine import Affine
+    from rasterio.windows import Window
+
+    from cachedseg.synth import render_scene
+    rasterio, path = _rasterio(), Path(path)
+    rng = np.random.default_rng(seed)
+    alpha = nodata == "alpha"
+    profile = dict(driver="GTiff", width=width, height=height, count=4 if alpha else 3, dtype="uint8", tiled=True,
+                   blockxsize=BLOCK // 2, blockysize=BLOCK // 2, compress="deflate", BIGTIFF="IF_SAFER")
+    if alpha:
+        profile["photometric"] = "RGB"
+    else:
+        profile["nodata"] = 0
+    if crs is not None:
+        profile.update(crs=crs, transform=Affine(gsd, 0, 500_000.0, 0, -gsd, 5_500_000.0))
+    border = max(2, min(width, height) // 20)
+    with _env(), _quiet(), rasterio.open(path, "w", **profile) as dst:
+        if alpha:
+            from rasterio.enums import ColorInterp
+            dst.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha)
+        for y0 in range(0, height, scene):
+            n = min(scene, height - y0)
+            rgb = np.concatenate([np.asarray(render_scene(rng, scene, scene, oblique=False)[0])[:n, :min(scene, width - x)]
+                                  for x in range(0, width, scene)], axis=1)  # [n, W, 3]
+            rows, cols = np.mgrid[y0:y0 + n, 0:width]
+            inside = ((rows >= border) & (rows < height - border) & (cols >= border) & (cols < width - border)
+                      & (rows + cols >= (width + height) // 4))  # the top-left corner cut off diagonally
+            if alpha:
+                bands = np.concatenate([rgb.transpose(2, 0, 1), (inside * 255).astype(np.uint8)[None]])
+            else:
+                bands = np.where(inside[None], np.maximum(rgb.transpose(2, 0, 1), 1), 0).astype(np.uint8)
+            dst.write(bands, window=Window(0, y0, width, n))
+    return path
