@@ -27,7 +27,6 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-
 from cachedseg.classes import ClassSet, Color
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import did_you_mean
