@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cachedseg.backbone import BackboneConfig, resolve_device, size_for_short_side
+from cachedseg.backbone import BackboneConfig, patch_size, resolve_device, size_for_short_side
 from cachedseg.evaluate import evaluate
 from cachedseg.extract import extract
 from cachedseg.features import cached_source
@@ -75,7 +75,7 @@ def main() -> None:
     if not (data / "ImageSets" / "val.txt").is_file():
         synthesize(data, count=args.images, width=width, height=height, seed=0)
     shutil.rmtree(store, ignore_errors=True)
-    size = size_for_short_side(args.short_side, width, height)
+    size = size_for_short_side(args.short_side, width, height, patch_size(args.backbone))
     start = time.perf_counter()
     extract(data, store, BackboneConfig(args.backbone, size), weights=args.weights, dtype="float16",
             device=str(device))
