@@ -345,7 +345,7 @@ class _Strip:
         x, n = self.grid.cols[c], self.rows(r)
         m = min(x + self.w, self.grid.width) - x
         weight = self.row_w[r][:n, None] * self.col_w[c][None, :m]  # [n, m]
-        self.total[:, :n, x:x + m] += probs[:, :n, :m] * weight
+        self.total[:, :n, x:x + m].addcmul_(probs[:, :n, :m], weight)  # in place: no [K, h, w] temporary
 
     def finish(self, r: int, valid: np.ndarray, nodata: int) -> np.ndarray:
         """Labels [f, W] of the rows final after window row r (valid [n, W]: its pixels inside the map), and the
