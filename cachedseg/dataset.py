@@ -407,19 +407,20 @@ def own_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _refuse_huge(img: Image.Image, path: str | Path, limit: int | None = MAX_PIXELS) -> Image.Image:
-    """The image (only its header read so far), if it is within `limit` pixels (None: any size)."""
-    if limit is not None and img.width * img.height > limit:
+def _refuse_huge(img: Image.Image, path: str | Path, any_size: bool = False) -> Image.Image:
+    """The image (only its header read so far), if it is within MAX_PIXELS (read now: tests lower it) or
+    `any_size`."""
+    if not any_size and img.width * img.height > MAX_PIXELS:
         raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
                              "downscale it before use")
     return img
 
 
-def _open(path: str | Path, what: str, limit: int | None = MAX_PIXELS) -> Image.Image:
+def _open(path: str | Path, what: str, any_size: bool = False) -> Image.Image:
     """Open and fully decode an image file, turning every decoder failure into one clear error."""
     try:
         with own_pixel_limit():
-            img = _refuse_huge(Image.open(path), path, limit)  # reads the header only
+            img = _refuse_huge(Image.open(path), path, any_size)  # reads the header only
             img.load()
         return img
     except CachedsegError:
@@ -428,10 +429,10 @@ def _open(path: str | Path, what: str, limit: int | None = MAX_PIXELS) -> Image.
         raise CachedsegError(f"{path} is not a readable {what} ({exc}); replace or remove it") from None
 
 
-def load_image(path: str | Path, limit: int | None = MAX_PIXELS) -> Image.Image:
+def load_image(path: str | Path, any_size: bool = False) -> Image.Image:
     """Decode an image file to upright 8-bit RGB (EXIF orientation applied; 16-bit and float images rescaled),
-    refusing one over `limit` pixels (None: any size, for tiled prediction, which never resizes a frame whole)."""
-    img = _open(path, "image", limit)
+    refusing one over MAX_PIXELS unless `any_size` (tiled prediction, which never resizes a frame whole)."""
+    img = _open(path, "image", any_size)
     ImageOps.exif_transpose(img, in_place=True)  # a copy would double the memory of a large frame
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # convert("RGB") would clip these at 255; scale the 16-bit range down to 8 bits instead.
