@@ -337,6 +337,8 @@ def train(
     channels_last: bool = typer.Option(False, "--channels-last", help="Run the decoder channels-last (faster convolutions on GPUs)."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decoder with torch.compile (pays off on long GPU runs)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 0 on a CPU, min(4, CPUs) on a GPU)."),
+    loss: str = typer.Option("ce", help="ce (cross-entropy), or dice-ce: cross-entropy plus soft Dice over the classes present in each batch, so a small class counts as much as a large one. Both leave the ignore label out."),
+    class_weights: str = typer.Option("none", help="Weigh the loss per class: none; auto: from the trn pixel shares (inverse square root of each class's share, scaled so the trn pixels' mean weight is 1, clipped to [0.1, 10]; a class absent from trn gets 1); or w0,w1,... one per class. The run records the numbers, and --resume keeps them."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache first: onto the GPU when it fits there, else into RAM (if it fits)."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint (from scratch if it has none yet)."),
     live: Optional[Path] = typer.Option(None, help="Baseline: compute features live from this dataset folder (or dataset file) instead of a store."),
@@ -361,17 +363,28 @@ def train(
         if (store is None) == (live is None):
             raise CachedsegError("give either a STORE or --live DATA")
         paths.check_store(store) if store is not None else open_dataset(live)
+    def recipe() -> None:
+        from cachedseg.recipe import LOSSES, check_class_weights, parse_class_weights
+        if loss not in LOSSES:
+            raise CachedsegError(f"--loss {loss!r}: use {' or '.join(LOSSES)}")
+        weights = parse_class_weights(class_weights)
+        if isinstance(weights, tuple):  # one per class: the store's classes, or the dataset's
+            from cachedseg.store import FeatureStore
+            check_class_weights(weights, FeatureStore.open(store).spec.class_names if store is not None
+                                else open_dataset(live).classes.names)
     _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
-                  _at_least(0, workers=workers))
+                  _at_least(0, workers=workers), recipe)
     from cachedseg.backbone import build_backbone, config_from_options, resolve_device
     from cachedseg.features import cached_source, live_source
+    from cachedseg.recipe import parse_class_weights
     from cachedseg.sweep import plan
     from cachedseg.train import TrainConfig
 
     # a rerun without --resume is refused (the run folder holds a run now): name the command that continues
     with user_errors(lambda: f"last.pt holds the last finished epoch; continue with {rerun('--resume')}"):
         base = TrainConfig(epochs=epochs, batch_size=batch_size, data_seed=data_seed, workers=workers,
-                           decoder_precision=decoder_precision, channels_last=channels_last, compile=compile_)
+                           decoder_precision=decoder_precision, channels_last=channels_last, compile=compile_,
+                           loss=loss, class_weights=parse_class_weights(class_weights))
         todo = plan(base, lr, decoder, seed, layers, store=store, live=live, run=run)
         torch_device = resolve_device(device)
         if live is not None:

@@ -93,6 +93,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 item[name] = apply_view(item[name], self.views[view]).contiguous()
         return {**item, "view": view}
 
+    def class_pixels(self, indices: list[int], k: int) -> np.ndarray:
+        """Pixels of each of `k` classes [k] int64 in the masks of `indices`, as training sees them (checked,
+        resized to the mask size: the counts a store of these masks gives); images are not decoded."""
+        counts = np.zeros(256, dtype=np.int64)
+        for index in indices:
+            labels = self.read_labels(self.samples[index].mask)  # [H, W] uint8, checked
+            counts += np.bincount(preprocess_mask(labels, self.pp.mask_size).numpy().ravel(), minlength=256)
+        return counts[:k]  # the ignore label lies beyond the classes
+
     def _load(self, index: int) -> dict:
         """Decode, check and preprocess one sample."""
         sample = self.samples[index]

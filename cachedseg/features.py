@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import zarr
 
@@ -66,6 +67,13 @@ class StoreDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._open())
+
+    def class_pixels(self, indices: list[int], k: int) -> np.ndarray:
+        """Pixels of each of the `k` classes [k] int64 in the masks of `indices` (see `FeatureStore.class_pixels`)."""
+        if self._memory is not None:
+            masks = self._memory["masks"][torch.as_tensor(indices, dtype=torch.long, device=self._memory["masks"].device)]
+            return torch.bincount(masks.flatten().long(), minlength=256)[:k].cpu().numpy()
+        return self._open().class_pixels(indices)
 
     def _open(self) -> FeatureStore:
         """The store, opened once per process (array handles cached: a lookup costs as much as a read)."""
@@ -135,6 +143,11 @@ class FeatureSource:
             return batch["features"].to(device, non_blocking=True).float()
         feats = self.backbone(batch["image"].to(device, non_blocking=True))  # [B, L, C, h, w] float32
         return feats.to(getattr(torch, self.spec.dtype)).float()
+
+    def class_pixels(self, split: str = "trn") -> np.ndarray:
+        """Labelled pixels of each class [K] int64 in one split's masks, at the mask size training uses (the ignore
+        label left out): the same counts for a store and for the dataset it was extracted from."""
+        return self.dataset.class_pixels(self.indices(split), len(self.spec.class_names))
 
     def item(self, key: int | tuple[int, int]) -> dict:
         """One sample by index (or (index, view)), raising the error that names its image if it cannot be read."""

@@ -448,7 +448,7 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             done()
     model = window_model(backbone, spec, decoder, views)
     for path in frames if tile else []:
-        image = load_image(path, limit=None)  # never resized whole: memory is the limit (about 7 bytes a pixel)
+        image = load_image(path, any_size=True)  # never resized whole: memory is the limit (about 7 bytes a pixel)
         labels = tiled_labels(image, model, overlap, batch_size, classes.ignore_index, windows_of(path))
         written[path] = _write_pngs(path, image, labels, out, classes)
         done()

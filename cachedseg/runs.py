@@ -39,7 +39,8 @@ class EpochMetrics:
 
     Attributes:
         epoch: The epoch, from 1.
-        train_loss: Mean cross-entropy over the epoch's labelled pixels.
+        train_loss: Mean loss over the epoch's labelled pixels (cross-entropy, weighted by the class weights if
+            any; for dice-ce plus each step's Dice term: see `cachedseg.losses`).
         val_miou: Val mIoU at the decoder's output size.
         val_pixel_acc: Val pixel accuracy at the decoder's output size.
         train_seconds: Seconds of training (the epoch without its validation).

@@ -392,6 +392,20 @@ class FeatureStore:
                 raise self._damaged(int(i), "is missing (a deleted chunk file?)")
         return features, masks
 
+    def class_pixels(self, indices: list[int]) -> np.ndarray:
+        """Pixels of each class [K] int64 in the masks of the images `indices` (identity view, at the mask size; the
+        ignore label left out), reading one mask chunk at a time, checked like `read`."""
+        k, counts = len(self.spec.class_names), np.zeros(256, dtype=np.int64)
+        for index in indices:
+            try:
+                mask = self._arrays[MASKS][index]
+            except (ValueError, OSError) as exc:
+                raise self._damaged(index, f"is corrupt ({exc})") from None
+            if mask.flat[0] == MISSING_LABEL:
+                raise self._damaged(index, "is missing (a deleted chunk file?)")
+            counts += np.bincount(mask.ravel(), minlength=256)
+        return counts[:k]  # extraction stores only class indices and the ignore label
+
     @property
     def nbytes(self) -> int:
         """Uncompressed bytes of the features and masks."""

@@ -22,7 +22,7 @@ from cachedseg import distributed
 from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource
 from cachedseg.runs import EpochMetrics, RunFolder, SweepRow, default_run
-from cachedseg.train import TrainConfig, train_heads
+from cachedseg.train import TrainConfig, resolve_class_weights, train_heads
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,9 @@ def sweep(source: FeatureSource, run: str | Path, configs: list[TrainConfig], de
         CachedsegError: As `train.train_heads` does.
     """
     run = Path(run)
-    plans = [(run / name(c), c) for c in configs]
+    # `--class-weights auto` resolved here already, so that sweep.json records the numbers the heads train with
+    plans = resolve_class_weights(source, [(run / name(c), c) for c in configs], resume,
+                                  distributed.context(str(device)))
     histories = train_heads(source, plans, device, resume, progress, on_epoch, log)
     rows = sorted((SweepRow.of(path, config, history) for (path, config), history in zip(plans, histories)),
                   key=lambda r: -r.best_val_miou)

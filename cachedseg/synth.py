@@ -22,7 +22,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cachedseg.dataset import AEROSCAPES, DATASET_FILE, Dataset, load_dataset_file
+from cachedseg.dataset import AEROSCAPES, DATASET_FILE, Dataset
+from cachedseg.dataset_file import load_dataset_file
 
 (BACKGROUND, PERSON, BIKE, CAR, DRONE, BOAT, ANIMAL, OBSTACLE, CONSTRUCTION, VEGETATION, ROAD,
  SKY) = (AEROSCAPES.names.index(name) for name in (

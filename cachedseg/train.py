@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +24,10 @@ from cachedseg.data import collate
 from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
 from cachedseg.features import FeatureSource, free_memory, worker_init
+from cachedseg.losses import segmentation_loss
 from cachedseg.metrics import confusion, scores
 from cachedseg.paths import check_writable
+from cachedseg.recipe import AUTO, LOSSES, auto_class_weights, check_class_weights, weights_text
 from cachedseg.recipe import TrainConfig  # defined there for checkpoint.py; its home is here
 from cachedseg.runs import EpochMetrics, RunFolder, is_best
 from cachedseg.spec import StoreSpec
@@ -81,6 +83,7 @@ class Head:
     rows: list[EpochMetrics] = field(default_factory=list)
     loss: torch.Tensor | None = None  # this epoch's summed loss and labelled pixels, kept on the device
     pixels: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # the class weights [K] on the device (None: unweighted)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -143,6 +146,9 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
                                  "first two must be at least 1, the learning rate positive and finite")
         if config.workers is not None and config.workers < 0:
             raise CachedsegError(f"--workers {config.workers}: give 0 (load in this process) or more")
+        if config.loss not in LOSSES:
+            raise CachedsegError(f"--loss {config.loss!r}: use {' or '.join(LOSSES)}")
+        check_class_weights(config.class_weights, source.spec.class_names)
         if (config.epochs, config.batch_size, _data_seed(config)) != (first.epochs, first.batch_size,
                                                                       _data_seed(first)):
             raise CachedsegError("heads trained in one pass share the batches: give them the same --epochs, "
@@ -156,6 +162,7 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
         raise CachedsegError(f"--batch-size {first.batch_size} is the global batch, split over {ctx.world} "
                              f"processes; give a multiple of {ctx.world}")
     log = log or (lambda message: None)
+    plans = resolve_class_weights(source, plans, resume, ctx)
     generator = torch.Generator().manual_seed(_data_seed(first))
     check_memory([(run, decoder_config(c.decoder, source.spec, c.layers or source.spec.layers)) for run, c in plans],
                  source.spec, first.batch_size // ctx.world, device)
@@ -196,6 +203,24 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
                     on_epoch(head.run, head.rows[-1])
         ctx.barrier()  # no rank reads a checkpoint rank 0 is still writing
     return [h.rows for h in heads]
+
+
+def resolve_class_weights(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], resume: bool = False,
+                          ctx: distributed.Context = distributed.Context()) -> list[tuple[Path, TrainConfig]]:
+    """`plans` with every `class_weights="auto"` replaced by numbers: when resuming a run that recorded some, those
+    (so a resumed run keeps its weights even if the store has changed since); else `auto_class_weights` of the
+    source's trn pixels, counted once for all heads (by rank 0 under torchrun)."""
+    pixels, resolved = None, []
+    for run, config in plans:
+        if config.class_weights == AUTO:
+            last = RunFolder(run).last
+            recorded = checkpoint.load(last).train_config.class_weights if resume and last.is_file() else None
+            if not isinstance(recorded, tuple):
+                pixels = pixels or ctx.once(lambda: source.class_pixels("trn").tolist())
+                recorded = auto_class_weights(pixels)
+            config = replace(config, class_weights=recorded)
+        resolved.append((run, config))
+    return resolved
 
 
 def head_bytes(cfg: DecoderConfig, spec: StoreSpec, batch: int) -> int:
@@ -244,7 +269,9 @@ def _head(run: Path, config: TrainConfig, spec: StoreSpec, device: torch.device,
         decoder = torch.nn.parallel.DistributedDataParallel(
             syncbn.sync_batchnorm(decoder), device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # batch-norm buffers stay equal: their statistics are already synchronised
-    return Head(run, config, dec_cfg, decoder, torch.optim.Adam(decoder.parameters(), lr=config.lr))
+    weight = (None if config.class_weights is None
+              else torch.tensor(config.class_weights, dtype=torch.float32, device=device))
+    return Head(run, config, dec_cfg, decoder, torch.optim.Adam(decoder.parameters(), lr=config.lr), weight=weight)
 
 
 def train_epoch(heads: list[Head], source: FeatureSource, batches: torch.utils.data.DataLoader, device: torch.device,
@@ -266,18 +293,13 @@ def train_epoch(heads: list[Head], source: FeatureSource, batches: torch.utils.d
         for head in heads:
             with _autocast(head, device):
                 logits = head.decoder(feats).float()  # [b, K, Mh, Mw]
-            target = targets(mask, logits.shape[-2:])
-            valid = (target != ignore).sum()
-            total = F.cross_entropy(logits, target, ignore_index=ignore, reduction="sum")
-            if ctx.world == 1:  # summed then divided: an all-ignore batch contributes nothing instead of NaN
-                loss = total / valid.clamp(min=1)
-            else:  # DDP averages gradients over ranks; this makes them those of the whole batch's mean loss
-                loss = total * ctx.world / ctx.sum(valid.clone()).clamp(min=1)
+            step_loss = segmentation_loss(logits, targets(mask, logits.shape[-2:]), ignore, head.config.loss,
+                                          head.weight, ctx)
             head.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss.loss.backward()
             head.optimizer.step()
-            head.loss += total.detach()
-            head.pixels += valid
+            head.loss += step_loss.total
+            head.pixels += step_loss.pixels
         if progress:
             progress(step, len(batches))
     for head in heads:
@@ -340,6 +362,12 @@ def _restore_all(heads: list[Head], spec: StoreSpec, generator: torch.Generator,
         if ckpt.spec != spec or ckpt.decoder_config != head.decoder_config:
             raise CachedsegError(f"{head.run}/last.pt was trained on other features or another decoder; "
                                  "resume it with the same store and --decoder, or start another --run")
+        was, now = ckpt.train_config, head.config
+        if (was.loss, was.class_weights) != (now.loss, now.class_weights):
+            raise CachedsegError(f"{head.run}/last.pt was trained with --loss {was.loss} and class weights "
+                                 f"{weights_text(was.class_weights)}, not --loss {now.loss} and "
+                                 f"{weights_text(now.class_weights)}; resume it with the same --loss and "
+                                 "--class-weights (auto keeps the weights it recorded), or start another --run")
         head.module.load_state_dict(ckpt.decoder_state)
         head.optimizer.load_state_dict(ckpt.optimizer_state)
         head.rows = list(ckpt.metrics)

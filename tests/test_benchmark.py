@@ -62,6 +62,22 @@ def test_large_frame_benchmark_reports_every_figure(tmp_path):
     assert "| 400x300 |" in (tmp_path / "results" / "large_frame.md").read_text()
 
 
+def test_imbalance_benchmark_quick_scores_every_variant_per_class(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "imbalance.py"
+    out = tmp_path / "imbalance.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--decoder", "linear", "--json", str(out),
+                           "--results", str(tmp_path / "results")],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    names = list(result["auto_weights"])
+    assert len(result["variants"]) == 4 and {row["loss"] for row in result["variants"].values()} == {"ce", "dice-ce"}
+    for row in result["variants"].values():
+        assert list(row["iou"]) == names and len(row["miou"]) == 1 and 0 <= row["rare_miou"] <= 1
+    assert sum(result["trn_pixel_share"].values()) == pytest.approx(1)
+    assert "| dice-ce + auto weights |" in (tmp_path / "results" / "imbalance.md").read_text()
+
+
 def test_ortho_benchmark_reports_every_figure(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "ortho.py"
     out = tmp_path / "ortho.json"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachedseg.dataset import load_dataset_file, open_dataset
+from cachedseg.dataset import open_dataset
+from cachedseg.dataset_file import load_dataset_file
 from cachedseg.synth import synthesize
 from tests.conftest import one_line_error, run_cli
 

@@ -163,7 +163,7 @@ def test_the_using_it_block_runs_as_written_scaled_down(tmp_path, monkeypatch):
 
 
 def test_the_toml_blocks_are_dataset_files_this_cachedseg_reads(tmp_path):
-    from cachedseg.dataset import load_dataset_file
+    from cachedseg.dataset_file import load_dataset_file
 
     (block,) = blocks("toml")
     (tmp_path / "dataset.toml").write_text(block)
