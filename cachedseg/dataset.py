@@ -280,12 +280,7 @@ class Dataset:
     def frame_size(self) -> tuple[int, int]:
         """(width, height) of the first image, read from its header (for --short-side)."""
         path = self.samples()[0].image
-        try:  # exif_transpose would decode the whole frame: only the orientation tag is needed to swap the sides
-            with own_pixel_limit(), Image.open(path) as img:
-                (width, height), orientation = _refuse_huge(img, path).size, img.getexif().get(0x0112, 1)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise CachedsegError(f"{path} is not a readable image ({exc}); replace or remove it") from None
-        return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # the tags that rotate by 90°
+        return upright_size(path, any_size=False)
 
     def new_id(self, sequence: int, frame: int, split: str) -> str:
         """An id for a generated image of `split` that this layout finds (`synth`): a folder wildcard gets what the
@@ -407,20 +402,32 @@ def own_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _refuse_huge(img: Image.Image, path: str | Path, any_size: bool = False) -> Image.Image:
-    """The image (only its header read so far), if it is within MAX_PIXELS (read now: tests lower it) or
-    `any_size`."""
-    if not any_size and img.width * img.height > MAX_PIXELS:
-        raise CachedsegError(f"{path} is {img.width}x{img.height}, over {MAX_PIXELS // 10**6} megapixels; "
+def _check_pixels(width: int, height: int, path: str | Path, any_size: bool = False) -> None:
+    """Refuse an image over MAX_PIXELS (read now: tests lower it), unless `any_size`."""
+    if not any_size and width * height > MAX_PIXELS:
+        raise CachedsegError(f"{path} is {width}x{height}, over {MAX_PIXELS // 10**6} megapixels; "
                              "downscale it before use")
-    return img
+
+
+def upright_size(path: str | Path, any_size: bool = True) -> tuple[int, int]:
+    """(width, height) of an image as it is shown (EXIF rotation applied), from its header alone (exif_transpose
+    would decode the whole frame: only the orientation tag is needed to swap the sides); over MAX_PIXELS refused
+    unless `any_size`, before anything past the header is read."""
+    try:
+        with own_pixel_limit(), Image.open(path) as img:
+            _check_pixels(img.width, img.height, path, any_size)
+            (width, height), orientation = img.size, img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CachedsegError(f"{path} is not a readable image ({exc}); replace or remove it") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # the tags that rotate by 90°
 
 
 def _open(path: str | Path, what: str, any_size: bool = False) -> Image.Image:
     """Open and fully decode an image file, turning every decoder failure into one clear error."""
     try:
         with own_pixel_limit():
-            img = _refuse_huge(Image.open(path), path, any_size)  # reads the header only
+            img = Image.open(path)  # reads the header only
+            _check_pixels(img.width, img.height, path, any_size)
             img.load()
         return img
     except CachedsegError:

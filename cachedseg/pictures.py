@@ -90,7 +90,8 @@ def close(figure) -> None:
 
 def curves_figure(rows: list):
     """Training loss, and val mIoU and pixel accuracy, by epoch, of `cachedseg.runs.EpochMetrics` rows (a matplotlib
-    figure; curves.png and reports). Pictures import nothing of cachedseg: they draw what they are given."""
+    figure; curves.png and reports). Pictures draw what they are given (rows here, a class set above): they read no
+    run, store or dataset."""
     from matplotlib.ticker import MaxNLocator
     plt = pyplot()
     epochs = [r.epoch for r in rows]

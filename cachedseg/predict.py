@@ -23,7 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from cachedseg import __version__, checkpoint
 from cachedseg.backbone import Backbone, backbone_for, resolve_device
 from cachedseg.data import preprocess_image
-from cachedseg.dataset import MAX_PIXELS, load_image, own_pixel_limit
+from cachedseg.dataset import MAX_PIXELS, load_image, own_pixel_limit, upright_size
 from cachedseg.errors import CachedsegError
 from cachedseg.maps import (TIFF_SUFFIXES, PolygonOptions, WindowModel, is_map, map_size, predict_map,
                             tiled_labels)
@@ -348,11 +348,10 @@ def _frame_size(path: Path) -> tuple[int, int] | None:
     """(height, width) of a frame upright (EXIF orientation applied), from its header; None if unreadable (loading
     it then says so)."""
     try:
-        with own_pixel_limit(), Image.open(path) as img:
-            (width, height), orientation = img.size, img.getexif().get(0x0112, 1)
-    except (OSError, ValueError, SyntaxError):
+        width, height = upright_size(path)
+    except CachedsegError:
         return None
-    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)  # the tags that rotate by 90°
+    return height, width
 
 
 def _refuse_whole(frames: list[Path]) -> None:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from cachedseg.dataset import SPLITS, Dataset, Sample, own_pixel_limit
+from cachedseg.dataset import SPLITS, Dataset, Sample, upright_size
 from cachedseg.errors import CachedsegError
 
 
@@ -104,11 +104,9 @@ def survey(dataset: Dataset, threads: int = 4, progress: Callable[[int, int], No
 def _one(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.ndarray | None, str]:
     """(image size from its header, label counts [256] of its mask, a problem or '') of one sample."""
     try:
-        with own_pixel_limit(), Image.open(sample.image) as img:
-            (width, height), orientation = img.size, img.getexif().get(0x0112, 1)
-        size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # upright, as training sees it
-    except (OSError, ValueError, SyntaxError) as exc:
-        return None, None, f"{sample.image}: not a readable image ({exc})"
+        size = upright_size(sample.image)  # upright, as training sees it
+    except CachedsegError as exc:
+        return None, None, str(exc)
     try:
         labels = dataset.read_labels(sample.mask)
     except CachedsegError as exc:
