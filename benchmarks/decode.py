@@ -59,7 +59,7 @@ def main() -> None:
         result["torchvision_decode_img_s"] = len(samples) / (time.perf_counter() - start)
     except ImportError:
         pass
-    dataset = SegmentationDataset(samples, pp, data.read_labels)
+    dataset = SegmentationDataset(samples, pp, data.sample_labels)
     for workers in (int(v) for v in args.workers.split(",")):
         loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate)
         next(iter(loader))  # start the workers before timing

@@ -72,11 +72,11 @@ def collate(items: list[dict]) -> dict:
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses images and masks (in DataLoader workers), returning them by sample index, or by
-    (index, view) in one of `views` (see `cachedseg.views`); `read_labels` turns a mask file into checked class
-    indices (the dataset's `Dataset.read_labels`; None: images only)."""
+    (index, view) in one of `views` (see `cachedseg.views`); `read_labels` gives a sample's checked class indices
+    (the dataset's `Dataset.sample_labels`; None: images only)."""
 
     def __init__(self, samples: list[Sample | None], pp: Preprocess,
-                 read_labels: Callable[[str], np.ndarray] | None, views: tuple[str, ...] = ("identity",)):
+                 read_labels: Callable[[Sample], np.ndarray] | None, views: tuple[str, ...] = ("identity",)):
         self.samples, self.pp, self.read_labels, self.views = samples, pp, read_labels, views
 
     def __len__(self) -> int:
@@ -98,7 +98,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         resized to the mask size: the counts a store of these masks gives); images are not decoded."""
         counts = np.zeros(256, dtype=np.int64)
         for index in indices:
-            labels = self.read_labels(self.samples[index].mask)  # [H, W] uint8, checked
+            labels = self.read_labels(self.samples[index])  # [H, W] uint8, checked
             counts += np.bincount(preprocess_mask(labels, self.pp.mask_size).numpy().ravel(), minlength=256)
         return counts[:k]  # the ignore label lies beyond the classes
 
@@ -108,7 +108,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = load_image(sample.image)
         item = {"index": index, "image": preprocess_image(image, self.pp)}  # [3, H, W]
         if self.read_labels is not None:
-            labels = self.read_labels(sample.mask)  # [H, W] uint8, checked
+            labels = self.read_labels(sample)  # [H, W] uint8, checked
             if labels.shape != (image.height, image.width):
                 raise CachedsegError(f"{sample.mask} is {labels.shape[1]}x{labels.shape[0]} but its image is "
                                      f"{image.width}x{image.height}; a mask must have its image's size")

@@ -118,6 +118,9 @@ class Dataset:
         remap: For index masks: (value in the file, class index or the ignore label) pairs, applied first, to merge
             or drop classes.
         file: The dataset file that describes it, if any.
+        labels: Instead of masks: one vector file (GeoPackage, GeoJSON) of class polygons, rasterised onto each
+            image's grid (`cachedseg.vector_labels`).
+        label_field: The vector file's attribute that holds each polygon's class (index or name).
     """
 
     root: Path
@@ -128,6 +131,8 @@ class Dataset:
     ignore_colors: tuple[Color, ...] = ()
     remap: tuple[tuple[int, int], ...] = ()
     file: Path | None = None
+    labels: Path | None = None
+    label_field: str = "class"
 
     @property
     def reference(self) -> str:
@@ -161,7 +166,9 @@ class Dataset:
         return suffix if suffix and not any(c in suffix for c in _WILDCARDS) else ".jpg"
 
     def mask_path(self, id_: str) -> Path:
-        """The mask file of an id."""
+        """The mask file of an id (the vector file, for vector labels)."""
+        if self.labels is not None:
+            return self.labels
         image = (Path(self.layout.fixed) / id_) if self.layout.globbed else Path(self.layout.images.format(id=id_))
         folder = image.parent.as_posix()
         return Path(os.path.normpath(self.root / self.layout.masks.format(id=id_, stem=Path(id_).name, dir=folder)))
@@ -265,17 +272,45 @@ class Dataset:
             raise CachedsegError(f"{what} has other classes than the dataset {self.reference} ({'; '.join(diffs)}, "
                                  f"{what} first); use the dataset it was built from, or extract and train on this one")
 
+    @cached_property
+    def vector_labels(self):
+        """The vector labels (`cachedseg.vector_labels.VectorLabels`), or None for mask files."""
+        if self.labels is None:
+            return None
+        from cachedseg.vector_labels import VectorLabels
+        return VectorLabels(self.labels, self.label_field, self.classes)
+
+    def sample_labels(self, sample: Sample) -> np.ndarray:
+        """A sample's class indices [H, W] uint8 on its image's grid: its mask file decoded, or the vector labels
+        rasterised; checked."""
+        if self.vector_labels is not None:
+            return self.vector_labels.labels_of(sample.image)
+        return self.read_labels(sample.mask)
+
     def read_labels(self, path: str | Path) -> np.ndarray:
         """A mask file as class indices [H, W] uint8 (and the ignore label), decoded and checked."""
         if self.mask_encoding == "rgb":
-            return _decode_rgb(path, self.classes, self.ignore_colors, self.reference)
-        labels = np.array(load_mask(path))  # writable; uint8 for L/P masks, wider for 16/32-bit ones
-        if self.remap:
-            table = _remap_table(self.remap)
-            inside = (labels >= 0) & (labels < len(table))
-            labels = np.where(inside, table[np.where(inside, labels, 0)], labels)
-        self.classes.check(labels, path)
-        return labels.astype(np.uint8, copy=False)  # checked: every value fits (1 byte a pixel, not 8)
+            img = _open(path, "mask")
+            return self.decode_labels(np.asarray(img if img.mode == "RGB" else img.convert("RGB")), path)
+        return self.decode_labels(np.array(load_mask(path)), path)  # writable; wider than uint8 for 16-bit masks
+
+    def decode_labels(self, raw: np.ndarray, where: str | Path, known: np.ndarray | None = None) -> np.ndarray:
+        """Mask values as read from a file (index: [H, W]; rgb: [H, W, 3]) -> class indices [H, W] uint8, checked
+        (errors name `where`); pixels not `known` (nodata) become the ignore label unchecked."""
+        ignore = self.classes.ignore_index
+        if self.mask_encoding == "rgb":
+            labels = _decode_rgb(raw, self.classes, self.ignore_colors, self.reference, where, known)
+        else:
+            labels = raw
+            if self.remap:
+                table = _remap_table(self.remap)
+                inside = (labels >= 0) & (labels < len(table))
+                labels = np.where(inside, table[np.where(inside, labels, 0)], labels)
+            if known is not None:
+                labels = np.where(known, labels, ignore)
+            self.classes.check(labels, where)
+            labels = labels.astype(np.uint8, copy=False)  # checked: every value fits (1 byte a pixel, not 8)
+        return labels
 
     def frame_size(self) -> tuple[int, int]:
         """(width, height) of the first image, read from its header (for --short-side)."""
@@ -332,12 +367,14 @@ def is_id_pattern(value: str) -> bool:
     return any(c in value for c in _WILDCARDS)
 
 
-def _decode_rgb(path: str | Path, classes: ClassSet, ignore_colors: tuple[Color, ...], where: str) -> np.ndarray:
-    """A colour mask -> class indices [H, W] uint8, refusing colours that are no class and not ignored."""
-    img = _open(path, "mask")
-    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # [H, W, 3]
+def _decode_rgb(rgb: np.ndarray, classes: ClassSet, ignore_colors: tuple[Color, ...], where: str,
+                path: str | Path, known: np.ndarray | None = None) -> np.ndarray:
+    """A colour mask [H, W, 3] -> class indices [H, W] uint8, refusing colours that are no class and not ignored
+    (pixels not `known`: the ignore label)."""
     key = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
     labels = _rgb_table(classes.colors, ignore_colors, classes.ignore_index)[key]  # [H, W] uint16
+    if known is not None:
+        labels[~known] = classes.ignore_index
     unknown = labels == _UNKNOWN
     if unknown.any():
         colors, counts = np.unique(key[unknown], return_counts=True)

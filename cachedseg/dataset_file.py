@@ -2,7 +2,9 @@
 
     name = "my survey"                    optional, for messages
     images = "images/*.jpg"               a glob below the file's folder (or a template with {id})
-    masks = "masks/{stem}.png"            a template: {id}, {stem}, {dir}
+    masks = "masks/{stem}.png"            a template: {id}, {stem}, {dir} (PNGs, or label rasters: GeoTIFFs)
+    labels = "labels.gpkg"                instead of masks: class polygons (GeoPackage, GeoJSON) for every image
+    label_field = "class"                 the polygons' attribute holding the class (index or name)
     mask_encoding = "index" | "rgb"       single-channel class indices (default), or class colours
     ignore_index = 255                    the label of unlabelled pixels (index masks: its value in the file)
     ignore_colors = [[r, g, b], ...]      rgb masks: colours that mean unlabelled
@@ -43,7 +45,8 @@ def load_dataset_file(path: str | Path, root: str | Path | None = None) -> Datas
     return _from_dict(raw, path, Path(root) if root is not None else path.parent)
 
 
-_KEYS = ("name", "images", "masks", "splits", "mask_encoding", "classes", "ignore_index", "ignore_colors", "remap")
+_KEYS = ("name", "images", "masks", "labels", "label_field", "splits", "mask_encoding", "classes", "ignore_index",
+         "ignore_colors", "remap")
 
 
 def _from_dict(raw: dict, path: Path, root: Path) -> Dataset:
@@ -54,16 +57,20 @@ def _from_dict(raw: dict, path: Path, root: Path) -> Dataset:
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise bad(repr(unknown[0]), f"is not a dataset-file key; the keys are {', '.join(_KEYS)}")
-    for key in ("images", "masks", "classes"):
+    for key in ("images", "classes"):
         if key not in raw:
             raise bad(key, "is missing; see the README's \"Your own data\" for an example")
-    images, masks = raw["images"], raw["masks"]
+    if ("masks" in raw) == ("labels" in raw):
+        raise bad("masks", "or labels must be given (not both): mask files by a template, or one vector file of "
+                  "class polygons")
+    images, masks = raw["images"], raw.get("masks", "")
     if not isinstance(images, str) or not images or Path(images).is_absolute():
         raise bad("images", f"= {images!r}: give a glob relative to the file's folder, e.g. \"images/*.jpg\"")
-    if not isinstance(masks, str) or not any(f"{{{k}}}" in masks for k in ("id", "stem")):
+    labels, label_field = _vector_labels(raw, bad)
+    if labels is None and (not isinstance(masks, str) or not any(f"{{{k}}}" in masks for k in ("id", "stem"))):
         raise bad("masks", f"= {masks!r}: give a path template with {{id}} or {{stem}}, e.g. \"masks/{{stem}}.png\"")
     try:
-        masks.format(id="x", stem="x", dir="x")
+        masks.format(id="x", stem="x", dir="x")  # "" for vector labels
     except (KeyError, IndexError, ValueError) as exc:
         raise bad("masks", f"= {masks!r} names {exc}; the fields are {{id}}, {{stem}} and {{dir}}") from None
     encoding = raw.get("mask_encoding", "index")
@@ -113,9 +120,27 @@ def _from_dict(raw: dict, path: Path, root: Path) -> Dataset:
             raise bad("remap", f"{key!r} = {value!r}: map a mask value to a class index 0..{len(classes) - 1} or "
                       f"to ignore_index {ignore_index}")
         pairs.append((int(key), value))
+    if labels is not None and ("mask_encoding" in raw or remap):
+        raise bad("labels", "are polygons whose label_field names the class; mask_encoding and remap are for masks")
     return Dataset(root=root, classes=classes, layout=_layout(raw.get("splits"), images, masks, bad),
                    name=str(raw.get("name", path.stem)), mask_encoding=encoding, ignore_colors=ignore_colors,
-                   remap=tuple(sorted(pairs)), file=path)
+                   remap=tuple(sorted(pairs)), file=path, labels=None if labels is None else root / labels,
+                   label_field=label_field)
+
+
+def _vector_labels(raw: dict, bad) -> tuple[str | None, str]:
+    """The `labels` vector file (relative to the file's folder; None for masks) and its `label_field`."""
+    from cachedseg.vector_labels import VECTOR_SUFFIXES
+    labels, field = raw.get("labels"), raw.get("label_field", "class")
+    if "label_field" in raw and labels is None:
+        raise bad("label_field", "names the class attribute of vector labels; give labels = \"labels.gpkg\" too")
+    if labels is not None and (not isinstance(labels, str) or Path(labels).is_absolute()
+                               or Path(labels).suffix.lower() not in VECTOR_SUFFIXES):
+        raise bad("labels", f"= {labels!r}: give a vector file relative to the file's folder "
+                  f"({', '.join(VECTOR_SUFFIXES)}), e.g. \"labels.gpkg\"")
+    if not isinstance(field, str) or not field:
+        raise bad("label_field", f"= {field!r}: give the name of the attribute that holds the class")
+    return labels, field
 
 
 def _layout(splits, images: str, masks: str, bad) -> Layout:

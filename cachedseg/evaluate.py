@@ -13,7 +13,7 @@ from cachedseg import checkpoint
 from cachedseg.backbone import backbone_for, resolve_device
 from cachedseg.classes import ClassSet
 from cachedseg.data import preprocess_image
-from cachedseg.dataset import SPLITS, Dataset, load_image, open_dataset
+from cachedseg.dataset import SPLITS, Dataset, Sample, load_image, open_dataset
 from cachedseg.errors import CachedsegError
 from cachedseg.extract import stale_labels
 from cachedseg.features import cached_source
@@ -239,7 +239,7 @@ def _labels(dataset: Dataset, id_: str) -> np.ndarray:
     path = dataset.mask_path(id_)
     if not path.is_file():
         raise CachedsegError(f"{path} is missing; pass --data with the dataset the store was built from")
-    return dataset.read_labels(path)
+    return dataset.sample_labels(Sample(id_, "", dataset.image_path(id_), path))
 
 
 def _image(dataset: Dataset, id_: str, size: tuple[int, int]):

@@ -7,6 +7,10 @@ The cache follows the data: each entry records the size, mtime and hash of the i
 from. A rerun compares the stats (no file is read while they match), hashes the files whose stats differ, and
 recomputes what changed (a changed mask alone is rewritten without a backbone pass); images newly listed are added
 to the store, and images gone from the dataset are kept but left out.
+
+With a `Tiling` (`extract --tile`) every image is cut into windows (`cachedseg.windows`) and each window is an
+item of the store, with all of the above per window: a window without a valid pixel is flagged empty and stores
+nothing, and the store records where each window lies and the grid of each image.
 """
 
 from __future__ import annotations
@@ -33,12 +37,16 @@ from cachedseg import distributed
 from cachedseg.locks import LockUnwritable, writer_lock
 from cachedseg.paths import exists, is_url
 from cachedseg.spec import StoreSpec, check_dtype, check_spec, spec_for
-from cachedseg.store import (BAD, DONE, HASH_BYTES, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
+from cachedseg.store import (BAD, DONE, EMPTY, HASH_BYTES, NO_STAT, PENDING, SOURCE_FILES, FeatureStore,
                              disk_bytes, is_store, open_group, remove_partials, remove_store)
+from cachedseg.tiles import RasterGrid, Tiling
 from cachedseg.views import apply_view, check_views
+from cachedseg.windows import image_grid, window_samples
 from cachedseg.workers import default_workers
 
 FLOAT16_MAX = 65504.0
+SETTLED = (DONE, EMPTY)  # flags of entries with nothing left to compute
+HASH_MEMO = 16  # files whose hash a process remembers (by path, size and mtime): a map's windows share one file
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class ExtractResult:
             the store but left out of training and evaluation.
         adopted: Done images without a record of their files (a store from before records): their current files
             were hashed and taken as the record.
+        rasters: With `tiling`: the images cut into windows (`images` then counts windows).
+        empty: With `tiling`: windows of the store without a valid pixel (nothing stored for them).
     """
 
     store: str
@@ -78,6 +88,8 @@ class ExtractResult:
     moved: int = 0
     gone: dict[str, str] = field(default_factory=dict)
     adopted: int = 0
+    rasters: int = 0
+    empty: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -91,10 +103,13 @@ class ExtractResult:
 
 
 def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str,
-                       views: tuple[str, ...] = ("identity",)) -> Path:
-    """cache/<dataset>-<backbone>-<WxH>-<dtype>[-l<layers>][-<views>].zarr: different settings never share a store."""
+                       views: tuple[str, ...] = ("identity",), tiling: Tiling | None = None) -> Path:
+    """cache/<dataset>-<backbone>-<WxH>-<dtype>[-l<layers>][-<views>][-tiles<overlap>[-gsd<m>]].zarr: different
+    settings never share a store."""
     size = f"{backbone.image_size[1]}x{backbone.image_size[0]}" if backbone.image_size else "default"
     extra = (f"-l{backbone.layers}" if backbone.layers > 1 else "") + "".join(f"-{v}" for v in views[1:])
+    if tiling is not None:
+        extra += f"-tiles{tiling.overlap}" + (f"-gsd{tiling.gsd:g}" if tiling.gsd is not None else "")
     path = Path(data).resolve()
     name = path.parent.name if path.name == DATASET_FILE else path.stem if path.suffix == ".toml" else path.name
     return Path("cache") / f"{name}-{backbone.name}-{size}-{dtype}{extra}.zarr"
@@ -103,7 +118,7 @@ def default_store_path(data: str | Path, backbone: BackboneConfig, dtype: str,
 def extract(data: str | Path, store: str | Path | None = None, backbone: BackboneConfig = BackboneConfig(),
             weights: str = "auto", dtype: str = "float16", batch_size: int = 4, device: str = "auto",
             workers: int | None = None, overwrite: bool = False, skip_bad: bool = False, redo: tuple[str, ...] = (),
-            views: tuple[str, ...] = ("identity",), images_per_shard: int = 1,
+            views: tuple[str, ...] = ("identity",), images_per_shard: int = 1, tiling: Tiling | None = None,
             progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract backbone features for every image of a dataset into a Zarr store.
 
@@ -133,6 +148,8 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             forward pass per image and as much storage again.
         images_per_shard: Pack this many images into each file (zarr sharding) for a new store; a shard is then
             the unit of work: a killed run recomputes its unfinished shards whole.
+        tiling: Cut every image into windows of the backbone's input size (`tiling.size` must be it) sharing
+            `tiling.overlap` pixels, georeferenced rasters first resampled to `tiling.gsd`; each window is an item.
         progress: Called on rank 0 as `progress(done, total)` for the whole job, at the start and after batches.
 
     Returns:
@@ -152,12 +169,22 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
     missing: dict[str, str] = {}  # listed ids whose files are missing: gone, if the store has them
     dataset = open_dataset(data)
     samples = dataset.samples(missing=missing)
-    store = str(store) if store is not None else str(default_store_path(data, backbone, dtype, views))
+    store = str(store) if store is not None else str(default_store_path(data, backbone, dtype, views, tiling))
     exists(store)  # a bucket that does not answer is told now, not after the backbone is built
     if missing and (overwrite or not is_store(store)):  # nothing cached to keep for them
         raise CachedsegError(next(iter(missing.values())))
+    rasters = None
+    if tiling is not None:
+        if backbone.image_size is not None and tuple(backbone.image_size) != tuple(tiling.size):
+            raise CachedsegError(f"--tile {tiling.size[1]}x{tiling.size[0]} is the backbone's input; give it alone, "
+                                 "without another --image-size or --short-side")
+        if dataset.vector_labels is not None:
+            dataset.vector_labels.check()
+        rasters = [image_grid(s, tiling.gsd) for s in samples]  # headers only
+        missing = {}  # a gone image's windows are told by their ids no longer being listed
+        samples = window_samples(samples, rasters, tiling)
     model = build_backbone(backbone, weights, distributed.device_for(ctx, device))
-    spec = spec_for(model, dtype, dataset.classes, views)
+    spec = spec_for(model, dtype, dataset.classes, views, tiling)
     ids, splits = [s.id for s in samples], [s.split for s in samples]
 
     opened: dict[str, FeatureStore] = {}  # rank 0's store from setup, used on after it (each open is a round trip)
@@ -171,10 +198,12 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
                 return [], uuid.uuid4().hex, {}
             if overwrite:
                 remove_store(store)
-            cache, created = _open_or_create(store, spec, ids, splits, dataset.reference, weights, images_per_shard)
+            cache, created = _open_or_create(store, spec, samples, dataset.reference, weights, images_per_shard,
+                                             rasters)
             # the flags are read once (one request per image on a bucket) and kept up to date here
             cache, changes, flags = ((cache, {}, np.full(len(cache), PENDING, dtype=np.uint8)) if created
-                                  else _follow_data(cache, dataset, samples, missing, model.preprocess))
+                                     else _follow_data(cache, dataset, samples, missing, lambda ordered: _items(
+                                         ordered, model.preprocess, dataset, tiling), rasters))
             for id_ in redo:
                 if id_ not in ids:
                     raise CachedsegError(f"--redo {id_}: no such image id in {data}")
@@ -182,7 +211,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
                 flags[cache.ids.index(id_)] = PENDING
             gone = cache.gone
             # bad images are retried too; the token names this run's job-wide progress counter
-            pending = [i for i in np.flatnonzero(flags != DONE).tolist() if cache.ids[i] not in gone]
+            pending = [i for i in np.flatnonzero(~np.isin(flags, SETTLED)).tolist() if cache.ids[i] not in gone]
             if pending:
                 cache.check_writable(len(pending))
             opened.update(store=cache, flags=flags)
@@ -197,15 +226,25 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         report = progress if ctx.main and progress else (lambda done, total: None)
         key = f"extract:{token}"
         start = time.perf_counter()
-        sources = _Sources(in_store_order, model.preprocess, dataset.read_labels)
-        bad = _compute(model, cache, sources, ctx.share(units), batch_size, workers, skip_bad,
-                       lambda n: report(ctx.count(key, n), todo))
+        sources = _Sources(_items(in_store_order, model.preprocess, dataset, tiling))
+        bad, empty = _compute(model, cache, sources, ctx.share(units), batch_size, workers, skip_bad,
+                              lambda n: report(ctx.count(key, n), todo))
         bad = {k: v for part in ctx.gather(bad) for k, v in part.items()}
+        empty = sum(ctx.gather(empty))
         # nothing pending anywhere: the flags are as setup left them, not read again
-        ctx.once(lambda: _finish(cache, bad, data, None if pending else opened.get("flags")))
+        flags = ctx.once(lambda: _finish(cache, bad, data, None if pending else opened.get("flags")))
         seconds = time.perf_counter() - start
-    return ExtractResult(store=store, images=len(ids), extracted=todo - len(bad), skipped=len(ids) - todo,
-                         seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad, gone=cache.gone, **changes)
+    return ExtractResult(store=store, images=len(ids), extracted=todo - len(bad) - empty, skipped=len(ids) - todo,
+                         seconds=seconds, bytes_on_disk=disk_bytes(store), bad=bad, gone=cache.gone, **changes,
+                         rasters=len(rasters or ()), empty=int((flags == EMPTY).sum()))
+
+
+def _items(samples: list, pp, dataset: Dataset, tiling: Tiling | None):
+    """What reads the samples (None: gone) with their labels: whole frames, or the windows of a tiled dataset."""
+    if tiling is None:
+        return SegmentationDataset(samples, pp, dataset.sample_labels)
+    from cachedseg.windows import WindowDataset
+    return WindowDataset(samples, pp, dataset, tiling)
 
 
 def file_stats(paths: tuple[Path, ...]) -> np.ndarray:
@@ -214,15 +253,25 @@ def file_stats(paths: tuple[Path, ...]) -> np.ndarray:
     return np.array([(st.st_size, st.st_mtime_ns) for st in stats], dtype=np.int64)
 
 
+_hashed: dict[tuple[str, int, int], np.ndarray] = {}  # (path, size, mtime_ns) -> hash, the last HASH_MEMO files
+
+
 def file_hashes(paths: tuple[Path, ...]) -> np.ndarray:
-    """blake2b-128 of each file's bytes, uint8 [len(paths), 16], read in 1 MiB blocks."""
+    """blake2b-128 of each file's bytes, uint8 [len(paths), 16], read in 1 MiB blocks; a file whose size and mtime
+    are those of one hashed lately is not read again (the windows of a map all come from one file)."""
     digests = []
     for path in paths:
-        h = hashlib.blake2b(digest_size=HASH_BYTES)
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        digests.append(np.frombuffer(h.digest(), dtype=np.uint8))
+        st = os.stat(path)
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _hashed:
+            h = hashlib.blake2b(digest_size=HASH_BYTES)
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            while len(_hashed) >= HASH_MEMO:
+                del _hashed[next(iter(_hashed))]
+            _hashed[key] = np.frombuffer(h.digest(), dtype=np.uint8)
+        digests.append(_hashed[key])
     return np.stack(digests)
 
 
@@ -232,11 +281,12 @@ def _sources(sample: Sample) -> tuple[Path, Path]:
 
 
 def _follow_data(cache: FeatureStore, dataset: Dataset, samples: list[Sample], missing: dict[str, str],
-                 pp) -> tuple[FeatureStore, dict, np.ndarray]:
+                 items: Callable[[list], torch.utils.data.Dataset],
+                 rasters: list[RasterGrid] | None = None) -> tuple[FeatureStore, dict, np.ndarray]:
     """Bring an existing store up to the dataset: add newly listed images, update moved splits, record gone ones,
     and check each done image against its record (stats, then hashes): a changed image goes back to pending, a
-    changed mask alone is rewritten, equal content only updates the stats. Returns the store, the counts and the
-    flags as they are now."""
+    changed mask alone is rewritten (read by `items(samples in store order)`), equal content only updates the stats.
+    Returns the store, the counts and the flags as they are now."""
     listed = {s.id: s for s in samples}
     have = set(cache.ids)
     for id_, error in missing.items():
@@ -246,15 +296,18 @@ def _follow_data(cache: FeatureStore, dataset: Dataset, samples: list[Sample], m
     splits = [listed[id_].split if id_ in listed else split for id_, split in zip(cache.ids, cache.splits)]
     moved = sum(split != old for split, old in zip(splits, cache.splits))
     if new or moved:
-        cache = cache.set_index(cache.ids + [s.id for s in new], splits + [s.split for s in new])
+        tiles, grids = _grown_tiles(cache, new, rasters) if cache.tiled else (None, None)
+        cache = cache.set_index(cache.ids + [s.id for s in new], splits + [s.split for s in new], tiles, grids)
+    elif cache.tiled:
+        _grown_tiles(cache, [], rasters)  # refuses an image whose grid changed
     cache.set_gone({id_: missing.get(id_, dataset.unlisted_reason())
                  for id_ in cache.ids if id_ not in listed})
     cache.add_records()  # a store from before records: every record unknown, adopted below
     counts = {"changed": 0, "masks_changed": 0, "touched": 0, "added": len(new), "moved": moved, "adopted": 0}
     stats, hashes = cache.records()
-    masks = SegmentationDataset([listed.get(id_) for id_ in cache.ids], pp, dataset.read_labels)
+    masks = items([listed.get(id_) for id_ in cache.ids])
     flags = cache.flags(repair=True)
-    for i in np.flatnonzero(flags == DONE):
+    for i in np.flatnonzero(np.isin(flags, SETTLED)):
         sample = listed.get(cache.ids[i])
         if sample is None:  # gone: kept as it is
             continue
@@ -271,9 +324,12 @@ def _follow_data(cache: FeatureStore, dataset: Dataset, samples: list[Sample], m
         if same.all():
             cache.set_record(i, now, current)
             counts["touched"] += 1
+        elif same[0] and flags[i] == EMPTY:  # no valid pixel, so no labels to store: only the record
+            cache.set_record(i, now, current)
+            counts["masks_changed"] += 1
         elif same[0]:
             item = masks[i]  # decoded and checked exactly as extraction does
-            if "error" not in item and np.array_equal(file_stats(paths), now):
+            if "error" not in item and "empty" not in item and np.array_equal(file_stats(paths), now):
                 cache.write_mask(i, item["mask"].numpy(), now, current)
                 counts["masks_changed"] += 1
             else:  # unreadable, or changing as we read: the full path decides (and --skip-bad applies)
@@ -287,19 +343,46 @@ def _follow_data(cache: FeatureStore, dataset: Dataset, samples: list[Sample], m
     return cache, counts, flags
 
 
-def _finish(cache: FeatureStore, bad: dict[str, str], data: str | Path, flags: np.ndarray | None = None) -> None:
+def _grown_tiles(cache: FeatureStore, new: list, rasters: list[RasterGrid]) -> tuple[np.ndarray, list[RasterGrid]]:
+    """A tiled store's `tiles` and `rasters` with the windows `new` added (their images' grids appended where the
+    store has none), refusing an image whose grid changed since the store was built."""
+    grids = cache.rasters
+    number = {g.image: k for k, g in enumerate(grids)}
+    current = {g.image: g for g in rasters}
+    for grid in grids:
+        now = current.get(grid.image)
+        if now is not None and now != grid:
+            raise CachedsegError(f"the grid of image {grid.image!r} changed since the store {cache.path} was built "
+                                 f"({grid.width}x{grid.height} then, {now.width}x{now.height} now, or its "
+                                 "georeference); rebuild the store with --overwrite")
+    rows = []
+    for window in new:
+        if window.image_id not in number:
+            number[window.image_id] = len(grids)
+            grids.append(current[window.image_id])
+        rows.append((number[window.image_id], window.y0, window.x0))
+    return np.concatenate([cache.tiles(), np.array(rows, dtype=np.int64).reshape(-1, 3)]), grids
+
+
+def _finish(cache: FeatureStore, bad: dict[str, str], data: str | Path, flags: np.ndarray | None = None) -> np.ndarray:
     """Record the unreadable images, and refuse a split left without a usable image (training needs both);
-    `flags`: the flags if known to be current, else they are read."""
+    `flags`: the flags if known to be current, else they are read. Returns the flags."""
     cache.set_bad(bad)
     flags, gone = cache.flags() if flags is None else flags, cache.gone
     for split in SPLITS:
         members = [id_ for id_, s in zip(cache.ids, cache.splits) if s == split]
         if members and not any(f == DONE and id_ not in gone and s == split
                                for id_, s, f in zip(cache.ids, cache.splits, flags)):
-            first = next((id_ for id_ in members if id_ in bad), None) or next(id_ for id_ in members if id_ in gone)
+            first = next((id_ for id_ in members if id_ in bad), None) or next((id_ for id_ in members if id_ in gone),
+                                                                               None)
+            if first is None:
+                raise CachedsegError(f"no usable image in the {split} split of {data}: all of its {len(members)} "
+                                     "windows are outside the map (nodata); check the images' alpha band or nodata "
+                                     "value, and the split")
             raise CachedsegError(f"no usable image in the {split} split of {data}: none of its {len(members)} images "
                                  f"can be used, the first ({first!r}) because {bad.get(first) or gone[first]}; fix "
                                  f"or replace them and rerun (the store {cache.path} records them as bad)")
+    return flags
 
 
 def _units(pending: list[int], per: int, n: int) -> list[list[int]]:
@@ -310,9 +393,15 @@ def _units(pending: list[int], per: int, n: int) -> list[list[int]]:
     return [list(range(k * per, min((k + 1) * per, n))) for k in sorted({i // per for i in pending})]
 
 
-class _Sources(SegmentationDataset):
-    """The images to extract (by store index; None for an image gone from the dataset), each with the record of
-    the files it was computed from."""
+class _Sources(torch.utils.data.Dataset):
+    """The images (or windows) to extract, as `items` reads them (by store index; None for one gone from the
+    dataset), each with the record of the files it was computed from."""
+
+    def __init__(self, items: torch.utils.data.Dataset):
+        self.items, self.samples = items, items.samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         paths = _sources(self.samples[index])
@@ -320,7 +409,7 @@ class _Sources(SegmentationDataset):
             before = file_stats(paths)
         except OSError as exc:
             return {"index": index, "view": 0, "error": f"{exc.filename} cannot be read ({exc.strerror})"}
-        item = super().__getitem__(index)
+        item = self.items[index]
         if "error" not in item:
             hashes = file_hashes(paths)
             # a file that changed while it was read gets a hash that matches nothing: the next rerun recomputes it
@@ -329,18 +418,21 @@ class _Sources(SegmentationDataset):
 
 
 def _collate(items: list[dict]) -> dict:
-    """`collate`, plus the records of the images that loaded."""
-    batch = collate(items)
-    good = [it for it in items if "error" not in it]
+    """`collate`, plus the records of the images that loaded, whether each holds labels, and the windows found
+    empty with their records."""
+    batch = collate([it for it in items if "empty" not in it])
+    good = [it for it in items if "error" not in it and "empty" not in it]
     batch["records"] = [(it["stats"], it["hashes"]) for it in good]
+    batch["labelled"] = [it.get("labelled", True) for it in good]
+    batch["empty"] = [(it["index"], (it["stats"], it["hashes"])) for it in items if "empty" in it]
     return batch
 
 
-def _compute(model: Backbone, cache: FeatureStore, dataset: _Sources, units: list[list[int]],
-             batch_size: int, workers: int, skip_bad: bool, progress: Callable[[int], None]) -> dict[str, str]:
+def _compute(model: Backbone, cache: FeatureStore, dataset: _Sources, units: list[list[int]], batch_size: int,
+             workers: int, skip_bad: bool, progress: Callable[[int], None]) -> tuple[dict[str, str], int]:
     """Run the backbone over the images of `units` and write each unit whole once its images are done; returns
-    the images skipped as unreadable. `progress(n)` is told each batch's image count. Images of a unit that are
-    gone from the dataset keep what the store holds for them."""
+    the images skipped as unreadable, and how many windows were found empty. `progress(n)` is told each batch's
+    image count. Images of a unit that are gone from the dataset keep what the store holds for them."""
     device = next(model.parameters()).device
     indices = [i for unit in units for i in unit if dataset.samples[i] is not None]
     kept = [i for unit in units for i in unit if dataset.samples[i] is None]
@@ -349,21 +441,27 @@ def _compute(model: Backbone, cache: FeatureStore, dataset: _Sources, units: lis
     owner = {i: k for k, unit in enumerate(units) for i in unit}
     blocks: dict[int, _Block] = {}
     bad: dict[str, str] = {}
+    empty = 0
     progress(0)
     writes: deque[Future] = deque()
     # One writer thread overlaps the Zarr writes with the next forward pass; each unit's order (features, masks,
     # records, then the done flags) is what makes a kill at any moment safe.
     with ThreadPoolExecutor(max_workers=1) as writer:
-        def put(index: int, feats: np.ndarray | None, mask: np.ndarray | None, flag: int, record=None) -> None:
+        def put(index: int, feats: np.ndarray | None, mask: np.ndarray | None, flag: int, record=None,
+                labelled: bool = True) -> None:
             k = owner[index]
             block = blocks.setdefault(k, _Block(cache, units[k]))
-            if block.put(index, feats, mask, flag, record):
+            if block.put(index, feats, mask, flag, record, labelled):
                 writes.append(writer.submit(block.write))
                 del blocks[k]
         for index in kept:
-            features, mask, flag, stats, hashes = cache.raw(index)
-            put(index, features if flag == DONE else None, mask if flag == DONE else None, flag, (stats, hashes))
+            features, mask, flag, stats, hashes, labelled = cache.raw(index)
+            put(index, features if flag == DONE else None, mask if flag == DONE else None, flag, (stats, hashes),
+                bool(labelled))
         for batch in loader:
+            for index, record in batch["empty"]:
+                put(index, None, None, EMPTY, record)
+            empty += len(batch["empty"])
             for index, reason in batch["errors"]:
                 if not skip_bad:
                     raise CachedsegError(f"{reason} (image {cache.ids[index]!r}); or pass --skip-bad to record it in "
@@ -375,15 +473,15 @@ def _compute(model: Backbone, cache: FeatureStore, dataset: _Sources, units: lis
                 feats = torch.stack([model(apply_view(x, v)) for v in cache.spec.views], 1)  # [B, V, L, C, h, w]
                 _check_finite(feats, [cache.ids[i] for i in batch["index"].tolist()], cache.spec.dtype)
                 feats = feats.to(getattr(torch, cache.spec.dtype)).cpu().numpy()
-                for index, f, m, record in zip(batch["index"].tolist(), feats, batch["mask"].numpy(),
-                                               batch["records"]):
-                    put(index, f, m, DONE, record)
+                for index, f, m, record, labelled in zip(batch["index"].tolist(), feats, batch["mask"].numpy(),
+                                                         batch["records"], batch["labelled"]):
+                    put(index, f, m, DONE, record, labelled)
             while len(writes) > 2:  # bounded: never more than two units in flight
                 writes.popleft().result()
-            progress(len(batch["index"]) + len(batch["errors"]))
+            progress(len(batch["index"]) + len(batch["errors"]) + len(batch["empty"]))
         while writes:
             writes.popleft().result()
-    return bad
+    return bad, empty
 
 
 class _Block:
@@ -396,11 +494,12 @@ class _Block:
         self.flags = np.zeros(self.n, dtype=np.uint8)
         self.stats = np.full((self.n, len(SOURCE_FILES), 2), NO_STAT, dtype=np.int64)
         self.hashes = np.zeros((self.n, len(SOURCE_FILES), HASH_BYTES), dtype=np.uint8)
+        self.labelled = np.zeros(self.n, dtype=np.uint8)
 
     def put(self, index: int, feats: np.ndarray | None, mask: np.ndarray | None, flag: int,
-            record: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
-        """Place one image (None for a skipped one) and the record of its files; returns whether the block is
-        complete."""
+            record: tuple[np.ndarray, np.ndarray] | None = None, labelled: bool = True) -> bool:
+        """Place one image (None for a skipped one), the record of its files and whether it holds labels; returns
+        whether the block is complete."""
         if feats is not None:
             if self.features is None:  # a skipped image's chunks stay unwritten (they read as missing)
                 self.features, self.masks = self.cache.empty_block(self.n)
@@ -408,21 +507,26 @@ class _Block:
         if record is not None:
             self.stats[index - self.start], self.hashes[index - self.start] = record
         self.flags[index - self.start] = flag
+        self.labelled[index - self.start] = feats is not None and labelled
         self.filled += 1
         return self.filled == self.n
 
     def write(self) -> None:
         """Write the block: data and records first, flags last."""
-        if self.features is None:  # every image of the block unreadable: only the flags
+        if self.features is None:  # no image of the block has data (unreadable, or empty windows): records, flags
             for i, flag in enumerate(self.flags):
+                if self.stats[i, 0, 0] != NO_STAT and self.cache.has_records:
+                    self.cache.set_record(self.start + i, self.stats[i], self.hashes[i])
                 self.cache.mark(self.start + i, int(flag))
             return
-        self.cache.write_block(self.start, self.features, self.masks, self.flags, self.stats, self.hashes)
+        self.cache.write_block(self.start, self.features, self.masks, self.flags, self.stats, self.hashes,
+                               self.labelled)
 
 
-def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[str], data: str,
-                    weights: str, images_per_shard: int) -> tuple[FeatureStore, bool]:
-    """Open a store to finish or update it (refusing other settings), or create it; says whether it was created."""
+def _open_or_create(store: str, spec: StoreSpec, samples: list[Sample], data: str, weights: str,
+                    images_per_shard: int, rasters: list[RasterGrid] | None = None) -> tuple[FeatureStore, bool]:
+    """Open a store to finish or update it (refusing other settings), or create it (of `samples`, windows of
+    `rasters` for a tiled spec); says whether it was created."""
     group = open_group(store, mode="r+")  # opened once and handed on: on a bucket each open is a round trip
     if is_store(store, group):
         cache = FeatureStore.open(store, mode="r+", group=group)
@@ -434,8 +538,11 @@ def _open_or_create(store: str, spec: StoreSpec, ids: list[str], splits: list[st
         raise CachedsegError(f"{store} exists and is not a cachedseg feature store; pick another --store")
     if not is_url(store):
         Path(store).parent.mkdir(parents=True, exist_ok=True)
-    return FeatureStore.create(store, spec, ids, splits, dataset=data,
-                               weights=weights_source(weights), images_per_shard=images_per_shard), True
+    tiles = (np.array([(s.raster, s.y0, s.x0) for s in samples], dtype=np.int64).reshape(-1, 3)
+             if rasters is not None else None)
+    return FeatureStore.create(store, spec, [s.id for s in samples], [s.split for s in samples], dataset=data,
+                               weights=weights_source(weights), images_per_shard=images_per_shard, tiles=tiles,
+                               rasters=rasters), True
 
 
 def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[str, str]) -> bool:
@@ -446,7 +553,7 @@ def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[
         return False
     cache = FeatureStore.open(store, group=group)
     if (cache.spec != spec or (cache.ids, cache.splits) != ([s.id for s in samples], [s.split for s in samples])
-            or cache.gone or not (cache.flags() == DONE).all()):
+            or cache.gone or not np.isin(cache.flags(), SETTLED).all()):
         return False
     stats, _ = cache.records()
     return all(np.array_equal(file_stats(_sources(s)), stats[i]) for i, s in enumerate(samples))

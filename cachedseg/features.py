@@ -112,8 +112,9 @@ class FeatureSource:
     Attributes:
         spec: The feature spec (backbone, fingerprint, sizes, dtype, classes).
         ids: Image ids, by index.
-        splits: "trn" or "val" (or "skipped" for images `extract --skip-bad` left out, "gone" for images no
-            longer in the dataset), by index.
+        splits: "trn" or "val" (or "skipped" for images `extract --skip-bad` left out and windows without a
+            valid pixel, "gone" for images no longer in the dataset, "unlabelled" for windows without a labelled
+            pixel), by index.
         dataset: Torch dataset returning `features` (cached) or `image` (live) plus `mask`, by index.
         data_root: The dataset's folder (for native-resolution labels: `cachedseg.dataset.open_dataset`).
         weights: Where the backbone's weights came from (`auto`, `random` or a file), for later live use.
@@ -175,9 +176,11 @@ def cached_source(store: str | Path, in_memory: bool = False, data: str | Path |
         finished = sum(s != "pending" for s in states)
         raise CachedsegError(f"the store {store} is unfinished ({finished} of {len(states)} images); "
                              "rerun the same `cachedseg extract` command to finish it")
-    # images skipped as unreadable (`extract --skip-bad`) and images gone from the dataset belong to no split
-    splits = ["gone" if not keep else s if f == "done" else "skipped"
-              for s, f, keep in zip(cache.splits, states, listed)]
+    # images skipped as unreadable (`extract --skip-bad`), empty windows, images gone from the dataset and windows
+    # without labels belong to no split
+    labelled = cache.labelled()
+    splits = ["gone" if not keep else "skipped" if f != "done" else s if has_labels else "unlabelled"
+              for s, f, keep, has_labels in zip(cache.splits, states, listed, labelled)]
     return FeatureSource(spec=cache.spec, ids=cache.ids, splits=splits, dataset=StoreDataset(store, in_memory, device),
                          data_root=Path(data or cache.dataset), weights=cache.weights,
                          # absolute: the run records it, and evaluate/report default to it from any folder
@@ -192,6 +195,6 @@ def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str,
     samples = dataset.samples()
     spec = spec_for(backbone, dtype, dataset.classes, views)
     return FeatureSource(spec=spec, ids=[s.id for s in samples], splits=[s.split for s in samples],
-                         dataset=SegmentationDataset(samples, backbone.preprocess, dataset.read_labels, views=spec.views),
+                         dataset=SegmentationDataset(samples, backbone.preprocess, dataset.sample_labels, views=spec.views),
                          data_root=Path(data), weights=weights_source(weights), backbone=backbone,
                          location=f"live:{dataset.reference}")

@@ -36,7 +36,7 @@ from cachedseg import __version__
 from cachedseg.classes import ClassSet
 from cachedseg.dataset import MAX_PIXELS, own_pixel_limit
 from cachedseg.errors import CachedsegError, first_line
-from cachedseg.tiles import Grid
+from cachedseg.tiles import Grid, RasterGrid
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 SOFTWARE = f"cachedseg {__version__}"  # TIFFTAG_SOFTWARE of every label raster: it is never taken for an input
@@ -171,21 +171,63 @@ def _env():
     return _rasterio().Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
 
 
-class MapReader:
-    """An open RGB(A) GeoTIFF, read a strip of rows at a time with its validity mask."""
+def _open_raster(path: Path, what: str = "raster"):
+    """rasterio's dataset for a file, or one line saying it is unreadable."""
+    rasterio = _rasterio()
+    try:
+        with _quiet():
+            return rasterio.open(path)
+    except rasterio.errors.RasterioError as exc:
+        raise CachedsegError(f"{path} is not a readable {what} ({first_line(exc)}); replace or remove it") from None
 
-    def __init__(self, path: str | Path):
-        rasterio = _rasterio()
-        self.path = Path(path)
-        try:
-            with _quiet():
-                self.src = rasterio.open(self.path)
-        except rasterio.errors.RasterioError as exc:
-            raise CachedsegError(f"{self.path} is not a readable raster ({first_line(exc)}); replace or remove it"
-                                 ) from None
+
+def resampled_grid(src, gsd: float, path: Path) -> tuple[object, int, int]:
+    """(transform, height, width) of a north-up raster resampled to `gsd` metres a pixel over the same extent.
+
+    Raises:
+        CachedsegError: For a raster without a CRS, in a geographic CRS (degrees) or rotated.
+    """
+    from affine import Affine
+    if src.crs is None:
+        raise CachedsegError(f"--gsd {gsd} resamples to metres a pixel, but {path} has no coordinate system; "
+                             f"georeference it (gdal_edit.py -a_srs EPSG:... -a_ullr ... {path.name}) or leave --gsd out")
+    if src.crs.is_geographic:
+        raise CachedsegError(f"--gsd {gsd} is in metres, but {path}'s CRS is geographic (degrees); reproject it "
+                             f"(gdalwarp -t_srs EPSG:<a UTM zone> {path.name} out.tif) or leave --gsd out")
+    t = src.transform
+    if t.b or t.d:
+        raise CachedsegError(f"{path} is rotated (its transform has shear terms); warp it north-up first "
+                             f"(gdalwarp {path.name} out.tif) to use --gsd")
+    step = gsd / src.crs.linear_units_factor[1]  # in CRS units (metres, or feet for some CRSs)
+    width = max(1, round(src.width * abs(t.a) / step))
+    height = max(1, round(src.height * abs(t.e) / step))
+    return Affine(step * np.sign(t.a), 0.0, t.c, 0.0, step * np.sign(t.e), t.f), height, width
+
+
+def _warped(src, gsd: float, path: Path):
+    """A WarpedVRT of an image `src` at `gsd` (bilinear). An alpha band is added to a source without one: GDAL's
+    warper then gives the same pixels for any window read (without it, a nodata source's windows differ from a
+    whole read by 1), and the alpha marks where the source had no data."""
+    from rasterio.enums import ColorInterp, Resampling
+    from rasterio.vrt import WarpedVRT
+    transform, height, width = resampled_grid(src, gsd, path)
+    return WarpedVRT(src, crs=src.crs, transform=transform, width=width, height=height,
+                     resampling=Resampling.bilinear, add_alpha=src.colorinterp[-1] != ColorInterp.alpha)
+
+
+class MapReader:
+    """An open RGB(A) GeoTIFF, read a strip of rows (or a window) at a time with its validity mask; with `gsd`,
+    resampled (bilinear) to that many metres a pixel as it is read."""
+
+    def __init__(self, path: str | Path, gsd: float | None = None):
+        self.path, self.gsd = Path(path), gsd
+        self.src = _open_raster(self.path)
+        self.data = self.src  # what is read: the file, or its resampled view
         try:
             self._check()
-        except CachedsegError:
+            if gsd is not None:
+                self.data = _warped(self.src, gsd, self.path)
+        except BaseException:
             self.src.close()
             raise
 
@@ -205,11 +247,11 @@ class MapReader:
 
     @property
     def height(self) -> int:
-        return self.src.height
+        return self.data.height
 
     @property
     def width(self) -> int:
-        return self.src.width
+        return self.data.width
 
     @property
     def crs(self):
@@ -217,27 +259,99 @@ class MapReader:
 
     @property
     def transform(self):
-        """The affine pixel -> CRS transform (the identity for a raster without georeference)."""
-        return self.src.transform
+        """The affine pixel -> CRS transform of the grid read (the identity for a raster without georeference)."""
+        return self.data.transform
 
     @property
     def georeferenced(self) -> bool:
         from affine import Affine
         return self.src.crs is not None or self.src.transform != Affine.identity()
 
-    def read(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows y0:y1: RGB [n, W, 3] uint8 and valid [n, W] bool (False outside the map)."""
+    def grid(self, image: str) -> RasterGrid:
+        """The grid read, as a tiled store records it for the image `image`."""
+        return RasterGrid(image, self.height, self.width, self.crs.to_wkt() if self.crs is not None else None,
+                          tuple(self.transform)[:6] if self.georeferenced else None, (self.src.height, self.src.width))
+
+    def read(self, y0: int, y1: int, pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """Rows y0:y1: RGB [n, W, 3] uint8 (None without `pixels`) and valid [n, W] bool (False outside the map)."""
+        return self.window(y0, 0, y1 - y0, self.width, pixels)
+
+    def window(self, y0: int, x0: int, height: int, width: int,
+               pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """The pixels inside the raster of the window at (y0, x0) of `height` x `width`: RGB [n, m, 3] uint8 (None
+        without `pixels`) and valid [n, m] bool."""
         from rasterio.windows import Window
-        window = Window(0, y0, self.width, y1 - y0)
+        window = Window(x0, y0, min(width, self.width - x0), min(height, self.height - y0))
         try:
-            rgb = self.src.read((1, 2, 3), window=window)  # [3, n, W]
-            valid = self.src.dataset_mask(window=window) > 0  # [n, W]: alpha, internal mask or nodata
+            rgb = self.data.read((1, 2, 3), window=window) if pixels else None  # [3, n, m]
+            valid = self.data.dataset_mask(window=window) > 0  # [n, m]: alpha, internal mask or nodata
         except _rasterio().errors.RasterioError as exc:
-            raise CachedsegError(f"rows {y0}-{y1} of {self.path} could not be read ({first_line(exc)}); the file "
-                                 "is damaged: rebuild or replace it") from None
-        return np.ascontiguousarray(rgb.transpose(1, 2, 0)), valid
+            raise CachedsegError(f"rows {y0}-{y0 + height} of {self.path} could not be read ({first_line(exc)}); the "
+                                 "file is damaged: rebuild or replace it") from None
+        return (None if rgb is None else np.ascontiguousarray(rgb.transpose(1, 2, 0))), valid
 
     def close(self) -> None:
+        if self.data is not self.src:
+            self.data.close()
+        self.src.close()
+
+
+class LabelReader:
+    """A label raster (a GeoTIFF or any single-band raster of class indices; three bands for colour masks) read a
+    window at a time on the grid of its image's `MapReader`: it must have the image's size (and transform, where
+    both are georeferenced), and is resampled to the image's GSD by nearest neighbour. Its nodata pixels, and the
+    image's, become the ignore label."""
+
+    def __init__(self, path: str | Path, image: MapReader, decode: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                 bands: int = 1):
+        self.path, self.image, self.decode, self.bands = Path(path), image, decode, bands
+        self.src = _open_raster(self.path, "label raster")
+        self.data = self.src
+        try:
+            self._check()
+            if image.gsd is not None:  # onto the image's resampled grid, whatever georeference the labels have
+                from rasterio.enums import Resampling
+                from rasterio.vrt import WarpedVRT
+                img = image.src
+                # an alpha band added, so the VRT has no nodata value of its own (0 by default: class 0 masked)
+                self.data = WarpedVRT(self.src, src_crs=img.crs, src_transform=img.transform, crs=img.crs,
+                                      transform=image.transform, width=image.width, height=image.height,
+                                      resampling=Resampling.nearest, add_alpha=True)
+        except BaseException:
+            self.src.close()
+            raise
+
+    def _check(self) -> None:
+        """Refuse a label raster that is not on its image's grid, or has too few bands."""
+        src, img = self.src, self.image.src
+        if (src.height, src.width) != (img.height, img.width):
+            raise CachedsegError(f"the label raster {self.path} is {src.width}x{src.height}, its image "
+                                 f"{self.image.path} {img.width}x{img.height}; labels must lie on the image's grid "
+                                 f"(gdalwarp -te <the image's bounds> -ts {img.width} {img.height} -r near)")
+        if src.crs is not None and img.crs is not None and (src.crs != img.crs or not src.transform.almost_equals(
+                img.transform)):
+            raise CachedsegError(f"the label raster {self.path} lies on another grid than its image {self.image.path} "
+                                 f"(CRS or transform differ); warp it onto the image's grid (gdalwarp -t_srs ... -te "
+                                 "... -ts ... -r near)")
+        if src.count < self.bands:
+            raise CachedsegError(f"the label raster {self.path} has {src.count} band(s); colour masks need 3")
+
+    def window(self, y0: int, x0: int, height: int, width: int, valid: np.ndarray) -> np.ndarray:
+        """Class indices [n, m] uint8 of the window (clipped to the raster as `MapReader.window` clips it), the
+        ignore label where the label raster or the image (`valid` [n, m] False) has no data."""
+        from rasterio.windows import Window
+        window = Window(x0, y0, min(width, self.data.width - x0), min(height, self.data.height - y0))
+        try:
+            raw = self.data.read(tuple(range(1, self.bands + 1)), window=window)  # [bands, n, m]
+            known = valid & (self.data.dataset_mask(window=window) > 0)
+        except _rasterio().errors.RasterioError as exc:
+            raise CachedsegError(f"rows {y0}-{y0 + height} of the label raster {self.path} could not be read "
+                                 f"({first_line(exc)}); the file is damaged: rebuild or replace it") from None
+        return self.decode(raw[0] if self.bands == 1 else raw.transpose(1, 2, 0), known)
+
+    def close(self) -> None:
+        if self.data is not self.src:
+            self.data.close()
         self.src.close()
 
 
@@ -252,18 +366,34 @@ def map_size(path: str | Path) -> tuple[int, int]:
 class FrameReader:
     """A decoded frame (a PIL image, RGB) read as a map: every pixel valid."""
 
+    gsd = None
+    georeferenced = False
+
     def __init__(self, image):
         self.pixels = np.asarray(image)  # [H, W, 3] uint8, a view of the image's memory
         self.height, self.width = self.pixels.shape[:2]
 
-    def read(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows y0:y1: RGB [n, W, 3] uint8 and valid [n, W] bool (all True)."""
-        return self.pixels[y0:y1], np.ones((y1 - y0, self.width), dtype=bool)
+    def read(self, y0: int, y1: int, pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """Rows y0:y1: RGB [n, W, 3] uint8 (None without `pixels`) and valid [n, W] bool (all True)."""
+        return self.window(y0, 0, y1 - y0, self.width, pixels)
+
+    def window(self, y0: int, x0: int, height: int, width: int,
+               pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """The pixels of a window inside the frame: RGB [n, m, 3] uint8 (None without `pixels`), valid (all True)."""
+        rgb = self.pixels[y0:y0 + height, x0:x0 + width]
+        return (rgb if pixels else None), np.ones(rgb.shape[:2], dtype=bool)
+
+    def grid(self, image: str) -> RasterGrid:
+        """The frame's grid, as a tiled store records it for the image `image` (no georeference)."""
+        return RasterGrid(image, self.height, self.width, native=(self.height, self.width))
+
+    def close(self) -> None:
+        pass
 
 
 # --- sliding windows ---------------------------------------------------------------------------------------------
 
-def _padded(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def padded(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A window's pixels [n, m, 3], reflected out to `size` where the raster is smaller than a window."""
     pad = (0, max(0, size[0] - pixels.shape[0])), (0, max(0, size[1] - pixels.shape[1])), (0, 0)
     return np.pad(pixels, pad, mode="reflect") if any(p[1] for p in pad[:2]) else pixels
@@ -318,7 +448,7 @@ def _window_batches(reader, grid: Grid, model: WindowModel, batch_size: int) -> 
         cols = [c for c, x in enumerate(grid.cols) if valid[:, x:x + w].any()]
         for i in range(0, len(cols), batch_size):
             chunk = cols[i:i + batch_size]
-            inputs = torch.stack([model.prepare(_padded(rgb[:, grid.cols[c]:grid.cols[c] + w], grid.size))
+            inputs = torch.stack([model.prepare(padded(rgb[:, grid.cols[c]:grid.cols[c] + w], grid.size))
                                   for c in chunk])
             yield "batch", r, chunk, inputs
         yield "row", r, valid
@@ -721,11 +851,14 @@ def cog_problems(path: str | Path) -> list[str]:
 
 
 def synth_map(path: str | Path, width: int, height: int, seed: int = 0, gsd: float = 0.05, crs: str = "EPSG:32633",
-              nodata: str = "alpha", scene: int = 256) -> Path:
+              nodata: str = "alpha", scene: int = 256, labels: str | Path | None = None,
+              origin: tuple[float, float] = (500_000.0, 5_500_000.0)) -> Path:
     """Write a generated orthomosaic (tests, benchmarks, the README's example): `cachedseg.synth` scenes of
     `scene` pixels tiled over a `width` x `height` GeoTIFF at `gsd` metres a pixel in `crs` (None: no
-    georeference), written strip by strip; outside a footprint (a border and a cut corner) it is nodata, marked
-    by an alpha band (`nodata="alpha"`) or by the value 0 (`"value"`, valid pixels then at least 1).
+    georeference), its top-left corner at `origin`, written strip by strip; outside a footprint (a border and a
+    cut corner) it is nodata, marked by an alpha band (`nodata="alpha"`) or by the value 0 (`"value"`, valid
+    pixels then at least 1). With `labels`, the scenes' class indices go to that label raster too (same grid,
+    uint8, 255 outside the footprint, which is its nodata value).
     """
     from affine import Affine
     from rasterio.windows import Window
@@ -741,16 +874,22 @@ def synth_map(path: str | Path, width: int, height: int, seed: int = 0, gsd: flo
     else:
         profile["nodata"] = 0
     if crs is not None:
-        profile.update(crs=crs, transform=Affine(gsd, 0, 500_000.0, 0, -gsd, 5_500_000.0))
+        profile.update(crs=crs, transform=Affine(gsd, 0, origin[0], 0, -gsd, origin[1]))
+    label_profile = {**{k: v for k, v in profile.items() if k != "photometric"}, "count": 1, "nodata": 255}
     border = max(2, min(width, height) // 20)
-    with _env(), _quiet(), rasterio.open(path, "w", **profile) as dst:
+    with contextlib.ExitStack() as files:
+        files.enter_context(_env())
+        files.enter_context(_quiet())
+        dst = files.enter_context(rasterio.open(path, "w", **profile))
+        lab = files.enter_context(rasterio.open(labels, "w", **label_profile)) if labels is not None else None
         if alpha:
             from rasterio.enums import ColorInterp
             dst.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha)
         for y0 in range(0, height, scene):
             n = min(scene, height - y0)
-            rgb = np.concatenate([np.asarray(render_scene(rng, scene, scene, oblique=False)[0])[:n, :min(scene, width - x)]
-                                  for x in range(0, width, scene)], axis=1)  # [n, W, 3]
+            scenes = [render_scene(rng, scene, scene, oblique=False) for _ in range(0, width, scene)]
+            rgb = np.concatenate([np.asarray(img)[:n, :min(scene, width - x)]
+                                  for (img, _), x in zip(scenes, range(0, width, scene))], axis=1)  # [n, W, 3]
             rows, cols = np.mgrid[y0:y0 + n, 0:width]
             inside = ((rows >= border) & (rows < height - border) & (cols >= border) & (cols < width - border)
                       & (rows + cols >= (width + height) // 4))  # the top-left corner cut off diagonally
@@ -759,4 +898,8 @@ def synth_map(path: str | Path, width: int, height: int, seed: int = 0, gsd: flo
             else:
                 bands = np.where(inside[None], np.maximum(rgb.transpose(2, 0, 1), 1), 0).astype(np.uint8)
             dst.write(bands, window=Window(0, y0, width, n))
+            if lab is not None:
+                classes = np.concatenate([lbl[:n, :min(scene, width - x)]
+                                          for (_, lbl), x in zip(scenes, range(0, width, scene))], axis=1)
+                lab.write(np.where(inside, classes, 255).astype(np.uint8), 1, window=Window(0, y0, width, n))
     return path

@@ -35,10 +35,19 @@ class StoreSpec:
     views: tuple[str, ...] = ("identity",)
     class_colors: tuple[tuple[int, int, int], ...] = ()
     ignore_index: int = 255
+    tile_overlap: int | None = None
+    gsd: float | None = None
 
     def __post_init__(self) -> None:
         if not self.class_colors:  # a store or checkpoint from before colours were recorded
             object.__setattr__(self, "class_colors", default_colors(self.class_names))
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the features are of windows cut from the images (`extract --tile`), not of whole resized frames;
+        the windows then have the input size and share `tile_overlap` pixels, in a grid of `gsd` metres a pixel
+        (None: the images' own pixels)."""
+        return self.tile_overlap is not None
 
     @property
     def classes(self) -> ClassSet:
@@ -74,9 +83,10 @@ def default_colors(names: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
     return AEROSCAPES.colors if tuple(names) == AEROSCAPES.names else spread_colors(len(names))
 
 
-def spec_for(backbone, dtype: str, classes: ClassSet, views: tuple[str, ...] = ("identity",)) -> StoreSpec:
+def spec_for(backbone, dtype: str, classes: ClassSet, views: tuple[str, ...] = ("identity",),
+             tiling=None) -> StoreSpec:
     """The spec of features made by `backbone` (a `cachedseg.backbone.Backbone`), stored as `dtype`, for a dataset
-    of `classes`, in `views`."""
+    of `classes`, in `views`, of windows cut by `tiling` (a `cachedseg.tiles.Tiling`; None: whole frames)."""
     check_dtype(dtype)
     views = check_views(views)
     pp = backbone.preprocess
@@ -84,7 +94,8 @@ def spec_for(backbone, dtype: str, classes: ClassSet, views: tuple[str, ...] = (
                      mask_size=pp.mask_size, mean=pp.mean, std=pp.std, interpolation=pp.interpolation,
                      precision=backbone.config.precision, dtype=dtype, channels=backbone.channels,
                      grid=backbone.grid, class_names=classes.names, layers=backbone.config.layers, views=views,
-                     class_colors=classes.colors, ignore_index=classes.ignore_index)
+                     class_colors=classes.colors, ignore_index=classes.ignore_index,
+                     tile_overlap=None if tiling is None else tiling.overlap, gsd=None if tiling is None else tiling.gsd)
 
 
 def check_spec(path: str | Path, stored: StoreSpec, wanted: StoreSpec,

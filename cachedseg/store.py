@@ -8,10 +8,15 @@
                                                 chunk; zstd + crc32c; fill 254 (never a label: missing is refused)
         ids       [N, L]       uint8            image ids, UTF-8, zero-padded to L bytes; crc32c
         split     [N]          uint8            index into SPLITS: 0 trn, 1 val; crc32c
-        done      [N]          uint8            0 pending, 1 written, 2 skipped as unreadable; one chunk per image; crc32c
+        done      [N]          uint8            0 pending, 1 written, 2 skipped as unreadable, 3 empty (a window with no
+                                                valid pixel: nothing stored); one chunk per image; crc32c
         sources   [N, 2, 4]    int64            what each entry was computed from: for its image and mask file, size,
                                                 mtime_ns and blake2b-128 (two int64, little-endian); size -1: no
                                                 record; chunked like `done`; crc32c
+        tiles     [N, 3]       int64            tiled stores only: each window's raster (index into the `rasters`
+                                                attribute), first row and first column in that raster's grid; crc32c
+        labelled  [N]          uint8            tiled stores only: 1 if the window has a labelled pixel (else it is
+                                                kept out of training); chunked like `done`; crc32c
 
 Only core Zarr v3 data types, so zarr, xarray, dask and tensorstore all read every array. With
 `images_per_shard` N > 1, features, masks and flags are stored in shards of N images (one file each, zarr's
@@ -38,12 +43,13 @@ from cachedseg.dataset import SPLITS
 from cachedseg.errors import CachedsegError
 from cachedseg.paths import check_store, exists, filesystem, is_url
 from cachedseg.spec import StoreSpec
+from cachedseg.tiles import RasterGrid
 from cachedseg.views import apply_view
 
 FORMAT = "cachedseg-features"
 FORMAT_VERSION = 2
-PENDING, DONE, BAD = 0, 1, 2  # values of the `done` flags
-FLAG_NAMES = ("pending", "done", "bad")
+PENDING, DONE, BAD, EMPTY = 0, 1, 2, 3  # values of the `done` flags
+FLAG_NAMES = ("pending", "done", "bad", "empty")
 MISSING_LABEL = 254  # fill value of `masks`: no label is ever 254, so it marks a chunk that is not there
 
 # The array names, in one place.
@@ -55,6 +61,9 @@ SOURCES = "sources"
 SOURCE_FILES, SOURCE_FIELDS = ("image", "mask"), ("size", "mtime_ns", "blake2b_0", "blake2b_1")
 HASH_BYTES = 16
 NO_STAT = -1  # fill value of `sources`: no record
+# Tiled stores (`extract --tile`): where each window lies, and whether it holds labels.
+TILES, LABELLED = "tiles", "labelled"
+RASTERS = "rasters"  # attribute: the grid of each image windows are cut from (`cachedseg.tiles.RasterGrid`)
 FEATURE_DIMS = ("image", "view", "layer", "channel", "token_y", "token_x")
 REINDEX = "reindex"  # attribute journalling a growing image list until every array has caught up
 GONE = "gone"  # attribute naming the images gone from the dataset
@@ -76,7 +85,9 @@ class StoreAttrs:
         bad: Images skipped as unreadable, with the reason.
         images_per_shard: Images per shard file (1: no shards).
         gone: Images no longer in the dataset at the last extract, with the reason (written once there are any).
-        reindex: The journal of a growing image list (`ids`, `splits`) until every array has caught up.
+        reindex: The journal of a growing image list (`ids`, `splits`, and for a tiled store `tiles` and
+            `rasters`) until every array has caught up.
+        rasters: For a tiled store: the grid of each image its windows are cut from (`RasterGrid.to_dict`).
         format: Always `FORMAT`.
         format_version: The store format version.
     """
@@ -89,7 +100,8 @@ class StoreAttrs:
     bad: dict[str, str] = field(default_factory=dict)
     images_per_shard: int = 1
     gone: dict[str, str] | None = None
-    reindex: dict[str, list[str]] | None = None
+    reindex: dict[str, list] | None = None
+    rasters: list[dict] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -100,7 +112,7 @@ class StoreAttrs:
                    weights=attrs.get("weights", "auto"), package_version=attrs.get("package_version", ""),
                    bad=dict(attrs.get("bad", {})), images_per_shard=int(attrs.get("images_per_shard", 1)),
                    gone=None if attrs.get(GONE) is None else dict(attrs[GONE]), reindex=attrs.get(REINDEX),
-                   format=attrs["format"],
+                   rasters=attrs.get(RASTERS), format=attrs["format"],
                    format_version=attrs["format_version"])
 
     def to_dict(self) -> dict:
@@ -110,6 +122,7 @@ class StoreAttrs:
                 "weights": self.weights, "package_version": self.package_version, "bad": dict(self.bad),
                 "images_per_shard": self.images_per_shard,
                 **({} if self.gone is None else {GONE: dict(self.gone)}),
+                **({} if self.rasters is None else {RASTERS: list(self.rasters)}),
                 **({} if self.reindex is None else {REINDEX: self.reindex})}
 
 
@@ -141,8 +154,9 @@ class FeatureStore:
         self.attrs = StoreAttrs.from_dict(dict(group.attrs))
         self.spec = self.attrs.spec
         self._arrays = {name: group[name] for name in (FEATURES, MASKS, IDS, SPLIT, FLAGS)}  # looked up once
-        with contextlib.suppress(KeyError):  # one lookup (`in` and then [] would fetch its metadata twice)
-            self._arrays[SOURCES] = group[SOURCES]
+        for name in (SOURCES, *((TILES, LABELLED) if self.attrs.rasters is not None else ())):
+            with contextlib.suppress(KeyError):  # one lookup (`in` and then [] would fetch its metadata twice)
+                self._arrays[name] = group[name]
         try:
             self.ids = decode_ids(self._arrays[IDS][:])
             self.splits = [SPLITS[s] for s in self._arrays[SPLIT][:]]
@@ -152,14 +166,19 @@ class FeatureStore:
 
     @classmethod
     def create(cls, path: str | Path, spec: StoreSpec, ids: list[str], splits: list[str], dataset: str,
-               weights: str, images_per_shard: int = 1) -> FeatureStore:
+               weights: str, images_per_shard: int = 1, tiles: np.ndarray | None = None,
+               rasters: list[RasterGrid] | None = None) -> FeatureStore:
         """Create an empty store for `ids` (every flag pending); `weights` records where the weights came from;
-        `images_per_shard` > 1 packs that many images into each file."""
+        `images_per_shard` > 1 packs that many images into each file. A tiled store (`spec.tiled`) also takes each
+        window's (raster, row, column) `tiles` [N, 3] and the `rasters` they index."""
         n, (h, w), (mh, mw), per = len(ids), spec.grid, spec.mask_size, images_per_shard
         if per < 1:
             raise CachedsegError("--images-per-shard must be at least 1")
+        if spec.tiled != (tiles is not None and rasters is not None):
+            raise ValueError("a tiled spec needs tiles and rasters, and only a tiled spec takes them")
         feature_shape = (len(spec.views), spec.layers, spec.channels, h, w)
-        attrs = StoreAttrs(spec=spec, num_images=n, dataset=dataset, weights=weights, images_per_shard=per)
+        attrs = StoreAttrs(spec=spec, num_images=n, dataset=dataset, weights=weights, images_per_shard=per,
+                           rasters=None if rasters is None else [r.to_dict() for r in rasters])
         group = zarr.open_group(str(path), mode="w", attributes=attrs.to_dict())
         # One image (and view) per chunk keeps shuffled training reads fast; float features barely compress, so
         # only a checksum: a corrupted chunk fails loudly instead of decoding to wrong numbers.
@@ -172,6 +191,9 @@ class FeatureStore:
                            dimension_names=("image", "mask_y", "mask_x"), chunk_key_encoding=FLAT_KEYS)
         write_index_arrays(group, ids, splits, np.full(n, PENDING, dtype=np.uint8), flags_per_chunk=per)
         _create_records(group, n, per)
+        if tiles is not None:
+            _write_tiles(group, tiles)
+            _create_labelled(group, n, per)
         return cls(path, group)
 
     @classmethod
@@ -288,30 +310,54 @@ class FeatureStore:
                          None if stats is None else stats[None], None if hashes is None else hashes[None])
 
     def write_block(self, start: int, features: np.ndarray, masks: np.ndarray, flags: np.ndarray,
-                    stats: np.ndarray | None = None, hashes: np.ndarray | None = None) -> None:
+                    stats: np.ndarray | None = None, hashes: np.ndarray | None = None,
+                    labelled: np.ndarray | None = None) -> None:
         """Write images start.. (whole shards in a sharded store): features [n, V, L, C, h, w] (NaN for a skipped
-        image), masks [n, Mh, Mw], the records of their source files (stats [n, 2, 2], hashes [n, 2, 16]), then
-        their flags [n] (DONE or BAD), last."""
+        image), masks [n, Mh, Mw], the records of their source files (stats [n, 2, 2], hashes [n, 2, 16]), in a
+        tiled store whether each holds labels (`labelled` [n]), then their flags [n] (DONE, BAD or EMPTY), last."""
         end = start + len(flags)
         self._arrays[FEATURES][start:end] = features
         self._arrays[MASKS][start:end] = masks
         if stats is not None and self.has_records:
             self._arrays[SOURCES][start:end] = _pack_records(stats, hashes)
+        if labelled is not None and self.tiled:
+            self._arrays[LABELLED][start:end] = labelled
         self._arrays[FLAGS][start:end] = flags
 
     def write_mask(self, index: int, mask: np.ndarray, stats: np.ndarray, hashes: np.ndarray) -> None:
         """Replace one done image's mask [Mh, Mw] (its mask file changed, its image did not), then its record."""
         self._arrays[MASKS][index] = mask
+        if self.tiled:
+            self._arrays[LABELLED][index] = bool((mask != self.spec.ignore_index).any())
         self.set_record(index, stats, hashes)
 
-    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
-        """One image's stored arrays as they are (features [V, L, C, h, w], mask, flag, stats, hashes), to write
-        them back unchanged with the rest of their shard."""
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, int]:
+        """One image's stored arrays as they are (features [V, L, C, h, w], mask, flag, stats, hashes, labelled),
+        to write them back unchanged with the rest of their shard."""
         row = (self._arrays[SOURCES][index:index + 1] if self.has_records  # this image's record, not all N
                else np.full((1, len(SOURCE_FILES), len(SOURCE_FIELDS)), NO_STAT, np.int64))
         stats, hashes = _unpack_records(row)
+        labelled = int(self._arrays[LABELLED][index]) if self.tiled else 1
         return (self._arrays[FEATURES][index], self._arrays[MASKS][index], int(self._arrays[FLAGS][index]),
-                stats[0], hashes[0])
+                stats[0], hashes[0], labelled)
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the store holds windows cut from images (`extract --tile`), with where each lies."""
+        return self.attrs.rasters is not None
+
+    @property
+    def rasters(self) -> list[RasterGrid]:
+        """A tiled store's image grids, in the order `tiles` indexes them."""
+        return [RasterGrid.from_dict(r) for r in self.attrs.rasters or ()]
+
+    def tiles(self) -> np.ndarray:
+        """Each window's (raster, first row, first column) [N, 3] int64, read now."""
+        return self._arrays[TILES][:]
+
+    def labelled(self) -> np.ndarray:
+        """Whether each entry holds a labelled pixel [N] bool (every entry of a store of whole frames)."""
+        return self._arrays[LABELLED][:].astype(bool) if self.tiled else np.ones(len(self), dtype=bool)
 
     @property
     def has_records(self) -> bool:
@@ -346,15 +392,20 @@ class FeatureStore:
             self.group.attrs[GONE] = gone
             self.attrs = replace(self.attrs, gone=dict(gone))
 
-    def set_index(self, ids: list[str], splits: list[str]) -> FeatureStore:
+    def set_index(self, ids: list[str], splits: list[str], tiles: np.ndarray | None = None,
+                  rasters: list[RasterGrid] | None = None) -> FeatureStore:
         """Grow the image list to `ids` (the present ids first, in their order, then new ones) with `splits` (an
-        image may change split); new images are pending. Returns the store reopened.
+        image may change split); new images are pending. A tiled store also takes every window's `tiles` [N, 3]
+        and the `rasters` (the present ones first) they index. Returns the store reopened.
 
         The new list is journalled in the attributes first, so a kill at any moment leaves a store that the next
         `open(mode="r+")` finishes."""
         if ids[:len(self)] != self.ids or len(set(ids)) != len(ids):
             raise ValueError("set_index keeps every present id at its index and adds new ids only")
-        self.group.attrs[REINDEX] = {"ids": ids, "splits": splits}
+        journal: dict[str, list] = {"ids": ids, "splits": splits}
+        if self.tiled:
+            journal.update(tiles=np.asarray(tiles).tolist(), rasters=[r.to_dict() for r in rasters])
+        self.group.attrs[REINDEX] = journal
         _apply_index(self.group)
         return FeatureStore(self.path, zarr.open_group(self.path, mode="r+"))
 
@@ -420,10 +471,12 @@ class FeatureStore:
     def describe(self) -> dict:
         """The store's attributes plus image counts by split and state, and its size on disk."""
         flags, splits = self.flags(), np.array(self.splits)
+        tiled = {"empty": int((flags == EMPTY).sum()), "unlabelled": int(((flags == DONE) & ~self.labelled()).sum())
+                 } if self.tiled else {}
         return {**self.attrs.to_dict(), "images": len(self), "trn": int((splits == "trn").sum()),
                 "val": int((splits == "val").sum()), "done": int((flags == DONE).sum()),
                 "pending": int((flags == PENDING).sum()), "skipped_bad": int((flags == BAD).sum()),
-                "gone": len(self.gone), "bytes_on_disk": disk_bytes(self.path)}
+                "gone": len(self.gone), **tiled, "bytes_on_disk": disk_bytes(self.path)}
 
 
 def write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], flags: np.ndarray,
@@ -436,7 +489,8 @@ def write_index_arrays(group: zarr.Group, ids: list[str], splits: list[str], fla
     done = group.create_array(FLAGS + suffix, shape=(n,), chunks=(flags_per_chunk,), dtype="uint8",
                               compressors=[Crc32cCodec()], chunk_key_encoding=FLAT_KEYS,
                               fill_value=PENDING, dimension_names=("image",),
-                              attributes={"flag_values": [PENDING, DONE, BAD], "flag_meanings": " ".join(FLAG_NAMES)})
+                              attributes={"flag_values": [PENDING, DONE, BAD, EMPTY],
+                                          "flag_meanings": " ".join(FLAG_NAMES)})
     if (flags != PENDING).any():
         done[:] = flags
 
@@ -469,6 +523,21 @@ def _create_records(group: zarr.Group, n: int, per: int) -> None:
                                    "hash": "blake2b, digest_size 16, as two little-endian int64"})
 
 
+def _write_tiles(group: zarr.Group, tiles: np.ndarray, overwrite: bool = False) -> None:
+    """Create (or replace) and fill `tiles`: (raster, row, column) [N, 3] of each window, one checksummed chunk."""
+    tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 3)
+    group.create_array(TILES, shape=tiles.shape, chunks=(max(len(tiles), 1), 3), dtype="int64",
+                       compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=-1,
+                       dimension_names=("image", "tile_field"), chunk_key_encoding=FLAT_KEYS, overwrite=overwrite,
+                       attributes={"tile_field": ["raster", "row", "column"]})[:] = tiles
+
+
+def _create_labelled(group: zarr.Group, n: int, per: int) -> None:
+    """Create `labelled`, every entry 0 until written; chunked like `done`."""
+    group.create_array(LABELLED, shape=(n,), chunks=(per,), dtype="uint8", compressors=[Crc32cCodec()],
+                       fill_value=0, dimension_names=("image",), chunk_key_encoding=FLAT_KEYS)
+
+
 def _pack_records(stats: np.ndarray, hashes: np.ndarray) -> np.ndarray:
     """stats [n, 2, 2] int64 and hashes [n, 2, 16] uint8 -> `sources` rows [n, 2, 4] int64."""
     packed = np.ascontiguousarray(hashes, dtype=np.uint8).view("<i8").astype(np.int64)  # [n, 2, 2]
@@ -485,13 +554,17 @@ def _apply_index(group: zarr.Group) -> None:
     step can be redone after a kill)."""
     attrs = StoreAttrs.from_dict(dict(group.attrs))
     ids, splits = attrs.reindex["ids"], attrs.reindex["splits"]
-    for name in (FEATURES, MASKS, FLAGS, SOURCES):  # new rows read as the fill values: pending, missing
+    for name in (FEATURES, MASKS, FLAGS, SOURCES, LABELLED):  # new rows read as the fill values: pending, missing
         if name in group and group[name].shape[0] != len(ids):
             array = group[name]
             array.resize((len(ids), *array.shape[1:]))
     _write_ids_and_splits(group, ids, splits, overwrite=True)
+    rasters = attrs.rasters
+    if "tiles" in attrs.reindex:
+        _write_tiles(group, np.array(attrs.reindex["tiles"], dtype=np.int64), overwrite=True)
+        rasters = attrs.reindex["rasters"]
     # one write: the journal goes with the new count
-    group.attrs.put(replace(attrs, reindex=None, num_images=len(ids)).to_dict())
+    group.attrs.put(replace(attrs, reindex=None, num_images=len(ids), rasters=rasters).to_dict())
 
 
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group | None:

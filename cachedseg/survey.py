@@ -108,7 +108,7 @@ def _one(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.n
     except CachedsegError as exc:
         return None, None, str(exc)
     try:
-        labels = dataset.read_labels(sample.mask)
+        labels = dataset.sample_labels(sample)
     except CachedsegError as exc:
         return size, None, str(exc)
     if (labels.shape[1], labels.shape[0]) != size:

@@ -126,3 +126,67 @@ class Grid:
     def final_after(self, r: int) -> int:
         """The raster rows before this one are final once window row r is done: no later window touches them."""
         return self.rows[r + 1] if r + 1 < len(self.rows) else self.height
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How `extract --tile` cuts images into windows: what a tiled store and its runs record.
+
+    Attributes:
+        size: Window (height, width) in pixels of the grid the windows are cut from: the backbone's input.
+        overlap: Pixels shared by neighbouring windows.
+        gsd: Ground sample distance in metres a pixel that georeferenced images are resampled to first; None: the
+            images' own pixels.
+    """
+
+    size: tuple[int, int]
+    overlap: int
+    gsd: float | None = None
+
+    def __post_init__(self) -> None:
+        check_overlap(self.overlap, self.size)
+        if self.gsd is not None and not self.gsd > 0:
+            raise CachedsegError(f"--gsd {self.gsd}: give the ground sample distance in metres a pixel, above 0")
+
+
+@dataclass(frozen=True)
+class RasterGrid:
+    """The pixel grid an image's windows are cut from: its own, or resampled to a GSD.
+
+    Attributes:
+        image: The image's id in its dataset.
+        height: Rows of the grid.
+        width: Columns of the grid.
+        crs: The coordinate system as WKT, or None.
+        transform: The grid's affine pixel -> CRS transform (a, b, c, d, e, f), or None without georeference.
+        native: (height, width) of the image file itself (the same as the grid's without a GSD).
+    """
+
+    image: str
+    height: int
+    width: int
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    native: tuple[int, int] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RasterGrid:
+        """Read one back from JSON (lists to tuples)."""
+        return cls(d["image"], int(d["height"]), int(d["width"]), d.get("crs"),
+                   None if d.get("transform") is None else tuple(d["transform"]),
+                   None if d.get("native") is None else tuple(d["native"]))
+
+    def to_dict(self) -> dict:
+        """Plain JSON types."""
+        return {"image": self.image, "height": self.height, "width": self.width, "crs": self.crs,
+                "transform": None if self.transform is None else list(self.transform),
+                "native": None if self.native is None else list(self.native)}
+
+    def grid(self, tiling: Tiling) -> Grid:
+        """The windows over this grid."""
+        return Grid(self.height, self.width, tiling.size, tiling.overlap)
+
+
+def window_id(image: str, y0: int, x0: int) -> str:
+    """The id of the window at (y0, x0) of an image's grid, as a store lists it: `<image>@<y0>_<x0>`."""
+    return f"{image}@{y0}_{x0}"

@@ -65,7 +65,7 @@ def read(tmp_path, image: bytes, mask: bytes) -> dict:
     (tmp_path / "x.jpg").write_bytes(image)
     (tmp_path / "x.png").write_bytes(mask)
     return SegmentationDataset([Sample("x", "trn", tmp_path / "x.jpg", tmp_path / "x.png")], PP,
-                               Dataset(tmp_path, AEROSCAPES).read_labels)[0]
+                               Dataset(tmp_path, AEROSCAPES).sample_labels)[0]
 
 
 def check(item: dict, tmp_path) -> None:
