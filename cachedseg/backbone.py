@@ -114,6 +114,28 @@ def config_from_options(name: str, data: str | Path, image_size: str | None = No
                           layers)
 
 
+def tiling_from_options(name: str, tile: str | None, overlap: int | None = None, gsd: float | None = None):
+    """The `cachedseg.tiles.Tiling` that `extract --tile SIZE --tile-overlap PX --gsd M` asks for (None without
+    `tile`): windows of SIZE (one side, or WIDTH x HEIGHT) in whole patches of backbone `name`, sharing `overlap`
+    pixels (default: an eighth of the window in whole patches).
+
+    Raises:
+        CachedsegError: For --tile-overlap or --gsd without --tile, a size that is no multiple of the patch size,
+            an overlap over half the window, or a GSD of 0 or less.
+    """
+    from cachedseg.tiles import Tiling, default_overlap
+
+    if tile is None:
+        if overlap is not None or gsd is not None:
+            raise CachedsegError("--tile-overlap and --gsd cut images into windows; give --tile SIZE too")
+        return None
+    size, patch = parse_size(tile), patch_size(name)
+    if size[0] % patch or size[1] % patch:
+        raise CachedsegError(f"--tile {tile}: a window is the backbone's input, whole patches of {patch} pixels; "
+                             f"use e.g. {max(patch, round(size[1] / patch) * patch)}")
+    return Tiling(size, default_overlap(size, patch) if overlap is None else overlap, gsd)
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; refuse cuda on a machine without it."""
     if device == "auto":

@@ -251,6 +251,15 @@ def extract(
     redo: Optional[list[str]] = typer.Option(None, help="Recompute this image id (repeatable), e.g. after a checksum error."),
     images_per_shard: int = typer.Option(1, help="Pack N images into each file (zarr shards) of a new store: fewer "
                                          "files; a shard is then the unit of work (an unfinished one is redone whole)."),
+    tile: Optional[str] = typer.Option(None, "--tile", help="Cut every image into windows of SIZE (one side, or "
+                                       "WIDTHxHEIGHT), the backbone's input in pixels (after --gsd), each one item of "
+                                       "the store: for orthomosaics (GeoTIFFs) and frames too large to resize whole. "
+                                       "Windows wholly outside the map are skipped."),
+    tile_overlap: Optional[int] = typer.Option(None, help="With --tile: pixels neighbouring windows share "
+                                               "(default: an eighth of the window in whole patches, 70 at 518)."),
+    gsd: Optional[float] = typer.Option(None, help="With --tile: resample georeferenced rasters to this ground "
+                                        "sample distance, in metres a pixel, first (bilinear; labels nearest). "
+                                        "Default: pixels as they are."),
 ):
     """Run the frozen backbone once per image and cache its token grids in a Zarr store.
 
@@ -259,15 +268,19 @@ def extract(
     """
     with user_errors():
         data = choose_dataset(data, dataset)
+        if tile is not None and (image_size or short_side):
+            raise CachedsegError("--tile SIZE is the backbone's input; leave out --image-size and --short-side")
     _light_checks(lambda: open_dataset(data), _at_least(1, batch_size=batch_size, layers=layers,
-                  images_per_shard=images_per_shard, short_side=short_side), _at_least(0, workers=workers))
-    from cachedseg.backbone import config_from_options
+                  images_per_shard=images_per_shard, short_side=short_side),
+                  _at_least(0, workers=workers, tile_overlap=tile_overlap))
+    from cachedseg.backbone import config_from_options, tiling_from_options
 
     with user_errors():
-        config = config_from_options(backbone, data, image_size, short_side, precision, layers)
+        tiling = tiling_from_options(backbone, tile, tile_overlap, gsd)
+        config = config_from_options(backbone, data, tile or image_size, short_side, precision, layers)
         return _extract(data, store, config, weights=weights, dtype=dtype, batch_size=batch_size, device=device,
                         workers=workers, overwrite=overwrite, skip_bad=skip_bad, redo=tuple(redo or ()),
-                        views=_views(views), images_per_shard=images_per_shard)
+                        views=_views(views), images_per_shard=images_per_shard, tiling=tiling)
 
 
 def _extract(data, store, backbone, **options):
@@ -283,7 +296,10 @@ def _extract(data, store, backbone, **options):
     changed = [f"{n} {what}" for n, what in [(result.changed, "images recomputed"),
                                              (result.masks_changed, "masks rewritten (image unchanged)"),
                                              (result.touched, "touched but unchanged")] if n]
-    for key, value in [("images", f"{result.images} ({result.extracted} extracted, {result.skipped} already done)"),
+    counted = (f"{result.images} ({result.extracted} extracted, {result.skipped} already done)" if not result.rasters
+               else f"{result.images} from {result.rasters} images ({result.extracted} extracted, {result.skipped} "
+                    f"already done; {result.empty} outside the map, not stored)")
+    for key, value in [("windows" if result.rasters else "images", counted),
                        ("changed files", ", ".join(changed)),
                        ("newly listed", f"{result.added} images added to the store" if result.added else ""),
                        ("moved split", f"{result.moved} images" if result.moved else ""),
@@ -550,12 +566,17 @@ def predict(
                                    "for a map without a CRS); the label raster keeps them."),
     simplify: float = typer.Option(0.0, help="With --polygons: simplify outlines to this tolerance, in CRS units "
                                    "(neighbouring outlines may then no longer meet exactly)."),
+    store: Optional[str] = typer.Option(None, help="A store extracted with --tile that holds the images: predict them "
+                                        "from its cached windows, without the backbone (a new head re-predicts a "
+                                        "whole map in seconds)."),
 ):
     """Segment images live (backbone + decoder): writes <name>_label.png, and _color.png and _overlay.png with a
     legend of the classes shown, per image. A map (a GeoTIFF with a CRS, one over 100 megapixels, or any TIFF with
     --tile) is predicted by sliding windows into <name>_label.tif, a cloud-optimised GeoTIFF on the map's grid, and
-    with --polygons <name>.gpkg."""
+    with --polygons <name>.gpkg. A run trained on windows (extract --tile) predicts by its windows, overlap and GSD;
+    with --store, from the store's cached windows instead of the backbone."""
     _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run),
+                  lambda: store is not None and paths.check_store(store),
                   _at_least(1, batch_size=batch_size), _at_least(0, workers=workers, tile_overlap=tile_overlap),
                   lambda: paths.check_writable(out, "--out", folder=True))
     from cachedseg.maps import PolygonOptions
@@ -563,7 +584,7 @@ def predict(
     with user_errors(lambda: f"the images written so far are kept; rerun {rerun()} to redo them all"):
         options = PolygonOptions(min_area, simplify) if polygons else None
         return _predict(images, run, out, weights=weights, device=device, tta=tta, batch_size=batch_size,
-                        workers=workers, tile=tile, tile_overlap=tile_overlap, polygons=options)
+                        workers=workers, tile=tile, tile_overlap=tile_overlap, polygons=options, store=store)
 
 
 def _predict(images, run, out: Path, **options):

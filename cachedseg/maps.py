@@ -72,15 +72,19 @@ class WindowModel:
         size: Window (height, width): the backbone's input.
         classes: Number of classes K.
         prepare: A window's pixels [h, w, 3] uint8 -> the model's input [3, h, w] (run ahead, in a thread).
-        run: Inputs [B, 3, h, w] -> class probabilities [B, K, h, w] (on `device`).
+        run: Inputs [B, ...] (what `prepare` or `load` gives, stacked) -> class probabilities [B, K, h, w] (on
+            `device`).
         device: Where `run` returns its probabilities; the strip's blend is summed there.
+        load: Instead of `prepare`, the input of the window at (row, column) of the grid without its pixels (cached
+            features: then only the raster's validity is read).
     """
 
     size: tuple[int, int]
     classes: int
-    prepare: Callable[[np.ndarray], torch.Tensor]
+    prepare: Callable[[np.ndarray], torch.Tensor] | None
     run: Callable[[torch.Tensor], torch.Tensor]
     device: torch.device
+    load: Callable[[int, int], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -355,12 +359,14 @@ class LabelReader:
         self.src.close()
 
 
-def map_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of a map, checked as `MapReader` checks it (bands, alpha, 8-bit), from its header."""
+def map_size(path: str | Path, gsd: float | None = None) -> tuple[int, int]:
+    """(height, width) of a map (resampled to `gsd`), checked as `MapReader` checks it (bands, alpha, 8-bit, a CRS
+    for `gsd`), from its header."""
     with _env():
-        reader = MapReader(path)
+        reader = MapReader(path, gsd)
+        size = reader.height, reader.width
         reader.close()
-    return reader.height, reader.width
+    return size
 
 
 class FrameReader:
@@ -438,17 +444,19 @@ def _prefetched(items: Iterable, depth: int) -> Iterator:
         thread.join()
 
 
-def _window_batches(reader, grid: Grid, model: WindowModel, batch_size: int) -> Iterator[tuple]:
-    """Per row of windows r: ("batch", r, columns, inputs [B, 3, h, w]) for its windows that hold valid pixels,
-    then ("row", r, valid [n, W]); all-nodata windows are skipped."""
+def _window_batches(reader, grid: Grid, model: WindowModel, batch_size: int,
+                    rows: range | None = None) -> Iterator[tuple]:
+    """Per row of windows r (of `rows`, default all): ("batch", r, columns, inputs [B, ...]) for its windows that
+    hold valid pixels, then ("row", r, valid [n, W]); all-nodata windows are skipped."""
     h, w = grid.size
-    for r, y in enumerate(grid.rows):
-        y1 = min(y + h, grid.height)
-        rgb, valid = reader.read(y, y1)
+    for r in rows if rows is not None else range(len(grid.rows)):
+        y = grid.rows[r]
+        rgb, valid = reader.read(y, min(y + h, grid.height), pixels=model.load is None)
         cols = [c for c, x in enumerate(grid.cols) if valid[:, x:x + w].any()]
         for i in range(0, len(cols), batch_size):
             chunk = cols[i:i + batch_size]
-            inputs = torch.stack([model.prepare(padded(rgb[:, grid.cols[c]:grid.cols[c] + w], grid.size))
+            inputs = torch.stack([model.load(y, grid.cols[c]) if model.load is not None else
+                                  model.prepare(padded(rgb[:, grid.cols[c]:grid.cols[c] + w], grid.size))
                                   for c in chunk])
             yield "batch", r, chunk, inputs
         yield "row", r, valid
@@ -494,9 +502,10 @@ class _Strip:
 
 @torch.no_grad()
 def blend(reader, grid: Grid, model: WindowModel, nodata: int, batch_size: int,
-          sink: Callable[[int, np.ndarray], None], progress: Callable[[int, int], None] | None = None) -> int:
-    """Predict every window of `grid` over `reader`, blend, and hand final label rows to `sink(y0, labels [n, W])`
-    in order, top to bottom; returns the windows predicted.
+          sink: Callable[[int, np.ndarray], None], progress: Callable[[int, int], None] | None = None,
+          rows: range | None = None) -> int:
+    """Predict every window of `grid` over `reader` (of the window rows `rows`, default all), blend, and hand final
+    label rows to `sink(y0, labels [n, W])` in order, top to bottom; returns the windows predicted.
 
     Each window's probabilities are weighted by `grid.weight` and summed per pixel; the label is the argmax of the
     sum, which is the argmax of the weighted mean (the weight sum is positive and the same for every class). Only
@@ -504,8 +513,9 @@ def blend(reader, grid: Grid, model: WindowModel, nodata: int, batch_size: int,
     `grid.final_after(r)` are final, and the rows the next row of windows overlaps move to the strip's top.
     """
     strip, predicted, done = _Strip(grid, model), 0, 0
+    total = len(grid) if rows is None else len(rows) * len(grid.cols)
     # closed on any exception here, so the reading thread has stopped before the caller closes the raster
-    with contextlib.closing(_prefetched(_window_batches(reader, grid, model, batch_size), PREFETCH)) as items:
+    with contextlib.closing(_prefetched(_window_batches(reader, grid, model, batch_size, rows), PREFETCH)) as items:
         for item in items:
             if item[0] == "batch":
                 _, r, cols, inputs = item
@@ -517,8 +527,71 @@ def blend(reader, grid: Grid, model: WindowModel, nodata: int, batch_size: int,
             sink(grid.rows[r], strip.finish(r, valid, nodata))
             done += len(grid.cols)
             if progress:
-                progress(done, len(grid))
+                progress(done, total)
     return predicted
+
+
+class _GridRaster:
+    """Label rows written into a plain tiled GeoTIFF on a reader's grid: the labels predicted at a GSD, before
+    they are warped back onto the map's own grid."""
+
+    def __init__(self, path: Path, reader, nodata: int):
+        rasterio = _rasterio()
+        self.path = path
+        with _quiet():
+            self.dst = rasterio.open(path, "w", driver="GTiff", width=reader.width, height=reader.height, count=1,
+                                     dtype="uint8", nodata=nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
+                                     compress="deflate", BIGTIFF="IF_SAFER", crs=reader.crs,
+                                     transform=reader.transform)
+
+    def add(self, y0: int, labels: np.ndarray) -> None:
+        from rasterio.windows import Window
+        self.dst.write(labels, 1, window=Window(0, y0, labels.shape[1], labels.shape[0]))
+
+    def close(self) -> None:
+        self.dst.close()
+
+
+def map_labels(native: MapReader, model: WindowModel, overlap: int, nodata: int, batch_size: int,
+               sink: Callable[[int, np.ndarray], None], progress: Callable[[int, int], None] | None = None,
+               gsd: float | None = None, scratch: Path | None = None) -> int:
+    """Predict a map by sliding windows on its grid, resampled to `gsd` first if given, and hand its labels on the
+    map's own grid (`native`, read as it is) to `sink(y0, labels [n, W])` top to bottom; returns the windows
+    predicted.
+
+    At a GSD the windows' labels go to a temporary GeoTIFF in `scratch` (default: beside the map), which is then
+    read back warped onto the map's grid (nearest neighbour), a block row at a time, with the map's own nodata:
+    memory stays that of one strip.
+    """
+    if gsd is None:
+        return blend(native, Grid(native.height, native.width, model.size, overlap), model, nodata, batch_size,
+                     sink, progress)
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.windows import Window
+    rasterio = _rasterio()
+    tmp = _temp((scratch or native.path.parent) / native.path.name, "gsd")
+    reader = MapReader(native.path, gsd)
+    try:
+        writer = _GridRaster(tmp, reader, nodata)
+        try:
+            windows = blend(reader, Grid(reader.height, reader.width, model.size, overlap), model, nodata, batch_size,
+                            writer.add, progress)
+        finally:
+            writer.close()
+        with rasterio.open(tmp) as src, WarpedVRT(src, crs=native.crs, transform=native.transform,
+                                                  width=native.width, height=native.height, nodata=nodata,
+                                                  resampling=Resampling.nearest) as vrt:
+            for y0 in range(0, native.height, BLOCK):
+                n = min(BLOCK, native.height - y0)
+                labels = vrt.read(1, window=Window(0, y0, native.width, n))
+                _, valid = native.read(y0, y0 + n, pixels=False)
+                labels[~valid] = nodata  # nodata exactly where the map has none, at its own resolution
+                sink(y0, labels)
+    finally:
+        reader.close()
+        tmp.unlink(missing_ok=True)
+    return windows
 
 
 def tiled_labels(image, model: WindowModel, overlap: int, batch_size: int, nodata: int,
@@ -753,7 +826,7 @@ class Polygons:
 def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: ClassSet, overlap: int,
                 batch_size: int = 4, polygons: PolygonOptions | None = None,
                 provenance: dict[str, str] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> MapPrediction:
+                progress: Callable[[int, int], None] | None = None, gsd: float | None = None) -> MapPrediction:
     """Predict one GeoTIFF by sliding windows and write `OUT/<stem>_label.tif` (a COG), and with `polygons`
     `OUT/<stem>.gpkg`.
 
@@ -767,6 +840,8 @@ def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: 
         polygons: Also vectorise the labels, with these options.
         provenance: More metadata for the label raster (backbone, run, window).
         progress: Called as `progress(windows done, windows)`.
+        gsd: Predict on the raster resampled to this many metres a pixel (the run's), then write the labels on the
+            raster's own grid.
 
     Returns:
         The files written.
@@ -783,10 +858,9 @@ def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: 
         reader = MapReader(path)
         outputs: list = []
         try:
-            grid = Grid(reader.height, reader.width, model.size, overlap)
             raster = LabelRaster(label_path, reader, classes, nodata, {
                 "SOURCE": path.name, "TILE_SIZE": f"{model.size[1]}x{model.size[0]}", "TILE_OVERLAP": str(overlap),
-                **(provenance or {})})
+                **({"GSD": f"{gsd:g}"} if gsd is not None else {}), **(provenance or {})})
             outputs.append(raster)
             if polygons is not None:
                 outputs.append(Polygons(gpkg_path, reader, classes, nodata, polygons))
@@ -796,7 +870,7 @@ def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: 
                     output.add(y0, labels)
 
             blocks = _Blocks(emit)
-            windows = blend(reader, grid, model, nodata, batch_size, blocks.add, progress)
+            windows = map_labels(reader, model, overlap, nodata, batch_size, blocks.add, progress, gsd, out)
             blocks.close()
             reader.close()
             raster.close()

@@ -30,6 +30,7 @@ from cachedseg.maps import (TIFF_SUFFIXES, PolygonOptions, WindowModel, is_map, 
 from cachedseg.paths import check_images
 from cachedseg.pictures import legend_strip, picture_rows, present_classes
 from cachedseg.spec import StoreSpec
+from cachedseg.store import DONE, FLAG_NAMES, FeatureStore
 from cachedseg.tiles import Grid, check_overlap, default_overlap
 from cachedseg.views import apply_view
 from cachedseg.workers import default_workers
@@ -158,13 +159,47 @@ def window_model(backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
-        mean = mean_over_views(view_logits(x, backbone, spec, decoder, views), views).float()  # [B, K, Mh, Mw]
-        probs = F.interpolate(mean, size=pp.image_size, mode="bilinear", align_corners=False)  # [B, K, h, w]
-        # softmax in place: this is the largest buffer of a batch (4 x 12 x 518 x 518 float32: 51 MB)
-        probs -= probs.amax(1, keepdim=True)
-        return probs.exp_().div_(probs.sum(1, keepdim=True))
+        return window_probabilities(view_logits(x, backbone, spec, decoder, views), views, spec.input_size)
 
     return WindowModel(tuple(pp.image_size), len(spec.class_names), prepare, run, device)
+
+
+def window_probabilities(logits: list[torch.Tensor], views: tuple[str, ...], size: tuple[int, int]) -> torch.Tensor:
+    """A batch of windows' logits [B, K, Mh, Mw] in each view -> class probabilities [B, K, h, w] at the window's
+    `size`: the views' mean in the window's frame, resized bilinearly as `labels_from_logits` resizes a frame, then
+    softmax."""
+    mean = mean_over_views(logits, views).float()  # [B, K, Mh, Mw]
+    probs = F.interpolate(mean, size=tuple(size), mode="bilinear", align_corners=False)  # [B, K, h, w]
+    # softmax in place: this is the largest buffer of a batch (4 x 12 x 518 x 518 float32: 51 MB)
+    probs -= probs.amax(1, keepdim=True)
+    return probs.exp_().div_(probs.sum(1, keepdim=True))
+
+
+def cached_window_model(cache: FeatureStore, raster: int, spec: StoreSpec, decoder: torch.nn.Module,
+                        views: tuple[str, ...], device: torch.device) -> WindowModel:
+    """Sliding-window prediction of the image `cache.rasters[raster]` from its windows' cached features: no
+    backbone, only the decoder; otherwise the steps of `window_model` (the identity guarantee holds window by
+    window). Windows are looked up by their position in the image's grid."""
+    tiles, flags = cache.tiles(), cache.flags()
+    where = {(int(y), int(x)): i for i, (k, y, x) in enumerate(tiles) if k == raster}
+    view_index = [cache.spec.views.index(v) for v in views]
+    decoder = decoder.to(device)
+    name = cache.rasters[raster].image
+
+    def load(y: int, x: int) -> torch.Tensor:
+        i = where.get((y, x))
+        if i is None or flags[i] != DONE:
+            raise CachedsegError(f"the store {cache.path} holds no features for the window at row {y}, column {x} "
+                                 f"of {name!r} ({'none' if i is None else FLAG_NAMES[flags[i]]}); rerun the "
+                                 "`cachedseg extract` that built it")
+        return torch.stack([torch.from_numpy(cache.read(i, v)[0]) for v in view_index])  # [V, L, C, h, w]
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device).float()  # [B, V, L, C, h, w], as training reads the cache
+        return window_probabilities([decoder(x[:, v]) for v in range(len(views))], views, spec.input_size)
+
+    return WindowModel(tuple(spec.input_size), len(spec.class_names), None, run, device, load)
 
 
 def segment(image: Image.Image, backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
@@ -367,11 +402,15 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             device: str = "auto", tta: bool = False, batch_size: int = 4, workers: int | None = None,
             progress: Callable[[int, int], None] | None = None, tile: bool = False, tile_overlap: int | None = None,
             polygons: PolygonOptions | None = None,
-            window_progress: Callable[[int, int], None] | None = None) -> Predictions:
+            window_progress: Callable[[int, int], None] | None = None, store: str | Path | None = None) -> Predictions:
     """Segment images with a trained run: a frame gets a label, a colour and an overlay PNG; a map (a GeoTIFF with a
     CRS, or over MAX_PIXELS, or any TIFF with `tile`) is predicted by sliding windows into a label COG
     `<stem>_label.tif` (`cachedseg.maps`). Files that cachedseg wrote (earlier predictions, say in the output folder
     itself) are left out of the inputs.
+
+    A run trained on windows (`extract --tile`) predicts every input by sliding windows of its tiling: its input
+    size, overlap and GSD. With `store`, the images are predicted from the windows' cached features in that tiled
+    store, without the backbone: the same labels as live, as the identity guarantee says.
 
     Args:
         images: Image files and folders of images.
@@ -385,10 +424,13 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         workers: DataLoader processes that decode whole frames (default: 0 on a CPU, min(4, CPUs) on a GPU).
         progress: Called as `progress(done, total)` in images.
         tile: Predict frames by sliding windows too (pixels as they are, no resize; their PNGs as ever), and take
-            every TIFF as a map. Without it a frame is resized whole to the backbone's input.
-        tile_overlap: Pixels shared by neighbouring windows (default: an eighth of the window, in whole patches).
+            every TIFF as a map. Without it a frame is resized whole to the backbone's input (unless the run is
+            tiled).
+        tile_overlap: Pixels shared by neighbouring windows (default: the run's tiling, else an eighth of the
+            window, in whole patches).
         polygons: Also write `<stem>.gpkg` for each map, with these options.
         window_progress: Called as `window_progress(done, total)` in windows, for each map or tiled frame.
+        store: A tiled feature store holding every input image: predict from its cached windows.
 
     Returns:
         The files written, per image in input order (a `Prediction` per frame, a `cachedseg.maps.MapPrediction` per
@@ -397,24 +439,33 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
 
     Raises:
         CachedsegError: For missing inputs, inputs whose outputs would collide, an unreadable image or raster, a
-            frame over MAX_PIXELS without `tile`, a bad overlap, or a backbone that does not match the run.
+            frame over MAX_PIXELS without `tile`, a bad overlap, a backbone that does not match the run, or a store
+            that does not hold the inputs or was built from other features.
     """
     paths, left_out = find_images(images)
     _check_names(paths)
+    ckpt = checkpoint.load_run(run)
+    views, classes, spec = tta_views(ckpt.spec, tta), ckpt.spec.classes, ckpt.spec
+    tile, gsd = tile or spec.tiled or store is not None, spec.gsd
     maps = [p for p in paths if is_map(p, tile)]
     frames = [p for p in paths if p not in maps]
     if polygons is not None and not maps:
         raise CachedsegError("--polygons vectorises maps (GeoTIFFs), but none of the inputs is one; leave it out")
     if not tile:
         _refuse_whole(frames)
-    tiled = {p: map_size(p) for p in maps}  # checked before the model loads: bands, alpha, 8-bit
+    if gsd is not None and frames and tile:
+        raise CachedsegError(f"the run {run} was trained at --gsd {gsd:g} m, but {frames[0]} has no coordinate "
+                             "system to resample it by; give GeoTIFFs")
+    tiled = {p: map_size(p, gsd) for p in maps}  # checked before the model loads: bands, alpha, 8-bit
     tiled.update({p: _frame_size(p) or (1, 1) for p in (frames if tile else [])})
-    ckpt = checkpoint.load_run(run)
-    views, classes, spec = tta_views(ckpt.spec, tta), ckpt.spec.classes, ckpt.spec
     size = tuple(spec.input_size)
-    overlap = default_overlap(size, size[0] // spec.grid[0]) if tile_overlap is None else tile_overlap
+    overlap = tile_overlap if tile_overlap is not None else spec.tile_overlap if spec.tiled else \
+        default_overlap(size, size[0] // spec.grid[0])
     if tiled:
         check_overlap(overlap, size)
+    torch_device = resolve_device(device)
+    decoder = ckpt.decoder()
+    cached = _cached_models(store, paths, ckpt, run, overlap, views, decoder, torch_device) if store else {}
     grids = {p: Grid(*hw, size, overlap) for p, hw in tiled.items()}
     total_windows, windows_before = sum(map(len, grids.values())), [0]
 
@@ -425,9 +476,8 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             if done == total:
                 windows_before[0] += total
         return report if window_progress else None
-    torch_device = resolve_device(device)
-    backbone = backbone_for(spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
-    decoder = ckpt.decoder()
+    backbone = None if store else backbone_for(spec, weights or ckpt.weights, torch_device,
+                                               ckpt.decoder_config.layers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[Path, object] = {}
@@ -445,15 +495,58 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
                 path = frames[item["n"]]
                 written[path] = _write_pngs(path, item.pop("image"), labels, out, classes)  # image dropped here
             done()
-    model = window_model(backbone, spec, decoder, views)
+    live = window_model(backbone, spec, decoder, views) if backbone is not None else None
     for path in frames if tile else []:
         image = load_image(path, any_size=True)  # never resized whole: memory is the limit (about 7 bytes a pixel)
-        labels = tiled_labels(image, model, overlap, batch_size, classes.ignore_index, windows_of(path))
+        labels = tiled_labels(image, cached.get(path, live), overlap, batch_size, classes.ignore_index,
+                              windows_of(path))
         written[path] = _write_pngs(path, image, labels, out, classes)
         done()
-    provenance = {"BACKBONE": spec.backbone, "FINGERPRINT": spec.fingerprint, "RUN": str(run)}
+    provenance = {"BACKBONE": spec.backbone, "FINGERPRINT": spec.fingerprint, "RUN": str(run),
+                  **({"STORE": str(store)} if store else {})}
     for path in maps:
-        written[path] = predict_map(path, out, model, classes, overlap, batch_size, polygons, provenance,
-                                    windows_of(path))
+        written[path] = predict_map(path, out, cached.get(path, live), classes, overlap, batch_size, polygons,
+                                    provenance, windows_of(path), gsd)
         done()
     return Predictions([written[p] for p in paths], left_out)
+
+
+def _cached_models(store: str | Path, paths: list[Path], ckpt, run, overlap: int, views: tuple[str, ...],
+                   decoder: torch.nn.Module, device: torch.device) -> dict[Path, WindowModel]:
+    """For `predict --store`: the window model of each input from the store's cached windows, refusing a store of
+    other features, of whole frames or another overlap, an input the store does not hold, or one changed since."""
+    from cachedseg.dataset import open_dataset
+    from cachedseg.extract import file_hashes, file_stats
+    from cachedseg.spec import check_spec
+
+    cache = FeatureStore.open(store)
+    if not cache.spec.serves(ckpt.spec) or not set(views) <= set(cache.spec.views):
+        check_spec(store, cache.spec, ckpt.spec, hint=f"the run {run} was trained on other features; predict from "
+                   "the store it was trained on, or live without --store")
+    if not cache.tiled:
+        raise CachedsegError(f"the store {store} holds whole frames, not windows; --store predicts images extracted "
+                             "with --tile (predict live without --store)")
+    if overlap != cache.spec.tile_overlap:
+        raise CachedsegError(f"--tile-overlap {overlap}: the store {store} holds windows overlapping by "
+                             f"{cache.spec.tile_overlap}; leave --tile-overlap out")
+    dataset = open_dataset(cache.dataset)
+    number = {dataset.image_path(g.image).resolve(): k for k, g in enumerate(cache.rasters)}
+    first = {}  # raster -> its first window: the record of the image file
+    for i, (k, _, _) in enumerate(cache.tiles()):
+        first.setdefault(int(k), i)
+    stats, hashes = cache.records()
+    models = {}
+    for path in paths:
+        k = number.get(path.resolve())
+        if k is None:
+            shown = ", ".join(str(dataset.image_path(g.image)) for g in cache.rasters[:3])
+            raise CachedsegError(f"{path} is not an image of the store {store} (it holds {len(number)}: {shown}"
+                                 f"{', ...' if len(number) > 3 else ''}); extract it there with --tile, or predict "
+                                 "it live without --store")
+        i = first[k]
+        if not np.array_equal(file_stats((path,))[0], stats[i, 0]) and \
+                not np.array_equal(file_hashes((path,))[0], hashes[i, 0]):
+            raise CachedsegError(f"{path} changed since the store {store} was extracted; rerun `cachedseg extract` "
+                                 "to update the store, or predict live without --store")
+        models[path] = cached_window_model(cache, k, ckpt.spec, decoder, views, device)
+    return models
