@@ -1,7 +1,14 @@
-"""Score a trained run against the dataset's own label PNGs at their native resolution."""
+"""Score a trained run against the dataset's own label PNGs at their native resolution.
+
+A run trained on windows (`extract --tile`) is scored per image on the stitched map: the windows blended as
+`predict` blends them (at the run's GSD, then warped back), compared with the label raster (or the rasterised vector
+labels) at its native resolution, strip by strip, so each pixel counts once whatever the overlap, and pixels
+outside the map (nodata) not at all.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -103,8 +110,11 @@ def evaluate(run: str | Path, store: str | Path | None = None, data: str | Path 
     ckpt = ckpt or checkpoint.load_run(run)  # loaded once: a checkpoint can be large, or far away
     if store is None and data is None:  # the run's own features, resolved here so the stale-label check sees them
         store, data = trained_on(run, ckpt)
-    result = score(predictions(run, store, data, split, weights, device, compare_live, tta, batch_size, workers,
-                               progress, ckpt=ckpt), ckpt.spec.classes, compare_live)
+    if ckpt.spec.tiled:
+        result = score_maps(run, store, data, split, weights, device, compare_live, tta, batch_size, progress, ckpt)
+    else:
+        result = score(predictions(run, store, data, split, weights, device, compare_live, tta, batch_size,
+                                   workers, progress, ckpt=ckpt), ckpt.spec.classes, compare_live)
     return replace(result, stale_labels=tuple(stale_labels(store, split, data))) if store is not None else result
 
 
@@ -125,6 +135,125 @@ def score(predicted: Iterable[tuple[str, np.ndarray, np.ndarray | None, np.ndarr
     return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
                       classes=classes, images=images,
                       differ=differ if compare_live else None, pixels=pixels if compare_live else None)
+
+
+def score_maps(run: str | Path, store: str | Path | None = None, data: str | Path | None = None, split: str = "val",
+               weights: str | None = None, device: str = "auto", compare_live: bool = False, tta: bool = False,
+               batch_size: int = 4, progress: Callable[[int, int], None] | None = None,
+               ckpt: checkpoint.Checkpoint | None = None) -> EvalResult:
+    """Score a run trained on windows on the stitched maps of a split (see the module docstring): from the cached
+    windows of a tiled `store`, or live from `data` (the backbone run on the windows), or both with
+    `compare_live`. Arguments as for `evaluate`; `progress` counts windows."""
+    from cachedseg.maps import map_labels
+    from cachedseg.predict import cached_window_model, window_model
+    from cachedseg.windows import open_image
+
+    if split not in SPLITS:
+        raise CachedsegError(f"--split {split!r}: use {' or '.join(SPLITS)}")
+    if compare_live and store is None:
+        raise CachedsegError("--compare-live compares cached with live predictions; give --store STORE too")
+    ckpt = ckpt or checkpoint.load_run(run)
+    spec, classes, nodata = ckpt.spec, ckpt.spec.classes, ckpt.spec.classes.ignore_index
+    torch_device = resolve_device(device)
+    decoder = ckpt.decoder().to(torch_device)
+    views = tta_views(spec, tta)
+    cache = None
+    if store is not None:
+        cache = FeatureStore.open(store)
+        if not cache.spec.serves(spec) or not set(views) <= set(cache.spec.views):
+            check_spec(store, cache.spec, spec, hint=f"the run {run} was trained on other features; evaluate it "
+                       "with the store it was trained from, or with --data to run its backbone live")
+        gone, tiles = cache.gone, cache.tiles()
+        names = [g.image for g in cache.rasters]
+        images = list(dict.fromkeys(names[int(k)] for (k, _, _), s, id_ in zip(tiles, cache.splits, cache.ids)
+                                    if s == split and id_ not in gone))
+        dataset = open_dataset(data or cache.dataset)
+    else:
+        dataset = open_dataset(data)
+        images = [s.id for s in dataset.samples() if s.split == split]
+    dataset.check_classes(classes, f"the run {run}")
+    if not images:
+        raise CachedsegError(f"the {split} split is empty")
+    backbone = (backbone_for(spec, weights or ckpt.weights, torch_device, ckpt.decoder_config.layers)
+                if store is None or compare_live else None)
+    live = window_model(backbone, spec, decoder, views) if backbone is not None else None
+    k = len(classes)
+    conf = torch.zeros(k, k, dtype=torch.long)
+    differ = pixels = 0
+    windows_done = [0]
+
+    def count(done: int, total: int) -> None:
+        if progress:
+            progress(windows_done[0] + done, windows_done[0] + total)
+        if done == total:
+            windows_done[0] += total
+    for name in images:
+        sample = Sample(name, split, dataset.image_path(name), dataset.mask_path(name))
+        native = open_image(sample.image)
+        try:
+            truth = _label_rows(dataset, sample, native)
+            models = ([cached_window_model(cache, names.index(name), spec, decoder, views, torch_device)]
+                      if cache is not None else []) + ([live] if live is not None else [])
+            with tempfile.TemporaryDirectory(prefix="cachedseg-") as scratch:
+                first = None
+                if len(models) == 2:  # the cached labels, kept on disk (a byte a pixel) to compare with the live
+                    first = np.lib.format.open_memmap(Path(scratch) / "cached.npy", mode="w+", dtype=np.uint8,
+                                                      shape=(native.height, native.width))
+                    map_labels(native, models[0], spec.tile_overlap, nodata, batch_size,
+                               lambda y0, rows: first.__setitem__(slice(y0, y0 + len(rows)), rows), count,
+                               spec.gsd, Path(scratch))
+
+                def tally(y0: int, rows: np.ndarray) -> None:
+                    nonlocal conf, differ, pixels
+                    labels = truth(y0, len(rows))
+                    labels[rows == nodata] = nodata  # outside the map: not scored
+                    pred = rows if first is None else first[y0:y0 + len(rows)]
+                    conf += confusion(torch.from_numpy(np.where(pred == nodata, 0, pred)),
+                                      torch.from_numpy(labels), k, nodata)
+                    if first is not None:
+                        inside = rows != nodata
+                        differ, pixels = differ + int((pred[inside] != rows[inside]).sum()), pixels + int(inside.sum())
+                map_labels(native, models[-1], spec.tile_overlap, nodata, batch_size, tally, count, spec.gsd,
+                           Path(scratch))
+        finally:
+            native.close()
+    s = scores(conf)
+    return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
+                      classes=classes, images=len(images), differ=differ if compare_live else None,
+                      pixels=pixels if compare_live else None)
+
+
+def _label_rows(dataset: Dataset, sample: Sample, image) -> Callable[[int, int], np.ndarray]:
+    """What gives rows y0:y0+n of an image's labels [n, W] at its native resolution: its label raster read by
+    rows, its vector labels rasterised by rows, or its mask file decoded whole (frames)."""
+    from affine import Affine
+
+    from cachedseg.maps import LabelReader, MapReader
+    from cachedseg.windows import is_raster
+
+    if dataset.vector_labels is not None:
+        georef = getattr(image, "georeferenced", False)
+        base = image.transform if georef else Affine.identity()
+        return lambda y0, n: dataset.vector_labels.rasterize(base * Affine.translation(0, y0), (n, image.width),
+                                                             image.crs if georef else None)
+    if not sample.mask.is_file():
+        raise CachedsegError(f"{sample.mask} is missing; pass --data with the dataset the store was built from")
+    if isinstance(image, MapReader) and is_raster(sample.mask):
+        reader = LabelReader(sample.mask, image, lambda raw, known: dataset.decode_labels(raw, sample.mask, known),
+                             3 if dataset.mask_encoding == "rgb" else 1)
+        every = np.ones((0, 0), dtype=bool)
+
+        def rows(y0: int, n: int) -> np.ndarray:
+            nonlocal every
+            if every.shape != (n, image.width):
+                every = np.ones((n, image.width), dtype=bool)
+            return reader.window(y0, 0, n, image.width, every)
+        return rows
+    labels = dataset.read_labels(sample.mask)
+    if labels.shape != (image.height, image.width):
+        raise CachedsegError(f"{sample.mask} is {labels.shape[1]}x{labels.shape[0]} but its image is "
+                             f"{image.width}x{image.height}; a mask must have its image's size")
+    return lambda y0, n: labels[y0:y0 + n].copy()
 
 
 def trained_on(run: str | Path, ckpt: checkpoint.Checkpoint | None = None) -> tuple[str | None, str | None]:

@@ -577,11 +577,16 @@ def stale_labels(store: str | Path, split: str, data: str | Path | None = None) 
     cache = FeatureStore.open(store)
     stats, hashes = cache.records()
     dataset, gone, flags, k = open_dataset(data or cache.dataset), cache.gone, cache.flags(), SOURCE_FILES.index("mask")
-    stale = []
+    # a tiled store's entries are windows: each image (and its label file) is checked once, by its first window
+    names = ([cache.rasters[int(r)].image for r in cache.tiles()[:, 0]] if cache.tiled else cache.ids)
+    stale, seen = [], set()
     for i, (id_, s) in enumerate(zip(cache.ids, cache.splits)):
-        path = dataset.mask_path(id_)
-        if s != split or id_ in gone or flags[i] != DONE or stats[i, k, 0] == NO_STAT or not path.is_file():
+        path = dataset.mask_path(names[i])
+        if s != split or id_ in gone or flags[i] != DONE or stats[i, k, 0] == NO_STAT or not path.is_file() \
+                or names[i] in seen:
             continue
+        seen.add(names[i])
+        id_ = names[i]
         if not np.array_equal(file_stats((path,))[0], stats[i, k]) and \
                 not np.array_equal(file_hashes((path,))[0], hashes[i, k]):
             stale.append(id_)
