@@ -485,13 +485,14 @@ class _Strip:
         weight = self.row_w[r][:n, None] * self.col_w[c][None, :m]  # [n, m]
         self.total[:, :n, x:x + m].addcmul_(probs[:, :n, :m], weight)  # in place: no [K, h, w] temporary
 
-    def finish(self, r: int, valid: np.ndarray, nodata: int) -> np.ndarray:
-        """Labels [f, W] of the rows final after window row r (valid [n, W]: its pixels inside the map), and the
-        overlapped rows moved to the top for the next row of windows."""
+    def finish(self, r: int, valid: np.ndarray, nodata: int | None) -> np.ndarray:
+        """Labels [f, W] of the rows final after window row r (valid [n, W]: its pixels inside the map; outside it
+        `nodata`, unless None), and the overlapped rows moved to the top for the next row of windows."""
         n, final = self.rows(r), self.grid.final_after(r) - self.grid.rows[r]
         self.valid[:n] = valid
         labels = self.total[:, :final].argmax(0).to(torch.uint8).cpu().numpy()  # [final, W]
-        labels[~self.valid[:final]] = nodata
+        if nodata is not None:
+            labels[~self.valid[:final]] = nodata
         keep = n - final
         self.total[:, :keep] = self.total[:, final:final + keep].clone()
         self.total[:, keep:] = 0
@@ -501,13 +502,14 @@ class _Strip:
 
 
 @torch.no_grad()
-def blend(reader, grid: Grid, model: WindowModel, nodata: int, batch_size: int,
+def blend(reader, grid: Grid, model: WindowModel, nodata: int | None, batch_size: int,
           sink: Callable[[int, np.ndarray], None], progress: Callable[[int, int], None] | None = None,
           rows: range | None = None) -> int:
     """Predict every window of `grid` over `reader` (of the window rows `rows`, default all), blend, and hand final
     label rows to `sink(y0, labels [n, W])` in order, top to bottom; returns the windows predicted.
 
-    Each window's probabilities are weighted by `grid.weight` and summed per pixel; the label is the argmax of the
+    Pixels outside the map get `nodata` (None: the argmax all the same, class 0 where no window lies). Each
+    window's probabilities are weighted by `grid.weight` and summed per pixel; the label is the argmax of the
     sum, which is the argmax of the weighted mean (the weight sum is positive and the same for every class). Only
     one strip (the window height, the raster's width) is held: after row r of windows, rows before
     `grid.final_after(r)` are final, and the rows the next row of windows overlaps move to the strip's top.
@@ -535,12 +537,12 @@ class _GridRaster:
     """Label rows written into a plain tiled GeoTIFF on a reader's grid: the labels predicted at a GSD, before
     they are warped back onto the map's own grid."""
 
-    def __init__(self, path: Path, reader, nodata: int):
+    def __init__(self, path: Path, reader):
         rasterio = _rasterio()
         self.path = path
         with _quiet():
             self.dst = rasterio.open(path, "w", driver="GTiff", width=reader.width, height=reader.height, count=1,
-                                     dtype="uint8", nodata=nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
+                                     dtype="uint8", tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
                                      compress="deflate", BIGTIFF="IF_SAFER", crs=reader.crs,
                                      transform=reader.transform)
 
@@ -560,8 +562,9 @@ def map_labels(native: MapReader, model: WindowModel, overlap: int, nodata: int,
     predicted.
 
     At a GSD the windows' labels go to a temporary GeoTIFF in `scratch` (default: beside the map), which is then
-    read back warped onto the map's grid (nearest neighbour), a block row at a time, with the map's own nodata:
-    memory stays that of one strip.
+    read back warped onto the map's grid (nearest neighbour), a block row at a time, and nodata is set where the
+    map itself has none, exactly: the resampled grid's own edge pixels (partly outside the map) keep their labels,
+    so no pixel of the map is lost to resampling. Memory stays that of one strip.
     """
     if gsd is None:
         return blend(native, Grid(native.height, native.width, model.size, overlap), model, nodata, batch_size,
@@ -573,14 +576,14 @@ def map_labels(native: MapReader, model: WindowModel, overlap: int, nodata: int,
     tmp = _temp((scratch or native.path.parent) / native.path.name, "gsd")
     reader = MapReader(native.path, gsd)
     try:
-        writer = _GridRaster(tmp, reader, nodata)
+        writer = _GridRaster(tmp, reader)
         try:
-            windows = blend(reader, Grid(reader.height, reader.width, model.size, overlap), model, nodata, batch_size,
+            windows = blend(reader, Grid(reader.height, reader.width, model.size, overlap), model, None, batch_size,
                             writer.add, progress)
         finally:
             writer.close()
         with rasterio.open(tmp) as src, WarpedVRT(src, crs=native.crs, transform=native.transform,
-                                                  width=native.width, height=native.height, nodata=nodata,
+                                                  width=native.width, height=native.height, add_alpha=True,
                                                   resampling=Resampling.nearest) as vrt:
             for y0 in range(0, native.height, BLOCK):
                 n = min(BLOCK, native.height - y0)
