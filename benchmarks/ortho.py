@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from cachedseg.maps import synth_map
+from cachedseg.synth_maps import synth_map
 from cachedseg.runs import RunFolder
 from cachedseg.synth import synthesize
 from large_frame import commit, cli

@@ -204,15 +204,28 @@ def synth(
     dataset: Optional[Path] = typer.Option(None, help="Write in the layout, classes and mask encoding of this "
                                            "dataset file (copied into OUT as dataset.toml); the scenes' 12 classes "
                                            "are folded onto its classes by index."),
+    maps: bool = typer.Option(False, "--maps", help="Write COUNT georeferenced orthomosaics of WIDTH x HEIGHT instead "
+                              "(maps/*.tif, RGBA with a nodata footprint, 5 cm a pixel, EPSG:32633), their label "
+                              "rasters (labels/*.tif) and a dataset.toml: half for trn, half for val. For extract "
+                              "--tile."),
+    vector_labels: bool = typer.Option(False, "--vector-labels", help="With --maps: the labels as one GeoPackage "
+                                       "of class polygons (labels.gpkg, field class) instead of label rasters."),
 ) -> None:
-    """Write a generated drone-imagery dataset in the AeroScapes layout (the built-in default data)."""
+    """Write a generated drone-imagery dataset in the AeroScapes layout (the built-in default data), or generated
+    orthomosaics with --maps."""
     _light_checks(lambda: paths.check_writable(out, "the dataset folder", folder=True),
-                  lambda: dataset is not None and open_dataset(choose_dataset(None, dataset)))
+                  lambda: dataset is not None and open_dataset(choose_dataset(None, dataset)),
+                  _at_least(1, count=count))
     with user_errors():
-        _synth(out, count, width, height, seed, dataset)
+        if vector_labels and not maps:
+            raise CachedsegError("--vector-labels writes the labels of generated maps; give --maps too")
+        if maps and dataset is not None:
+            raise CachedsegError("--maps writes its own dataset.toml; leave out --dataset")
+        _synth(out, count, width, height, seed, dataset, maps, vector_labels)
 
 
-def _synth(out: Path, count: int, width: int, height: int, seed: int, dataset: Optional[Path] = None) -> None:
+def _synth(out: Path, count: int, width: int, height: int, seed: int, dataset: Optional[Path] = None,
+           maps: bool = False, vector_labels: bool = False) -> None:
     """Generate the dataset with progress, and say where it went."""
     from cachedseg.synth import synthesize
 
@@ -223,11 +236,16 @@ def _synth(out: Path, count: int, width: int, height: int, seed: int, dataset: O
             done[0] += n
             progress(done[0], count)
         try:
-            ids = synthesize(out, count=count, width=width, height=height, seed=seed, progress=step,
-                             dataset_file=dataset)
+            if maps:
+                from cachedseg.synth_maps import synth_map_dataset
+                ids = synth_map_dataset(out, count, width, height, seed, vector_labels=vector_labels, progress=step)
+            else:
+                ids = synthesize(out, count=count, width=width, height=height, seed=seed, progress=step,
+                                 dataset_file=dataset)
         except ValueError as exc:
             raise CachedsegError(str(exc)) from None
-    console.print(f"wrote {len(ids)} images ({width}x{height}) to [bold]{escape(str(out))}[/]", soft_wrap=True)
+    console.print(f"wrote {len(ids)} {'maps' if maps else 'images'} ({width}x{height}) to "
+                  f"[bold]{escape(str(out))}[/]", soft_wrap=True)
 
 
 @app.command()

@@ -53,11 +53,23 @@ def store_rows(d: dict) -> list[tuple[str, object]]:
             ("images", f"{d['images']} ({d['trn']} trn, {d['val']} val): {d['done']} done, {d['pending']} pending, "
                        f"{d['skipped_bad']} skipped as bad"
                        + (f", {d['gone']} gone from the dataset (left out)" if d["gone"] else "")),
+            *_tiling_rows(d),
             ("size on disk", f"{d['bytes_on_disk'] / 1e6:.1f} MB "
                              f"({d['bytes_on_disk'] / 1e6 / max(d['images'], 1):.2f} MB/img)"),
             ("fingerprint", d["fingerprint"]), ("weights", d["weights"]), ("dataset", d["dataset"]),
             ("format", f"{d['format']} v{d['format_version']}, cachedseg {d['package_version']}")]
     return rows + [(f"bad: {k}", v) for k, v in d.get("bad", {}).items()]
+
+
+def _tiling_rows(d: dict) -> list[tuple[str, object]]:
+    """A tiled store's rows: how its windows are cut, and how many are empty or unlabelled."""
+    if d.get("tile_overlap") is None:
+        return []
+    (h, w), gsd = d["input_size"], d.get("gsd")
+    return [("windows", f"{w}x{h} px overlapping by {d['tile_overlap']} px, "
+                        f"{'at ' + format(gsd, 'g') + ' m a pixel' if gsd else 'pixels as they are'}; "
+                        f"{len(d.get('rasters') or ())} images, {d['empty']} windows outside the map (not stored), "
+                        f"{d['unlabelled']} without labels (kept out of training)")]
 
 
 def run_rows(ckpt: Checkpoint) -> list[tuple[str, object]]:
@@ -70,6 +82,9 @@ def run_rows(ckpt: Checkpoint) -> list[tuple[str, object]]:
                          f"{ckpt.decoder_config.layers} layer(s) of {spec.layers}, views {', '.join(spec.views)}, "
                          f"fingerprint {spec.fingerprint}"),
             ("classes", f"{len(spec.class_names)}: {', '.join(spec.class_names)}"),
+            *([("windows", f"{spec.input_size[1]}x{spec.input_size[0]} px overlapping by {spec.tile_overlap} px, "
+                           + (f"at {spec.gsd:g} m a pixel" if spec.gsd else "pixels as they are")
+                           + " (predict and evaluate slide the same windows)")] if spec.tiled else []),
             ("recipe", ckpt.train_config.describe(spec.layers)),
             ("epochs trained", str(ckpt.epoch)),
             ("best val", f"mIoU {best.val_miou:.4f}, pixel accuracy {best.val_pixel_acc:.4f} (epoch {best.epoch})"),

@@ -17,7 +17,8 @@ from PIL import Image
 from cachedseg import checkpoint, maps
 from cachedseg.backbone import backbone_for
 from cachedseg.data import preprocess_image
-from cachedseg.maps import PolygonOptions, Polygons, cog_problems, predict_map, synth_map
+from cachedseg.maps import PolygonOptions, Polygons, cog_problems, predict_map
+from cachedseg.synth_maps import synth_map
 from cachedseg.predict import segment_batch, window_model
 from cachedseg.tiles import Grid
 from tests.conftest import MIN_AGREEMENT, PEAK_GROWTH, one_line_error, run_cli
@@ -211,7 +212,8 @@ def test_peak_memory_does_not_grow_with_the_height_of_the_map(run32, tmp_path):
     code = PEAK_GROWTH + textwrap.dedent(f"""
         from pathlib import Path
         from tests.test_maps import _window_model
-        from cachedseg.maps import predict_map, synth_map
+        from cachedseg.maps import predict_map
+        from cachedseg.synth_maps import synth_map
         model, _, _, ckpt = _window_model({str(run32)!r})
         out = Path({str(tmp_path)!r})
         short, tall = synth_map(out / "short.tif", 336, 448, seed=5), synth_map(out / "tall.tif", 336, 1792, seed=6)

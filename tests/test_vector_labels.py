@@ -6,7 +6,7 @@ import pytest
 
 from cachedseg.classes import ClassSet
 from cachedseg.errors import CachedsegError
-from cachedseg.maps import synth_map
+from cachedseg.synth_maps import synth_map
 from cachedseg.vector_labels import VectorLabels
 
 rasterio = pytest.importorskip("rasterio")  # the maps extra (in dev)
