@@ -234,7 +234,7 @@ def _label_rows(dataset: Dataset, sample: Sample, image) -> Callable[[int, int],
     if dataset.vector_labels is not None:
         georef = getattr(image, "georeferenced", False)
         base = image.transform if georef else Affine.identity()
-        return lambda y0, n: dataset.vector_labels.rasterize(base * Affine.translation(0, y0), (n, image.width),
+        return lambda y0, n: dataset.vector_labels.rasterize(base @ Affine.translation(0, y0), (n, image.width),
                                                              image.crs if georef else None)
     if not sample.mask.is_file():
         raise CachedsegError(f"{sample.mask} is missing; pass --data with the dataset the store was built from")

@@ -176,4 +176,4 @@ def _window_transform(image, sample: WindowSample):
     without georeference)."""
     from affine import Affine
     base = image.transform if getattr(image, "georeferenced", False) else Affine.identity()
-    return base * Affine.translation(sample.x0, sample.y0)
+    return base @ Affine.translation(sample.x0, sample.y0)
