@@ -27,6 +27,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -554,34 +555,89 @@ class _GridRaster:
         self.dst.close()
 
 
+def _shared_blend(reader, grid: Grid, model: WindowModel, nodata: int | None, batch_size: int,
+                  sink: Callable[[int, np.ndarray], None], progress: Callable[[int, int], None] | None,
+                  ctx, scratch: Path) -> int:
+    """`blend`, its window rows split over the ranks of a torchrun job (`ctx`): each rank blends a contiguous block
+    of window rows, plus the rows of windows above it that reach into its pixels (for their weights), and writes
+    the label rows it owns to a part file in `scratch`; rank 0 then hands every part's rows to `sink` in order.
+    Returns the windows predicted by all ranks; `sink` is called on rank 0 only."""
+    if ctx is None or ctx.world == 1:
+        return blend(reader, grid, model, nodata, batch_size, sink, progress)
+    from rasterio.windows import Window
+    blocks = [type(ctx)(rank=r, world=ctx.world).share(list(range(len(grid.rows)))) for r in range(ctx.world)]
+    mine = blocks[ctx.rank]
+    part = scratch / f".{grid.height}x{grid.width}.{ctx.job}.part{ctx.rank}.tif"
+    error, windows = None, 0
+    try:
+        if mine:
+            a, b = mine[0], mine[-1] + 1
+            top = grid.rows[a] if a else 0  # the first label row this rank owns
+            first = next(r for r in range(a + 1) if grid.rows[r] + grid.size[0] > top) if a else 0
+            owned = grid.final_after(b - 1) - top
+            writer = _GridRaster(part, SimpleNamespace(width=grid.width, height=owned, crs=None, transform=None))
+            try:
+                def keep(y0: int, rows: np.ndarray) -> None:
+                    if y0 + len(rows) > top:
+                        writer.add(max(y0, top) - top, rows[max(0, top - y0):])
+                windows = blend(reader, grid, model, nodata, batch_size, keep, progress, range(first, b))
+            finally:
+                writer.close()
+    except CachedsegError as exc:
+        error = str(exc)
+    outcomes = ctx.gather((error, windows))  # every rank waits here: the parts are complete
+    errors = [e for e, _ in outcomes if e]
+    if not errors and ctx.main:
+        rasterio = _rasterio()
+        for rank in range(ctx.world):
+            path = part.with_name(part.name.replace(f".part{ctx.rank}.", f".part{rank}."))
+            if not path.exists():
+                continue
+            start = grid.rows[blocks[rank][0]] if rank else 0
+            with _quiet(), rasterio.open(path) as src:
+                for y0 in range(0, src.height, BLOCK):
+                    n = min(BLOCK, src.height - y0)
+                    sink(start + y0, src.read(1, window=Window(0, y0, src.width, n)))
+    ctx.barrier()  # rank 0 has read every part
+    part.unlink(missing_ok=True)
+    if errors:
+        raise CachedsegError(errors[0])
+    return sum(w for _, w in outcomes)
+
+
 def map_labels(native: MapReader, model: WindowModel, overlap: int, nodata: int, batch_size: int,
                sink: Callable[[int, np.ndarray], None], progress: Callable[[int, int], None] | None = None,
-               gsd: float | None = None, scratch: Path | None = None) -> int:
+               gsd: float | None = None, scratch: Path | None = None, ctx=None) -> int:
     """Predict a map by sliding windows on its grid, resampled to `gsd` first if given, and hand its labels on the
     map's own grid (`native`, read as it is) to `sink(y0, labels [n, W])` top to bottom; returns the windows
-    predicted.
+    predicted. Under torchrun (`ctx` of several ranks) the windows are split over the ranks (`_shared_blend`) and
+    `sink` is called on rank 0 only.
 
     At a GSD the windows' labels go to a temporary GeoTIFF in `scratch` (default: beside the map), which is then
     read back warped onto the map's grid (nearest neighbour), a block row at a time, and nodata is set where the
     map itself has none, exactly: the resampled grid's own edge pixels (partly outside the map) keep their labels,
     so no pixel of the map is lost to resampling. Memory stays that of one strip.
     """
+    scratch = scratch or native.path.parent
     if gsd is None:
-        return blend(native, Grid(native.height, native.width, model.size, overlap), model, nodata, batch_size,
-                     sink, progress)
+        return _shared_blend(native, Grid(native.height, native.width, model.size, overlap), model, nodata,
+                             batch_size, sink, progress, ctx, scratch)
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
     rasterio = _rasterio()
-    tmp = _temp((scratch or native.path.parent) / native.path.name, "gsd")
+    tmp = _temp(scratch / native.path.name, "gsd")
     reader = MapReader(native.path, gsd)
     try:
-        writer = _GridRaster(tmp, reader)
+        writer = _GridRaster(tmp, reader) if ctx is None or ctx.main else None
         try:
-            windows = blend(reader, Grid(reader.height, reader.width, model.size, overlap), model, None, batch_size,
-                            writer.add, progress)
+            windows = _shared_blend(reader, Grid(reader.height, reader.width, model.size, overlap), model, None,
+                                    batch_size, writer.add if writer else None, progress, ctx, scratch)
         finally:
-            writer.close()
+            if writer:
+                writer.close()
+        if ctx is not None and not ctx.main:
+            return windows
         with rasterio.open(tmp) as src, WarpedVRT(src, crs=native.crs, transform=native.transform,
                                                   width=native.width, height=native.height, add_alpha=True,
                                                   resampling=Resampling.nearest) as vrt:
@@ -829,9 +885,11 @@ class Polygons:
 def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: ClassSet, overlap: int,
                 batch_size: int = 4, polygons: PolygonOptions | None = None,
                 provenance: dict[str, str] | None = None,
-                progress: Callable[[int, int], None] | None = None, gsd: float | None = None) -> MapPrediction:
+                progress: Callable[[int, int], None] | None = None, gsd: float | None = None,
+                ctx=None) -> MapPrediction:
     """Predict one GeoTIFF by sliding windows and write `OUT/<stem>_label.tif` (a COG), and with `polygons`
-    `OUT/<stem>.gpkg`.
+    `OUT/<stem>.gpkg`. Under torchrun every rank calls this with its `ctx` (`cachedseg.distributed.Context`):
+    the windows are split over the ranks, and rank 0 writes the files (`OUT` must be a folder all ranks share).
 
     Args:
         path: The input raster: RGB or RGBA, 8-bit.
@@ -845,6 +903,7 @@ def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: 
         progress: Called as `progress(windows done, windows)`.
         gsd: Predict on the raster resampled to this many metres a pixel (the run's), then write the labels on the
             raster's own grid.
+        ctx: This process's place in a torchrun job (None: alone).
 
     Returns:
         The files written.
@@ -856,16 +915,17 @@ def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: 
     path, out = Path(path), Path(out)
     label_path, gpkg_path = out / f"{path.stem}_label.tif", out / f"{path.stem}.gpkg"
     replaced = label_path.exists() or (polygons is not None and gpkg_path.exists())
-    nodata = classes.ignore_index
+    nodata, main = classes.ignore_index, ctx is None or ctx.main
     with _env():
         reader = MapReader(path)
         outputs: list = []
         try:
-            raster = LabelRaster(label_path, reader, classes, nodata, {
-                "SOURCE": path.name, "TILE_SIZE": f"{model.size[1]}x{model.size[0]}", "TILE_OVERLAP": str(overlap),
-                **({"GSD": f"{gsd:g}"} if gsd is not None else {}), **(provenance or {})})
-            outputs.append(raster)
-            if polygons is not None:
+            if main:
+                outputs.append(LabelRaster(label_path, reader, classes, nodata, {
+                    "SOURCE": path.name, "TILE_SIZE": f"{model.size[1]}x{model.size[0]}",
+                    "TILE_OVERLAP": str(overlap), **({"GSD": f"{gsd:g}"} if gsd is not None else {}),
+                    **(provenance or {})}))
+            if polygons is not None and main:
                 outputs.append(Polygons(gpkg_path, reader, classes, nodata, polygons))
 
             def emit(y0: int, labels: np.ndarray) -> None:
@@ -873,11 +933,11 @@ def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: 
                     output.add(y0, labels)
 
             blocks = _Blocks(emit)
-            windows = map_labels(reader, model, overlap, nodata, batch_size, blocks.add, progress, gsd, out)
+            windows = map_labels(reader, model, overlap, nodata, batch_size, blocks.add, progress, gsd, out, ctx)
             blocks.close()
             reader.close()
-            raster.close()
-            features = outputs[1].close() if polygons is not None else 0
+            closed = [output.close() for output in outputs]  # the raster's, then the polygons' count
+            features = closed[1] if len(closed) == 2 else 0
         except BaseException:
             for output in outputs:
                 output.abort()

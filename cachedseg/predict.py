@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from cachedseg import __version__, checkpoint
+from cachedseg import __version__, checkpoint, distributed
 from cachedseg.backbone import Backbone, backbone_for, resolve_device
 from cachedseg.data import preprocess_image
 from cachedseg.dataset import MAX_PIXELS, load_image, own_pixel_limit, upright_size
@@ -412,6 +412,9 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
     size, overlap and GSD. With `store`, the images are predicted from the windows' cached features in that tiled
     store, without the backbone: the same labels as live, as the identity guarantee says.
 
+    Under torchrun the frames are shared out among the ranks, and each map's windows are split over all of them;
+    rank 0 writes each map's files (`out` must be a folder every rank sees).
+
     Args:
         images: Image files and folders of images.
         run: The run folder (its best checkpoint) or a checkpoint file.
@@ -463,10 +466,12 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         default_overlap(size, size[0] // spec.grid[0])
     if tiled:
         check_overlap(overlap, size)
-    torch_device = resolve_device(device)
+    ctx = distributed.context(device)
+    torch_device = resolve_device(distributed.device_for(ctx, device))
+    frames = ctx.share(frames)
     decoder = ckpt.decoder()
     cached = _cached_models(store, paths, ckpt, run, overlap, views, decoder, torch_device) if store else {}
-    grids = {p: Grid(*hw, size, overlap) for p, hw in tiled.items()}
+    grids = {p: Grid(*hw, size, overlap) for p, hw in tiled.items() if p in maps or p in frames}
     total_windows, windows_before = sum(map(len, grids.values())), [0]
 
     def windows_of(path: Path) -> Callable[[int, int], None] | None:
@@ -506,9 +511,9 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
                   **({"STORE": str(store)} if store else {})}
     for path in maps:
         written[path] = predict_map(path, out, cached.get(path, live), classes, overlap, batch_size, polygons,
-                                    provenance, windows_of(path), gsd)
+                                    provenance, windows_of(path), gsd, ctx)
         done()
-    return Predictions([written[p] for p in paths], left_out)
+    return Predictions([written[p] for p in paths if p in written], left_out)  # a rank: its frames and the maps
 
 
 def _cached_models(store: str | Path, paths: list[Path], ckpt, run, overlap: int, views: tuple[str, ...],

@@ -20,7 +20,7 @@ from cachedseg.maps import MapReader, cog_problems, padded
 from cachedseg.store import FeatureStore
 from cachedseg.synth_maps import synth_map, synth_map_dataset
 from cachedseg.tiles import Grid
-from tests.conftest import MIN_AGREEMENT, assert_features_close, one_line_error, run_cli
+from tests.conftest import MIN_AGREEMENT, assert_features_close, one_line_error, run_cli, torchrun
 
 rasterio = pytest.importorskip("rasterio")  # the maps extra (in dev)
 pyogrio = pytest.importorskip("pyogrio")
@@ -228,3 +228,25 @@ def test_a_rerun_follows_the_label_rasters(maps_data, tmp_path):
     assert (after[val] == 9).sum() == 0 and (before[val] == 9).sum() > 0
     trn = [i for i, s in enumerate(FeatureStore.open(store).splits) if s == "trn"]
     assert np.array_equal(after[trn], before[trn])
+
+
+@pytest.mark.subprocess
+def test_two_ranks_extract_the_windows_and_predict_one_map_as_one_process(maps_data, tiled_store, tiled_run,
+                                                                          tmp_path):
+    store = tmp_path / "ranks.zarr"
+    torchrun("extract", maps_data, "--store", store, *TILE, "--dtype", "float32", "--device", "cpu")
+    a, b = FeatureStore.open(tiled_store), FeatureStore.open(store)
+    assert a.ids == b.ids and a.rasters == b.rasters and np.array_equal(a.tiles(), b.tiles())
+    assert np.array_equal(a.flags(), b.flags()) and np.array_equal(a.labelled(), b.labelled())
+    assert np.array_equal(a.group["masks"][:], b.group["masks"][:])
+    done = a.flags() == 1
+    assert_features_close(a.group["features"][:][done], b.group["features"][:][done])
+    ortho = maps_data / "maps" / "map_11.tif"
+    torchrun("predict", ortho, "--run-dir", tiled_run, "--out", tmp_path / "ranks", "--polygons", *CPU)
+    run_cli("predict", ortho, "--run-dir", tiled_run, "--out", tmp_path / "one", *CPU)
+    assert sorted(p.name for p in (tmp_path / "ranks").iterdir()) == ["map_11.gpkg", "map_11_label.tif"]
+    assert cog_problems(tmp_path / "ranks" / "map_11_label.tif") == []
+    with rasterio.open(tmp_path / "ranks" / "map_11_label.tif") as ranks, \
+            rasterio.open(tmp_path / "one" / "map_11_label.tif") as one:
+        assert ranks.profile["transform"] == one.profile["transform"] and ranks.crs == one.crs
+        assert (ranks.read(1) == one.read(1)).mean() >= MIN_AGREEMENT
