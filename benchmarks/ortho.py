@@ -2,7 +2,7 @@
 """Maps: peak memory, windows/s and time against area of `predict` on generated orthomosaics (issue 17).
 
     benchmarks/ortho.py [--sizes 2000,5000] [--image-size 518] [--device cpu] [--batch-size 4]
-        [--polygons-size N] [--label TEXT] [--json FILE] [--results [DIR]] [--workdir DIR]
+        [--polygons-size N] [--store-sizes N,...] [--label TEXT] [--json FILE] [--results [DIR]] [--workdir DIR]
 
 A run is trained for one epoch on generated 160x120 frames (vit_small_patch14_dinov2 at --image-size, random
 weights: speed and memory do not depend on them). For each size N, a georeferenced N x N mosaic of
@@ -16,7 +16,16 @@ by `cachedseg.maps.predict_map` in a fresh process (windows of the run's input s
   ratio                          map_win_s / floor_win_s (goal >= 0.9: I/O and blending hidden)
   s_per_mp                       map_s per megapixel (time linear in area: flat across sizes)
 With --polygons-size N, `predict --polygons` of the N x N mosaic is timed too (polygons_s, features).
-Results: printed, --json, and with --results Markdown rows appended to benchmarks/results/ortho.md.
+
+With --store-sizes, each N x N mosaic (with its label raster, in a dataset file) is also extracted with `extract
+--tile` (the window size, default overlap) into a tiled store, a conv head is trained on it for one epoch, and the
+map is predicted by that run live and from the store (`predict --store`: the decoder on the cached windows, no
+backbone), each in a fresh process:
+  extract_s, extract_peak_mb     `cachedseg extract --tile` of the mosaic
+  live_s, store_s, speedup       predict_map live and from the store, and live_s / store_s (goal >= 20)
+  store_peak_mb, agreement       the store path's peak RSS, and the share of pixels where the two maps agree
+Results: printed, --json, and with --results Markdown rows appended to benchmarks/results/ortho.md (the store rows
+to ortho-store.md).
 """
 
 from __future__ import annotations
@@ -67,6 +76,44 @@ seconds = time.perf_counter() - start
 Path(result).write_text(json.dumps({"windows": written.windows, "seconds": seconds, "features": written.features,
                                     "overlap": overlap, "cog_mb": Path(written.label).stat().st_size / 2**20}))
 """
+STORE_MAP = """
+import json, sys, time
+from pathlib import Path
+import torch
+from cachedseg import checkpoint
+from cachedseg.backbone import backbone_for
+from cachedseg.maps import predict_map
+from cachedseg.predict import _cached_models, window_model
+from cachedseg.store import FeatureStore
+run, ortho, out, device, batch, store, result = sys.argv[1:]
+ckpt = checkpoint.load_run(run)
+decoder, overlap = ckpt.decoder(), ckpt.spec.tile_overlap
+start = time.perf_counter()
+if store == "-":
+    backbone = backbone_for(ckpt.spec, ckpt.weights, device, ckpt.decoder_config.layers)
+    model = window_model(backbone, ckpt.spec, decoder, ("identity",))
+else:
+    model = _cached_models(store, [Path(ortho)], ckpt, run, overlap, ("identity",), decoder, torch.device(device))[Path(ortho)]
+loaded = time.perf_counter() - start
+start = time.perf_counter()
+written = predict_map(ortho, out, model, ckpt.spec.classes, overlap, int(batch))
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+Path(result).write_text(json.dumps({"windows": written.windows, "seconds": time.perf_counter() - start,
+                                    "load_s": loaded}))
+"""
+EXTRACT = """
+import json, sys, time
+from pathlib import Path
+from cachedseg.backbone import BackboneConfig, tiling_from_options
+from cachedseg.extract import extract
+store, data, size, device, batch, result = sys.argv[1:]
+start = time.perf_counter()
+extract(data, store, BackboneConfig("vit_small_patch14_dinov2", (int(size), int(size))), weights="random",
+        batch_size=int(batch), device=device, overwrite=True,
+        tiling=tiling_from_options("vit_small_patch14_dinov2", size))
+Path(result).write_text(json.dumps({"seconds": time.perf_counter() - start}))
+"""
 FLOOR = """
 import json, sys, time
 from pathlib import Path
@@ -107,6 +154,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--polygons-size", type=int, default=None, help="also time --polygons on this mosaic size")
+    p.add_argument("--store-sizes", default="", help="mosaic sides to extract into a tiled store and predict live "
+                   "and from the store (comma-separated; may differ from --sizes)")
     p.add_argument("--label", default=None, help="names the code measured [default: its git commit]")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data, run and outputs here [default: a temp folder]")
@@ -141,7 +190,7 @@ def main() -> None:
         subprocess.run(cli("train", store, "--run", run, "--epochs", "1", "--workers", "0", *device), check=True,
                        capture_output=True)
     rows = []
-    for side in (int(s) for s in args.sizes.split(",")):
+    for side in (int(s) for s in args.sizes.split(",") if s):
         ortho = work / f"ortho-{side}.tif"
         if not ortho.exists():
             synth_map(ortho, side, side, seed=side)
@@ -166,9 +215,7 @@ def main() -> None:
     result = {"label": args.label or commit(), "device": machine(torch.device(args.device)),
               "date": dt.date.today().isoformat(), "image_size": args.image_size, "batch_size": args.batch_size,
               "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    if args.results:
+    if args.results and rows:
         append(args.results / "ortho.md",
                "# Maps\n\nAppended by `benchmarks/ortho.py`: `predict_map` of generated N x N orthomosaics (RGBA, "
                "nodata border, EPSG:32633 at 5 cm), vit_small_patch14_dinov2 at the window size, random weights, "
@@ -184,8 +231,66 @@ def main() -> None:
                 f"{r['map_win_s']:.2f} | {r['floor_win_s']:.2f} | {r['model_win_s']:.2f} | {r['ratio']:.2f} | "
                 f"{r['peak_mb']:.0f} | {r['floor_peak_mb']:.0f} | {r['cog_mb']:.1f} | "
                 + (f"{r['polygons_s']:.1f} ({r['features']}) |" if "polygons_s" in r else "- |") for r in rows])
+    store_rows = [store_row(work, side, args) for side in (int(s) for s in args.store_sizes.split(",") if s)]
+    result["store_rows"] = store_rows
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.results and store_rows:
+        append(args.results / "ortho-store.md",
+               "# Maps from the cache\n\nAppended by `benchmarks/ortho.py --store-sizes`: a generated N x N "
+               "orthomosaic with its label raster, `extract --tile` (vit_small_patch14_dinov2 at the window size, "
+               "random weights, default overlap) into a tiled store, a conv head trained on it for one epoch, then "
+               "`predict_map` by that run live (backbone + head) and from the store (`predict --store`: the head "
+               "on the cached windows), each in a fresh process. live s and store s exclude loading; agreement: "
+               "the share of map pixels where the two label rasters agree.\n\n"
+               "| date | code | device | window | mosaic | windows | extract s | extract peak MB | live s | "
+               "store s | speedup | store peak MB | agreement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+               [f"| {result['date']} | {result['label']} | {result['device']} | {args.image_size} | {r['side']}² | "
+                f"{r['windows']} | {r['extract_s']:.1f} | {r['extract_peak_mb']:.0f} | {r['live_s']:.1f} | "
+                f"{r['store_s']:.2f} | {r['speedup']:.1f} | {r['store_peak_mb']:.0f} | {r['agreement']:.6f} |"
+                for r in store_rows])
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def store_row(work: Path, side: int, args) -> dict:
+    """Extract an N x N mosaic into a tiled store, train a head on it, and time its map live and from the store."""
+    import numpy as np
+    import rasterio
+
+    from cachedseg.dataset import AEROSCAPES
+    data = work / f"mapdata-{side}"
+    if not (data / "dataset.toml").exists():
+        (data / "maps").mkdir(parents=True, exist_ok=True)
+        (data / "labels").mkdir(exist_ok=True)
+        synth_map(data / "maps" / "ortho.tif", side, side, seed=side, labels=data / "labels" / "ortho.tif")
+        classes = "".join(f'[[classes]]\nname = "{n}"\ncolor = {list(c)}\n' for n, c in zip(AEROSCAPES.names,
+                                                                                            AEROSCAPES.colors))
+        # a store needs a val image too: a small second map (the benchmark times the first, it does not score)
+        synth_map(data / "maps" / "val.tif", 600, 600, seed=1, labels=data / "labels" / "val.tif")
+        (data / "dataset.toml").write_text('images = "maps/*.tif"\nmasks = "labels/{stem}.tif"\n[splits]\n'
+                                           'trn = "ortho"\nval = "val"\n' + classes)
+    store, run, device = work / f"map-{side}.zarr", work / f"maprun-{side}", ["--device", args.device]
+    extract = measured(EXTRACT, store, data, args.image_size, args.device, args.batch_size, work / "extract.json")
+    if not RunFolder(run).best.exists():
+        subprocess.run(cli("train", store, "--run", run, "--epochs", "1", "--workers", "0", *device), check=True,
+                       capture_output=True)
+    outs = {}
+    for kind, source in (("live", "-"), ("store", store)):
+        out = work / f"out-{kind}-{side}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        outs[kind] = (measured(STORE_MAP, run, data / "maps" / "ortho.tif", out, args.device, args.batch_size,
+                               source, work / f"{kind}.json"), out / "ortho_label.tif")
+    with rasterio.open(outs["live"][1]) as a, rasterio.open(outs["store"][1]) as b:
+        agreement = float(np.mean(a.read(1) == b.read(1)))
+    live, cached = outs["live"][0], outs["store"][0]
+    row = {"side": side, "windows": live["windows"], "extract_s": extract["seconds"],
+           "extract_peak_mb": extract["peak_mb"], "live_s": live["seconds"], "store_s": cached["seconds"],
+           "speedup": live["seconds"] / cached["seconds"], "store_peak_mb": cached["peak_mb"],
+           "live_peak_mb": live["peak_mb"], "agreement": agreement}
+    print(json.dumps(row))
+    return row
 
 
 if __name__ == "__main__":

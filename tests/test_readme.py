@@ -169,3 +169,28 @@ def test_the_toml_blocks_are_dataset_files_this_cachedseg_reads(tmp_path):
     (tmp_path / "dataset.toml").write_text(block)
     data = load_dataset_file(tmp_path / "dataset.toml")
     assert data.mask_encoding == "rgb" and data.classes.names == ("ground", "building")
+
+
+MAPS_SCALED = [
+    ("--width 3000 --height 2000", "--width 300 --height 200"),
+    ("--tile 518", "--tile 112 --backbone vit_small_patch14_dinov2 --weights random --workers 0"),
+    ("--run-dir runs/maps\n", "--run-dir runs/maps --epochs 1 --workers 0 --device cpu\n"),
+]
+
+
+@pytest.mark.subprocess
+def test_the_maps_block_runs_as_written_scaled_down(tmp_path, monkeypatch):
+    pytest.importorskip("rasterio")
+    block = blocks("bash", section("Maps"))[0]
+    for text, scaled in MAPS_SCALED:
+        assert text in block, text
+        block = block.replace(text, scaled)
+    monkeypatch.chdir(tmp_path)
+    for words in commands(block):
+        if (args := cachedseg_args(words)) is not None:
+            run_cli(*args)
+    assert Path("maps-eval.json").is_file()
+    assert Path("out/live/map_13_label.tif").is_file() and Path("out/cached/map_13.gpkg").is_file()
+    import rasterio
+    with rasterio.open("out/live/map_13_label.tif") as live, rasterio.open("out/cached/map_13_label.tif") as cached:
+        assert (live.read(1) == cached.read(1)).all()
