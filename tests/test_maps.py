@@ -81,9 +81,12 @@ def test_label_raster_has_the_run_colours_and_class_names(orthos, predicted, run
 
 
 def test_label_raster_is_a_valid_cog(orthos, predicted):
+    from rio_cogeo.cogeo import cog_validate  # rio-cogeo's own validator (dev), beside ours (no extra needed)
     for ortho in orthos:
         path = predicted / f"{ortho.stem}_label.tif"
         assert cog_problems(path) == []
+        valid, errors, warnings = cog_validate(path, strict=True)
+        assert valid and not errors and not warnings, (errors, warnings)
         with rasterio.open(path) as out:
             assert out.driver == "GTiff" and out.profile["tiled"] and out.profile["compress"] == "deflate"
             assert out.overviews(1) == [2]  # 600 px: one level below the 512 px tile
@@ -97,6 +100,8 @@ def test_cog_validator_finds_a_plain_tiff_wanting(tmp_path):
         dst.write(np.zeros((1, 600, 700), np.uint8))
     problems = cog_problems(path)
     assert any("tiled" in p for p in problems) and any("overviews" in p for p in problems)
+    from rio_cogeo.cogeo import cog_validate
+    assert not cog_validate(path, quiet=True)[0]  # rio-cogeo agrees
 
 
 def test_polygons_add_up_to_the_labelled_area(orthos, predicted, run32):

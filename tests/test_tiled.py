@@ -111,6 +111,8 @@ def test_a_map_from_the_store_is_the_live_map_on_the_input_grid(maps_data, tiled
         assert cached.tags()["STORE"] == str(tiled_store)
     assert agree >= MIN_AGREEMENT, agree
     assert cog_problems(tmp_path / "cached" / "map_11_label.tif") == []
+    from rio_cogeo.cogeo import cog_validate
+    assert cog_validate(tmp_path / "cached" / "map_11_label.tif", strict=True)[0]
     info = pyogrio.read_info(tmp_path / "cached" / "map_11.gpkg")
     assert info["features"] > 0 and info["crs"].endswith("32633")
 
@@ -246,6 +248,8 @@ def test_two_ranks_extract_the_windows_and_predict_one_map_as_one_process(maps_d
     run_cli("predict", ortho, "--run-dir", tiled_run, "--out", tmp_path / "one", *CPU)
     assert sorted(p.name for p in (tmp_path / "ranks").iterdir()) == ["map_11.gpkg", "map_11_label.tif"]
     assert cog_problems(tmp_path / "ranks" / "map_11_label.tif") == []
+    from rio_cogeo.cogeo import cog_validate
+    assert cog_validate(tmp_path / "ranks" / "map_11_label.tif", strict=True)[0]
     with rasterio.open(tmp_path / "ranks" / "map_11_label.tif") as ranks, \
             rasterio.open(tmp_path / "one" / "map_11_label.tif") as one:
         assert ranks.profile["transform"] == one.profile["transform"] and ranks.crs == one.crs
