@@ -17,7 +17,7 @@ from cachedseg import checkpoint
 from cachedseg.checkpoint import versions
 from cachedseg.dataset import Dataset, load_image, open_dataset
 from cachedseg.errors import CachedsegError
-from cachedseg.evaluate import EvalResult, predictions, score, trained_on
+from cachedseg.evaluate import EvalResult, predictions, score, score_maps, trained_on
 from cachedseg.paths import check_writable
 from cachedseg.classes import ClassSet
 from cachedseg.pictures import close, colorize, curves_figure, pyplot
@@ -90,7 +90,10 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
             if len(shown) < samples:
                 shown.append(item)
             yield item
-    result = score(keep(predictions(run, store=store, data=data, device=device, ckpt=best)), best.spec.classes)
+    if best.spec.tiled:  # maps are scored whole and stitched; too large to draw here: `predict` writes them
+        result = score_maps(run, store, data, device=device, ckpt=best)
+    else:
+        result = score(keep(predictions(run, store=store, data=data, device=device, ckpt=best)), best.spec.classes)
     dataset = open_dataset(data or _dataset_of(store))
     spec, cfg = best.spec, best.decoder_config
     rows = last.metrics
@@ -111,7 +114,10 @@ def _run_page(run: Path, store: str | None, data: str | Path | None, samples: in
         "<h2>Per-class IoU (val, native resolution)</h2>", _class_table(result), _svg(_iou_bars(result)),
         "<h2>Confusion matrix</h2><p class=muted>rows: labelled class, columns: predicted; each row normalised</p>",
         _png(_confusion_figure(result)),
-        "<h2>Val images</h2><p class=muted>image, label, prediction, overlay; the classes shown under each</p>",
+        "<h2>Val images</h2><p class=muted>" + ("image, label, prediction, overlay; the classes shown under each"
+                                                if not spec.tiled else "the run was trained on windows of maps, "
+                                                "scored above on the stitched val maps; `cachedseg predict MAP` "
+                                                "writes a map's labels as a COG") + "</p>",
         *(_sample_row(dataset, id_, labels, pred if pred is not None else live, spec.classes)
           for id_, labels, pred, live in shown),
         "<h2>Settings and provenance</h2>", _kv_table(settings)])

@@ -254,3 +254,11 @@ def test_two_ranks_extract_the_windows_and_predict_one_map_as_one_process(maps_d
             rasterio.open(tmp_path / "one" / "map_11_label.tif") as one:
         assert ranks.profile["transform"] == one.profile["transform"] and ranks.crs == one.crs
         assert (ranks.read(1) == one.read(1)).mean() >= MIN_AGREEMENT
+
+
+def test_report_and_info_describe_a_tiled_run_and_store(tiled_store, tiled_run, tmp_path):
+    run_cli("report", tiled_run, "--out", tmp_path / "r.html", "--device", "cpu")
+    assert 'id=best-miou' in (tmp_path / "r.html").read_text()
+    described = FeatureStore.open(tiled_store).describe()
+    assert described["empty"] >= 2 and described["unlabelled"] == 1 and len(described["rasters"]) == 2
+    assert "windows" in run_cli("info", tiled_store).output and "windows" in run_cli("info", tiled_run).output
