@@ -269,7 +269,7 @@ def store_row(work: Path, side: int, args) -> dict:
         # a store needs a val image too: a small second map (the benchmark times the first, it does not score)
         synth_map(data / "maps" / "val.tif", 600, 600, seed=1, labels=data / "labels" / "val.tif")
         (data / "dataset.toml").write_text('images = "maps/*.tif"\nmasks = "labels/{stem}.tif"\n[splits]\n'
-                                           'trn = "ortho"\nval = "val"\n' + classes)
+                                           'trn = "ortho*"\nval = "val*"\n' + classes)
     store, run, device = work / f"map-{side}.zarr", work / f"maprun-{side}", ["--device", args.device]
     extract = measured(EXTRACT, store, data, args.image_size, args.device, args.batch_size, work / "extract.json")
     if not RunFolder(run).best.exists():

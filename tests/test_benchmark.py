@@ -82,7 +82,8 @@ def test_ortho_benchmark_reports_every_figure(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "ortho.py"
     out = tmp_path / "ortho.json"
     proc = subprocess.run([sys.executable, str(script), "--sizes", "200,300", "--image-size", "112",
-                           "--polygons-size", "200", "--json", str(out), "--results", str(tmp_path / "results")],
+                           "--polygons-size", "200", "--store-sizes", "300", "--json", str(out),
+                           "--results", str(tmp_path / "results")],
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -92,3 +93,7 @@ def test_ortho_benchmark_reports_every_figure(tmp_path):
             assert row[key] > 0, key
     assert rows[0]["features"] > 0 and "features" not in rows[1]
     assert (tmp_path / "results" / "ortho.md").read_text().count("| 112 (overlap 14) |") == 2
+    (store,) = json.loads(out.read_text())["store_rows"]
+    for key in ("windows", "extract_s", "extract_peak_mb", "live_s", "store_s", "speedup", "store_peak_mb"):
+        assert store[key] > 0, key
+    assert store["agreement"] >= 0.9999 and (tmp_path / "results" / "ortho-store.md").read_text().count("| 300² |") == 1
