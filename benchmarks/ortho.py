@@ -107,11 +107,10 @@ import json, sys, time
 from pathlib import Path
 from cachedseg.backbone import BackboneConfig, tiling_from_options
 from cachedseg.extract import extract
-store, data, size, device, batch, result = sys.argv[1:]
+store, data, size, device, batch, backbone, result = sys.argv[1:]
 start = time.perf_counter()
-extract(data, store, BackboneConfig("vit_small_patch14_dinov2", (int(size), int(size))), weights="random",
-        batch_size=int(batch), device=device, overwrite=True,
-        tiling=tiling_from_options("vit_small_patch14_dinov2", size))
+extract(data, store, BackboneConfig(backbone, (int(size), int(size))), weights="random",
+        batch_size=int(batch), device=device, overwrite=True, tiling=tiling_from_options(backbone, size))
 Path(result).write_text(json.dumps({"seconds": time.perf_counter() - start}))
 """
 FLOOR = """
@@ -154,6 +153,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--polygons-size", type=int, default=None, help="also time --polygons on this mosaic size")
+    p.add_argument("--store-backbone", default="vit_small_patch14_dinov2",
+                   help="the backbone of the --store-sizes runs [default: vit_small_patch14_dinov2]")
     p.add_argument("--store-sizes", default="", help="mosaic sides to extract into a tiled store and predict live "
                    "and from the store (comma-separated; may differ from --sizes)")
     p.add_argument("--label", default=None, help="names the code measured [default: its git commit]")
@@ -238,14 +239,15 @@ def main() -> None:
     if args.results and store_rows:
         append(args.results / "ortho-store.md",
                "# Maps from the cache\n\nAppended by `benchmarks/ortho.py --store-sizes`: a generated N x N "
-               "orthomosaic with its label raster, `extract --tile` (vit_small_patch14_dinov2 at the window size, "
+               "orthomosaic with its label raster, `extract --tile` (the backbone at the window size, "
                "random weights, default overlap) into a tiled store, a conv head trained on it for one epoch, then "
                "`predict_map` by that run live (backbone + head) and from the store (`predict --store`: the head "
                "on the cached windows), each in a fresh process. live s and store s exclude loading; agreement: "
                "the share of map pixels where the two label rasters agree.\n\n"
-               "| date | code | device | window | mosaic | windows | extract s | extract peak MB | live s | "
-               "store s | speedup | store peak MB | agreement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-               [f"| {result['date']} | {result['label']} | {result['device']} | {args.image_size} | {r['side']}² | "
+               "| date | code | device | backbone | window | mosaic | windows | extract s | extract peak MB | live s "
+               "| store s | speedup | store peak MB | agreement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+               [f"| {result['date']} | {result['label']} | {result['device']} | {args.store_backbone} | "
+                f"{args.image_size} | {r['side']}² | "
                 f"{r['windows']} | {r['extract_s']:.1f} | {r['extract_peak_mb']:.0f} | {r['live_s']:.1f} | "
                 f"{r['store_s']:.2f} | {r['speedup']:.1f} | {r['store_peak_mb']:.0f} | {r['agreement']:.6f} |"
                 for r in store_rows])
@@ -270,8 +272,10 @@ def store_row(work: Path, side: int, args) -> dict:
         synth_map(data / "maps" / "val.tif", 600, 600, seed=1, labels=data / "labels" / "val.tif")
         (data / "dataset.toml").write_text('images = "maps/*.tif"\nmasks = "labels/{stem}.tif"\n[splits]\n'
                                            'trn = "ortho*"\nval = "val*"\n' + classes)
-    store, run, device = work / f"map-{side}.zarr", work / f"maprun-{side}", ["--device", args.device]
-    extract = measured(EXTRACT, store, data, args.image_size, args.device, args.batch_size, work / "extract.json")
+    name = f"{side}-{args.store_backbone}-{args.image_size}"
+    store, run, device = work / f"map-{name}.zarr", work / f"maprun-{name}", ["--device", args.device]
+    extract = measured(EXTRACT, store, data, args.image_size, args.device, args.batch_size, args.store_backbone,
+                       work / "extract.json")
     if not RunFolder(run).best.exists():
         subprocess.run(cli("train", store, "--run", run, "--epochs", "1", "--workers", "0", *device), check=True,
                        capture_output=True)
