@@ -566,7 +566,8 @@ def _evaluate(run, json_out: Path | None = None, **options):
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders of images; GeoTIFF maps too."),
-    run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (uses best.pt) or a checkpoint file."),
+    run: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="Run folder (uses best.pt) or a checkpoint "
+                                       "file."),
     out: Path = typer.Option(Path("predictions"), help="Output folder."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights (default: those the run was trained with); "
                                           "they must give the run's backbone fingerprint."),
@@ -587,13 +588,20 @@ def predict(
     store: Optional[str] = typer.Option(None, help="A store extracted with --tile that holds the images: predict them "
                                         "from its cached windows, without the backbone (a new head re-predicts a "
                                         "whole map in seconds)."),
+    model: Optional[Path] = typer.Option(None, help="Instead of --run-dir: an ONNX model `cachedseg export` wrote, "
+                                         "run by onnxruntime."),
 ):
     """Segment images live (backbone + decoder): writes <name>_label.png, and _color.png and _overlay.png with a
     legend of the classes shown, per image. A map (a GeoTIFF with a CRS, one over 100 megapixels, or any TIFF with
     --tile) is predicted by sliding windows into <name>_label.tif, a cloud-optimised GeoTIFF on the map's grid, and
     with --polygons <name>.gpkg. A run trained on windows (extract --tile) predicts by its windows, overlap and GSD;
     with --store, from the store's cached windows instead of the backbone."""
-    _light_checks(lambda: paths.check_images(images), lambda: paths.checkpoint_path(run),
+    def source() -> None:
+        if (run is None) == (model is None):
+            raise CachedsegError("give a run (--run-dir RUN) or an exported model (--model model.onnx)")
+        if run is not None:
+            paths.checkpoint_path(run)
+    _light_checks(lambda: paths.check_images(images), source,
                   lambda: store is not None and paths.check_store(store),
                   _at_least(1, batch_size=batch_size), _at_least(0, workers=workers, tile_overlap=tile_overlap),
                   lambda: paths.check_writable(out, "--out", folder=True))
@@ -602,7 +610,8 @@ def predict(
     with user_errors(lambda: f"the images written so far are kept; rerun {rerun()} to redo them all"):
         options = PolygonOptions(min_area, simplify) if polygons else None
         return _predict(images, run, out, weights=weights, device=device, tta=tta, batch_size=batch_size,
-                        workers=workers, tile=tile, tile_overlap=tile_overlap, polygons=options, store=store)
+                        workers=workers, tile=tile, tile_overlap=tile_overlap, polygons=options, store=store,
+                        model=model)
 
 
 def _predict(images, run, out: Path, **options):
@@ -712,6 +721,39 @@ def report(
     with user_errors(lambda: f"nothing was written; rerun {rerun()}"):
         written = run_report(path, out, store, data, samples, device)
     console.print(f"wrote [bold]{escape(str(written))}[/]", soft_wrap=True)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder (uses best.pt) or a checkpoint file."),
+    out: Path = typer.Option(Path("model.onnx"), help="The ONNX file to write."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights (default: those the run was trained with); "
+                                          "they must give the run's backbone fingerprint."),
+    device: str = typer.Option("cpu", help="Where PyTorch runs for the export and the check: cpu or cuda."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+) -> None:
+    """Export a run's backbone and head as one ONNX graph (input: the normalised image [N, 3, H, W]; output: class
+    probabilities [N, K, H, W]) with its classes, normalisation, tile size and GSD in the metadata (the keys QGIS's
+    Deepness plugin reads). The graph is checked with onnxruntime against PyTorch first; one that fails is not
+    written."""
+    _light_checks(lambda: paths.checkpoint_path(run), lambda: paths.check_writable(out, "--out"))
+    with user_errors(lambda: "nothing was written"):
+        from cachedseg.export import export as run_export
+
+        console.print(f"exporting {escape(str(run))} (backbone and head) to ONNX ...", soft_wrap=True)
+        result = run_export(run, out, weights=weights, device=device, opset=opset)
+    (h, w) = result.input_size
+    console.print(f"wrote [bold]{escape(str(result.path))}[/] ({result.megabytes:.1f} MB): input [N, 3, {h}, {w}], "
+                  f"output [N, {json_len(result.metadata['class_names'])}, {h}, {w}] probabilities", soft_wrap=True)
+    console.print(f"checked with onnxruntime against PyTorch on {result.pixels} pixels of generated scenes: largest "
+                  f"probability difference {result.max_difference:.2g}, labels agree on {result.agreement:.6f}")
+    return result
+
+
+def json_len(text: str) -> int:
+    """The number of entries of a JSON object or list."""
+    import json
+    return len(json.loads(text))
 
 
 @app.command()

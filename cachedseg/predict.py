@@ -398,11 +398,12 @@ def _refuse_whole(frames: list[Path]) -> None:
                                  "to predict whole; pass --tile to predict it by sliding windows")
 
 
-def predict(images: list[str | Path], run: str | Path, out: str | Path = "predictions", weights: str | None = None,
+def predict(images: list[str | Path], run: str | Path | None, out: str | Path = "predictions", weights: str | None = None,
             device: str = "auto", tta: bool = False, batch_size: int = 4, workers: int | None = None,
             progress: Callable[[int, int], None] | None = None, tile: bool = False, tile_overlap: int | None = None,
             polygons: PolygonOptions | None = None,
-            window_progress: Callable[[int, int], None] | None = None, store: str | Path | None = None) -> Predictions:
+            window_progress: Callable[[int, int], None] | None = None, store: str | Path | None = None,
+            model: str | Path | None = None) -> Predictions:
     """Segment images with a trained run: a frame gets a label, a colour and an overlay PNG; a map (a GeoTIFF with a
     CRS, or over MAX_PIXELS, or any TIFF with `tile`) is predicted by sliding windows into a label COG
     `<stem>_label.tif` (`cachedseg.maps`). Files that cachedseg wrote (earlier predictions, say in the output folder
@@ -434,6 +435,8 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         polygons: Also write `<stem>.gpkg` for each map, with these options.
         window_progress: Called as `window_progress(done, total)` in windows, for each map or tiled frame.
         store: A tiled feature store holding every input image: predict from its cached windows.
+        model: Instead of `run`, an ONNX graph `cachedseg export` wrote: predict with onnxruntime (frames resized
+            whole go through the graph at its input size and its probabilities are resized back to the frame).
 
     Returns:
         The files written, per image in input order (a `Prediction` per frame, a `cachedseg.maps.MapPrediction` per
@@ -447,9 +450,22 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
     """
     paths, left_out = find_images(images)
     _check_names(paths)
-    ckpt = checkpoint.load_run(run)
-    views, classes, spec = tta_views(ckpt.spec, tta), ckpt.spec.classes, ckpt.spec
-    tile, gsd = tile or spec.tiled or store is not None, spec.gsd
+    if (run is None) == (model is None):
+        raise CachedsegError("give a run (--run-dir) or an exported model (--model), not both")
+    if model is not None and (store is not None or tta or weights is not None):
+        raise CachedsegError("--model runs the exported graph as it is: leave out --store, --tta and --weights")
+    graph = None
+    if model is not None:
+        from cachedseg.export import OnnxModel
+        graph = OnnxModel(model, device)
+        ckpt, views, classes = None, ("identity",), graph.classes
+        tile, gsd, size = tile or graph.tiled, graph.gsd, graph.size
+        default = graph.overlap
+    else:
+        ckpt = checkpoint.load_run(run)
+        views, classes, spec = tta_views(ckpt.spec, tta), ckpt.spec.classes, ckpt.spec
+        tile, gsd, size = tile or spec.tiled or store is not None, spec.gsd, tuple(spec.input_size)
+        default = spec.tile_overlap if spec.tiled else default_overlap(size, size[0] // spec.grid[0])
     maps = [p for p in paths if is_map(p, tile)]
     frames = [p for p in paths if p not in maps]
     if polygons is not None and not maps:
@@ -457,19 +473,17 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
     if not tile:
         _refuse_whole(frames)
     if gsd is not None and frames and tile:
-        raise CachedsegError(f"the run {run} was trained at --gsd {gsd:g} m, but {frames[0]} has no coordinate "
-                             "system to resample it by; give GeoTIFFs")
+        raise CachedsegError(f"the run {run or model} was trained at --gsd {gsd:g} m, but {frames[0]} has no "
+                             "coordinate system to resample it by; give GeoTIFFs")
     tiled = {p: map_size(p, gsd) for p in maps}  # checked before the model loads: bands, alpha, 8-bit
     tiled.update({p: _frame_size(p) or (1, 1) for p in (frames if tile else [])})
-    size = tuple(spec.input_size)
-    overlap = tile_overlap if tile_overlap is not None else spec.tile_overlap if spec.tiled else \
-        default_overlap(size, size[0] // spec.grid[0])
+    overlap = tile_overlap if tile_overlap is not None else default
     if tiled:
         check_overlap(overlap, size)
     ctx = distributed.context(device)
     torch_device = resolve_device(distributed.device_for(ctx, device))
     frames = ctx.share(frames)
-    decoder = ckpt.decoder()
+    decoder = ckpt.decoder() if ckpt is not None else None
     cached = _cached_models(store, paths, ckpt, run, overlap, views, decoder, torch_device) if store else {}
     grids = {p: Grid(*hw, size, overlap) for p, hw in tiled.items() if p in maps or p in frames}
     total_windows, windows_before = sum(map(len, grids.values())), [0]
@@ -481,8 +495,8 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
             if done == total:
                 windows_before[0] += total
         return report if window_progress else None
-    backbone = None if store else backbone_for(spec, weights or ckpt.weights, torch_device,
-                                               ckpt.decoder_config.layers)
+    backbone = None if store or graph else backbone_for(spec, weights or ckpt.weights, torch_device,
+                                                        ckpt.decoder_config.layers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[Path, object] = {}
@@ -491,7 +505,11 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
         if progress:
             progress(len(written), len(paths))
 
-    if frames and not tile:
+    for path in frames if graph is not None and not tile else []:
+        image = load_image(path)
+        written[path] = _write_pngs(path, image, graph.labels(image), out, classes)
+        done()
+    if frames and not tile and graph is None:
         for items in batches(ImageFiles(frames, backbone.preprocess), batch_size, workers, torch_device):
             raise_first_error(items)
             x = torch.stack([item["x"] for item in items])  # [B, 3, H', W']
@@ -500,15 +518,17 @@ def predict(images: list[str | Path], run: str | Path, out: str | Path = "predic
                 path = frames[item["n"]]
                 written[path] = _write_pngs(path, item.pop("image"), labels, out, classes)  # image dropped here
             done()
-    live = window_model(backbone, spec, decoder, views) if backbone is not None else None
+    live = (window_model(backbone, spec, decoder, views) if backbone is not None
+            else graph.window_model() if graph is not None else None)
     for path in frames if tile else []:
         image = load_image(path, any_size=True)  # never resized whole: memory is the limit (about 7 bytes a pixel)
         labels = tiled_labels(image, cached.get(path, live), overlap, batch_size, classes.ignore_index,
                               windows_of(path))
         written[path] = _write_pngs(path, image, labels, out, classes)
         done()
-    provenance = {"BACKBONE": spec.backbone, "FINGERPRINT": spec.fingerprint, "RUN": str(run),
-                  **({"STORE": str(store)} if store else {})}
+    provenance = ({"MODEL": str(model), "FINGERPRINT": graph.metadata["cachedseg_fingerprint"]} if graph else
+                  {"BACKBONE": spec.backbone, "FINGERPRINT": spec.fingerprint, "RUN": str(run),
+                   **({"STORE": str(store)} if store else {})})
     for path in maps:
         written[path] = predict_map(path, out, cached.get(path, live), classes, overlap, batch_size, polygons,
                                     provenance, windows_of(path), gsd, ctx)
