@@ -23,7 +23,7 @@ from cachedseg.checkpoint import Checkpoint
 from cachedseg.data import collate
 from cachedseg.decoders import DecoderConfig, build_decoder, decoder_config
 from cachedseg.errors import CachedsegError
-from cachedseg.features import FeatureSource, free_memory, worker_init
+from cachedseg.features import FeatureSource, cached_source, free_memory, worker_init
 from cachedseg.losses import segmentation_loss
 from cachedseg.metrics import confusion, scores
 from cachedseg.paths import check_writable
@@ -91,14 +91,14 @@ class Head:
         return getattr(self.decoder, "module", self.decoder)
 
 
-def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainConfig(), device: str = "cpu",
+def train(source: FeatureSource | str | Path, run: str | Path, config: TrainConfig = TrainConfig(), device: str = "cpu",
           resume: bool = False, progress: Callable[[int, int], None] | None = None,
           on_epoch: Callable[[EpochMetrics], None] | None = None,
           log: Callable[[str], None] | None = None) -> list[EpochMetrics]:
     """Train a decoder on `source`'s trn images, validating on its val images after every epoch.
 
     Args:
-        source: Cached or live features (see `cachedseg.features`).
+        source: Cached or live features (see `cachedseg.features`), or a store's path or URL.
         run: The run folder for checkpoints and metrics.
         config: The training recipe; `batch_size` is the global batch (split over the ranks under torchrun).
         device: Where the decoder (and a live backbone) runs.
@@ -114,6 +114,8 @@ def train(source: FeatureSource, run: str | Path, config: TrainConfig = TrainCon
     Raises:
         CachedsegError: For an unusable run folder, an empty split, or a non-finite loss.
     """
+    if not isinstance(source, FeatureSource):
+        source = cached_source(source)
     return train_heads(source, [(Path(run), config)], device, resume, progress,
                        (lambda run_, row: on_epoch(row)) if on_epoch else None, log)[0]
 
