@@ -385,6 +385,13 @@ def train(
     precision: str = typer.Option("float32", help="With --live: " + PRECISION_HELP),
     dtype: str = typer.Option("float16", help="With --live: cast features to this dtype, as a cache would store them."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    logger: Optional[list[str]] = typer.Option(None, help="Also log to this experiment tracker: tensorboard (event "
+                                               "files in the run folder) or mlflow (MLFLOW_TRACKING_URI, default a "
+                                               "store in the run folder); repeat for both."),
+    config: Optional[Path] = typer.Option(None, is_eager=True, callback=lambda ctx, param, value: _config_file(
+        ctx, value), help="Read options from this TOML file (keys: the option names, e.g. epochs = 11, "
+                          "store = \"cache/x.zarr\"); options given on the line win. Every run folder holds the "
+                          "config.toml that trains it again."),
 ) -> list[runs.EpochMetrics]:
     """Train the decoder from cached features (or, with --live, from the images), validating each epoch.
 
@@ -406,8 +413,13 @@ def train(
             from cachedseg.store import FeatureStore
             check_class_weights(weights, FeatureStore.open(store).spec.class_names if store is not None
                                 else open_dataset(live).classes.names)
+    loggers = tuple(name for entry in logger or () for name in entry.split(",") if name)
+
+    def trackers() -> None:
+        from cachedseg.trackers import check_loggers
+        check_loggers(loggers)
     _light_checks(inputs, _at_least(1, epochs=epochs, batch_size=batch_size, short_side=short_side),
-                  _at_least(0, workers=workers), recipe)
+                  _at_least(0, workers=workers), recipe, trackers)
     from cachedseg.backbone import build_backbone, config_from_options, resolve_device
     from cachedseg.features import cached_source, live_source
     from cachedseg.recipe import parse_class_weights
@@ -430,11 +442,21 @@ def train(
                 console.print(f"features {source.dataset.where}")
         kind = "live" if live else "cached"
         if todo.is_sweep:
-            return _sweep(source, todo.run, todo.configs, torch_device, resume, kind)
-        return _train(source, todo.run, todo.configs[0], torch_device, resume, kind)
+            return _sweep(source, todo.run, todo.configs, torch_device, resume, kind, loggers)
+        return _train(source, todo.run, todo.configs[0], torch_device, resume, kind, loggers)
 
 
-def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
+def _config_file(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
+    """`train --config FILE`: the file's options become the defaults of this command (the line's own win)."""
+    if path is not None:
+        with user_errors():
+            from cachedseg.runs import read_config
+            names = {p.name: p for p in ctx.command.params}
+            ctx.default_map = {**(ctx.default_map or {}), **read_config(path, names)}
+    return path
+
+
+def _sweep(source, run: Path, configs, device, resume: bool, kind: str, loggers: tuple[str, ...] = ()):
     """Run `cachedseg.sweep.sweep` with progress, then print the configs, best first."""
     from cachedseg.sweep import sweep as run_sweep
 
@@ -447,7 +469,7 @@ def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
 
         result = run_sweep(source, run, configs, device, resume=resume, on_epoch=on_epoch,
                            progress=reporter.callback("epoch") if reporter.bar else None,
-                           log=lambda message: reporter.print(f"[yellow]note:[/] {escape(message)}"))
+                           log=lambda message: reporter.print(f"[yellow]note:[/] {escape(message)}"), loggers=loggers)
     table = Table(title="configs, best first")  # no path in a title: a table wraps it (the lines around name it)
     for column in ("run", "best val mIoU", "epoch", "pixel acc", "final loss"):
         table.add_column(column, justify="left" if column == "run" else "right")
@@ -460,7 +482,8 @@ def _sweep(source, run: Path, configs, device, resume: bool, kind: str):
     return result
 
 
-def _train(source, run: Path, config, device, resume: bool, kind: str) -> list[runs.EpochMetrics]:
+def _train(source, run: Path, config, device, resume: bool, kind: str,
+           loggers: tuple[str, ...] = ()) -> list[runs.EpochMetrics]:
     """Run `cachedseg.train.train` with progress and the seed's per-epoch table."""
     from cachedseg.train import train as run_train
 
@@ -485,7 +508,7 @@ def _train(source, run: Path, config, device, resume: bool, kind: str) -> list[r
                            f"{r.val_pixel_acc:>15.4f} {r.seconds:>8.1f}")
 
         rows = run_train(source, run, config, device, resume=resume, on_epoch=on_epoch, progress=progress,
-                         log=lambda message: reporter.print(f"[yellow]note:[/] {escape(message)}"))
+                         log=lambda message: reporter.print(f"[yellow]note:[/] {escape(message)}"), loggers=loggers)
     best = runs.best_row(rows)
     console.print(f"best val mIoU {best.val_miou:.4f} (epoch {best.epoch}); checkpoints, metrics and "
                   f"curves.png in [bold]{escape(str(run))}[/]", soft_wrap=True)

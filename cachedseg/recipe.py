@@ -69,6 +69,18 @@ class TrainConfig:
         return ", ".join(f"{k} {meant.get(k, v)}" for k, v in asdict(self).items())
 
 
+def train_options(config: TrainConfig) -> dict[str, object]:
+    """A recipe as the `train` options that set it (names as in `train --help`, without dashes), for config.toml:
+    class weights as the numbers used, so the run is reproduced without counting pixels again."""
+    weights = config.class_weights
+    return {"epochs": config.epochs, "lr": repr(config.lr), "batch_size": config.batch_size,
+            "decoder": config.decoder, "layers": None if config.layers is None else str(config.layers),
+            "seed": str(config.seed), "data_seed": config.data_seed, "decoder_precision": config.decoder_precision,
+            "channels_last": config.channels_last, "compile": config.compile, "workers": config.workers,
+            "loss": config.loss, "class_weights": "none" if weights is None else weights if isinstance(weights, str)
+            else ",".join(repr(float(w)) for w in weights)}
+
+
 def weights_text(weights: tuple[float, ...] | str | None) -> str:
     """Class weights in words: `none`, `auto` or `(w0, w1, ...)`."""
     if weights is None or isinstance(weights, str):

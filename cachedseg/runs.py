@@ -6,6 +6,9 @@
         metrics.csv             one EpochMetrics row per epoch
         metrics.json            the same rows, as a JSON list of objects
         curves.png              the training curves
+        config.toml             the `train` options that reproduce the run (`train --config RUN/config.toml`)
+        tensorboard/, mlruns/   with `train --logger`: TensorBoard event files; MLflow's local store (and
+        mlflow_run_id           the MLflow run a --resume continues)
         report.html             `cachedseg report`'s page
     runs/sweep/                 a sweep folder
         sweep.json              the configs, best first (see `cachedseg.sweep`)
@@ -31,6 +34,7 @@ CHECKPOINTS = (BEST, LAST)
 METRICS_CSV, METRICS_JSON, CURVES = "metrics.csv", "metrics.json", "curves.png"
 REPORT = "report.html"
 SWEEP_SUMMARY = "sweep.json"
+CONFIG = "config.toml"
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,39 @@ class SweepRow:
         return cls(**{f.name: row[f.name] for f in fields(cls) if f.name != "config"}, config=config)
 
 
+# config.toml keys that are not the parameter's name (`--compile` is `compile_` in the code; `--run-dir` is `run`)
+_CONFIG_ALIASES = {"compile": "compile_", "run_dir": "run"}
+
+
+def read_config(path: str | Path, params: dict) -> dict[str, object]:
+    """The options of a `train --config` file: {parameter name: value}, each key checked against `params` (the
+    command's parameters by name).
+
+    Raises:
+        CachedsegError: For a file that is missing or not TOML, or a key that is no option of `train`.
+    """
+    from cachedseg.errors import CachedsegError
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CachedsegError(f"--config {path}: no such file; give a TOML file (a run folder's config.toml)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
+        raise CachedsegError(f"--config {path} is not a TOML file ({exc}); fix it") from None
+    options = {}
+    for key, value in raw.items():
+        name = _CONFIG_ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name not in params or name == "config":
+            known = ", ".join(sorted(k.rstrip("_") for k in params if k != "config"))
+            raise CachedsegError(f"--config {path}: {key!r} is not an option of this command; the options: {known}")
+        options[name] = value.split(",") if name == "logger" and isinstance(value, str) else value
+    return options
+
+
 def default_run(store: str | Path | None, live: str | Path | None, name: str) -> Path:
     """Where a run goes when no folder is named: runs/<store>-<name> for a store's features, runs/<data>-live-<name>
     for live ones from a dataset folder; `name` is the decoder's, or `sweep`."""
@@ -161,6 +198,23 @@ class RunFolder:
     @property
     def sweep_summary(self) -> Path:
         return self.path / SWEEP_SUMMARY
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    def write_config(self, options: dict[str, object]) -> None:
+        """config.toml: the `train` options (name -> value; None left out) that reproduce this run."""
+        lines = ["# `cachedseg train --config THIS_FILE --run-dir OTHER` trains this run again: the same weights on the",
+                 "# CPU (options given on the line win over these)."]
+        for key, value in options.items():
+            if value is None:
+                continue
+            text = ("true" if value else "false") if isinstance(value, bool) else \
+                repr(value) if isinstance(value, (int, float)) else json.dumps(str(value))
+            lines.append(f"{key} = {text}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def has_checkpoint(self) -> bool:
         """Whether the folder holds best.pt or last.pt (anything named so: loading refuses what is not a file)."""

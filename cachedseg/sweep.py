@@ -136,8 +136,9 @@ def name(config: TrainConfig) -> str:
 def sweep(source: FeatureSource, run: str | Path, configs: list[TrainConfig], device: str = "cpu",
           resume: bool = False, progress: Callable[[int, int], None] | None = None,
           on_epoch: Callable[[Path, EpochMetrics], None] | None = None,
-          log: Callable[[str], None] | None = None) -> SweepResult:
-    """Train `configs` in one pass over `source`, each into `run/<name>`, and summarise them in `run/sweep.json`.
+          log: Callable[[str], None] | None = None, loggers: tuple[str, ...] = ()) -> SweepResult:
+    """Train `configs` in one pass over `source`, each into `run/<name>`, and summarise them in `run/sweep.json`
+    (each sub-run logged to `loggers` too, see `cachedseg.trackers`).
 
     Args:
         source: Cached (or live) features.
@@ -155,7 +156,7 @@ def sweep(source: FeatureSource, run: str | Path, configs: list[TrainConfig], de
     # `--class-weights auto` resolved here already, so that sweep.json records the numbers the heads train with
     plans = resolve_class_weights(source, [(run / name(c), c) for c in configs], resume,
                                   distributed.context(str(device)))
-    histories = train_heads(source, plans, device, resume, progress, on_epoch, log)
+    histories = train_heads(source, plans, device, resume, progress, on_epoch, log, loggers)
     rows = sorted((SweepRow.of(path, config, history) for (path, config), history in zip(plans, histories)),
                   key=lambda r: -r.best_val_miou)
     if distributed.context(str(device)).main:

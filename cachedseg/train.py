@@ -27,10 +27,11 @@ from cachedseg.features import FeatureSource, cached_source, free_memory, worker
 from cachedseg.losses import segmentation_loss
 from cachedseg.metrics import confusion, scores
 from cachedseg.paths import check_writable
-from cachedseg.recipe import AUTO, LOSSES, auto_class_weights, check_class_weights, weights_text
+from cachedseg.recipe import AUTO, LOSSES, auto_class_weights, check_class_weights, train_options, weights_text
 from cachedseg.recipe import TrainConfig  # defined there for checkpoint.py; its home is here
 from cachedseg.runs import EpochMetrics, RunFolder, is_best
 from cachedseg.spec import StoreSpec
+from cachedseg.trackers import check_loggers, open_trackers
 from cachedseg.workers import default_workers
 
 
@@ -94,7 +95,7 @@ class Head:
 def train(source: FeatureSource | str | Path, run: str | Path, config: TrainConfig = TrainConfig(), device: str = "cpu",
           resume: bool = False, progress: Callable[[int, int], None] | None = None,
           on_epoch: Callable[[EpochMetrics], None] | None = None,
-          log: Callable[[str], None] | None = None) -> list[EpochMetrics]:
+          log: Callable[[str], None] | None = None, loggers: tuple[str, ...] = ()) -> list[EpochMetrics]:
     """Train a decoder on `source`'s trn images, validating on its val images after every epoch.
 
     Args:
@@ -107,6 +108,7 @@ def train(source: FeatureSource | str | Path, run: str | Path, config: TrainConf
         progress: Called as `progress(done, total)` with the batches of the current epoch.
         on_epoch: Called with each epoch's metrics row.
         log: Called with notes worth telling the user.
+        loggers: Experiment trackers to log to, `tensorboard` and/or `mlflow` (see `cachedseg.trackers`).
 
     Returns:
         One metrics row per epoch.
@@ -117,14 +119,18 @@ def train(source: FeatureSource | str | Path, run: str | Path, config: TrainConf
     if not isinstance(source, FeatureSource):
         source = cached_source(source)
     return train_heads(source, [(Path(run), config)], device, resume, progress,
-                       (lambda run_, row: on_epoch(row)) if on_epoch else None, log)[0]
+                       (lambda run_, row: on_epoch(row)) if on_epoch else None, log, loggers)[0]
 
 
 def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], device: str = "cpu",
                 resume: bool = False, progress: Callable[[int, int], None] | None = None,
                 on_epoch: Callable[[Path, EpochMetrics], None] | None = None,
-                log: Callable[[str], None] | None = None) -> list[list[EpochMetrics]]:
+                log: Callable[[str], None] | None = None,
+                loggers: tuple[str, ...] = ()) -> list[list[EpochMetrics]]:
     """Train several decoders in one pass over `source`: each batch is read once and fed to every head.
+
+    Every head's run folder gets the config.toml that trains it again (`train --config`), and with `loggers` its
+    metrics go to those trackers too.
 
     The heads share the batches, so they must share epochs, batch size, views and data seed (`data_seed`, else
     `seed` of the first); each keeps its own initialisation seed, learning rate, decoder and run folder. A head
@@ -171,9 +177,39 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
     heads = [_head(run, config, source.spec, device, ctx) for run, config in plans]
     if resume:
         _restore_all(heads, source.spec, generator, log)
+    trackers: list[tuple[Head, object]] = []
     if ctx.main:
-        for head in heads:
+        loggers = check_loggers(loggers)
+        for head, (_, config) in zip(heads, plans):
             head.run.mkdir(parents=True, exist_ok=True)
+            RunFolder(head.run).write_config({**source_options(source), **train_options(config),
+                                              "logger": ",".join(loggers) or None})
+            trackers += [(head, t) for t in open_trackers(loggers, head.run, config, source.spec, resume)]
+    try:
+        _epochs(heads, source, first, generator, device, ctx, progress, on_epoch, trackers)
+    except BaseException:
+        for head, tracker in trackers:
+            tracker.finish(RunFolder(head.run), failed=True)
+        raise
+    for head, tracker in trackers:
+        tracker.finish(RunFolder(head.run))
+    return [h.rows for h in heads]
+
+
+def source_options(source: FeatureSource) -> dict[str, object]:
+    """Where a run's features come from, as the `train` options that name it: the store, or the live backbone."""
+    if source.backbone is None:
+        return {"store": source.location}
+    spec = source.spec
+    return {"live": source.location.removeprefix("live:"), "backbone": spec.backbone,
+            "image_size": f"{spec.input_size[1]}x{spec.input_size[0]}", "precision": spec.precision,
+            "dtype": spec.dtype, "views": ",".join(spec.views[1:]), "weights": source.weights}
+
+
+def _epochs(heads: list[Head], source: FeatureSource, first: TrainConfig, generator: torch.Generator,
+            device: torch.device, ctx, progress, on_epoch, trackers: list) -> None:
+    """The training loop of `train_heads`: each epoch trains every head still behind, validates, saves."""
+    trn, val = source.indices("trn"), source.indices("val")
     workers = _workers(first, device, source)
     trn_batches = Batches()
     trn_loader = loader(source, trn_batches, workers, device)
@@ -203,8 +239,10 @@ def train_heads(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], de
                 _save(head, source, generator)
                 if on_epoch:
                     on_epoch(head.run, head.rows[-1])
+                for tracked, tracker in trackers:
+                    if tracked is head:
+                        tracker.epoch(head.rows[-1])
         ctx.barrier()  # no rank reads a checkpoint rank 0 is still writing
-    return [h.rows for h in heads]
 
 
 def resolve_class_weights(source: FeatureSource, plans: list[tuple[Path, TrainConfig]], resume: bool = False,
