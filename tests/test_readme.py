@@ -121,7 +121,7 @@ def test_zarr_dask_xarray_and_tensorstore_read_every_array(store16):
 
 def test_the_python_blocks_run_on_a_small_store(store16, dataset):
     first_id = (dataset / "ImageSets" / "trn.txt").read_text().split()[0]
-    for block in blocks("python"):
+    for block in blocks("python", section("The feature store format (version 2)")):
         code = block.replace("cache/x.zarr", str(store16))
         assert code != block  # the block reads the store this test gives it
         assert first_id in code, "the block selects an id that the generated datasets have"
@@ -194,3 +194,15 @@ def test_the_maps_block_runs_as_written_scaled_down(tmp_path, monkeypatch):
     import rasterio
     with rasterio.open("out/live/map_13_label.tif") as live, rasterio.open("out/cached/map_13_label.tif") as cached:
         assert (live.read(1) == cached.read(1)).all()
+
+
+@pytest.mark.subprocess
+def test_the_python_api_blocks_run(dataset, run32, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(dataset, "data/synth")
+    shutil.copytree(run32, "runs/conv")
+    api = blocks("python", section("Python API"))
+    assert len(api) == 2 and "000001_001" in api[0]
+    for block in api:
+        exec(compile(block, "README.md", "exec"), {})
+    assert Path("runs/api/best.pt").is_file() and Path("cache/api.zarr").is_dir()
