@@ -19,7 +19,11 @@ from cachedseg.data import Preprocess
 from cachedseg.decoders import mask_size_for
 from cachedseg.errors import CachedsegError, first_line, load_failure
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The compute precisions of the forward pass: PyTorch at float32, or under bfloat16/float16 autocast; or the float32
+# graph run by onnxruntime on the CPU (`ONNX_RUNTIME`: exported once per weights and size, see `Backbone.forward`).
+ONNX_RUNTIME = "onnxruntime"
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+              ONNX_RUNTIME: torch.float32}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
@@ -169,6 +173,7 @@ class Backbone(torch.nn.Module):
                                      interpolation=cfg.get("interpolation", "bicubic"),
                                      mask_size=mask_size_for(self.grid))
         self.fingerprint = _fingerprint(model, self.preprocess, config.precision)
+        self._session = None  # onnxruntime's, for the onnxruntime precision
         self.eval()
 
     def train(self, mode: bool = True) -> Backbone:
@@ -178,6 +183,8 @@ class Backbone(torch.nn.Module):
     @torch.no_grad()  # not inference_mode: live training feeds these tensors to a decoder that autograd tracks
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] (preprocessed) -> patch tokens [B, L, C, h, w] in float32."""
+        if self._session is not None:  # the same computation exported: float32, by onnxruntime's kernels
+            return torch.from_numpy(self._session.run(None, {"image": x.detach().cpu().float().numpy()})[0])
         dtype = PRECISIONS[self.config.precision]
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             if self.config.layers == 1:
@@ -252,7 +259,14 @@ def build_backbone(config: BackboneConfig = BackboneConfig(), weights: str = "au
     if config.layers > len(model.blocks):
         raise CachedsegError(f"--layers {config.layers}: {config.name} has {len(model.blocks)} blocks")
     _resize_pos_embed(model, (size[0] // patch, size[1] // patch))
-    return Backbone(model, config).to(resolve_device(device) if isinstance(device, str) else device)
+    backbone = Backbone(model, config).to(resolve_device(device) if isinstance(device, str) else device)
+    if config.precision == ONNX_RUNTIME:
+        if next(backbone.parameters()).device.type != "cpu":
+            raise CachedsegError("--precision onnxruntime runs the backbone on the CPU; on a GPU use float32, or "
+                                 "bfloat16/float16 autocast")
+        from cachedseg.export import backbone_session
+        backbone._session = backbone_session(backbone)
+    return backbone
 
 
 def _resize_pos_embed(model: torch.nn.Module, grid: tuple[int, int]) -> None:

@@ -43,8 +43,10 @@ console, errors = _console(), _console(stderr=True)
 _state = {"verbose": False}
 
 BACKBONE_HELP = "timm DINOv2 model, e.g. vit_small_patch14_dinov2, vit_base_patch14_reg4_dinov2."
-PRECISION_HELP = ("Backbone compute precision: float32, or bfloat16/float16 autocast (faster on a GPU). It is "
-                  "recorded in the store, and evaluate/predict run the backbone at the same precision.")
+PRECISION_HELP = ("Backbone compute precision: float32; bfloat16/float16 autocast (faster on a GPU, and bfloat16 on "
+                  "CPUs with native bf16); or onnxruntime: the float32 graph run by onnxruntime on the CPU (the "
+                  "README's CPU speed). It is recorded in the store, and evaluate/predict run the backbone the same "
+                  "way.")
 WEIGHTS_HELP = ("'auto': pretrained via timm / the Hugging Face hub or its local cache; a .safetensors/.pth file; "
                 "or 'random': a seeded random init for tests and offline demos.")
 SIZE_HELP = ("Backbone input: one side (518: a square, as the seed design) or WIDTH x HEIGHT (924x518), multiples "

@@ -195,6 +195,33 @@ def export(run: str | Path, out: str | Path, weights: str | None = None, device:
                         out.stat().st_size / 2**20)
 
 
+def backbone_session(backbone):
+    """An onnxruntime session of the backbone's own forward pass exported to ONNX (images [N, 3, H, W] -> tokens
+    [N, L, C, h, w], float32), for `--precision onnxruntime`. The graph is exported once per backbone fingerprint
+    into CACHEDSEG_ONNX_CACHE (default ~/.cache/cachedseg/onnx) and reused."""
+    _module("onnxscript")
+    ort = _module("onnxruntime")
+    folder = Path(os.environ.get("CACHEDSEG_ONNX_CACHE", Path.home() / ".cache" / "cachedseg" / "onnx"))
+    (h, w), cfg = backbone.preprocess.image_size, backbone.config
+    path = folder / f"{cfg.name}-{w}x{h}-l{cfg.layers}-{backbone.fingerprint}-torch{torch.__version__}.onnx"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            example = torch.zeros(2, 3, h, w)  # a batch of 2: the exporter refuses a dynamic dim seen as 1
+            program = torch.onnx.export(backbone, (example,), dynamo=True, input_names=["image"],
+                                        output_names=["tokens"], verbose=False,
+                                        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}})
+            program.save(str(tmp))
+            os.replace(tmp, path)
+        except Exception as exc:  # noqa: BLE001 - the exporter's own errors
+            raise CachedsegError(f"exporting the backbone to ONNX for --precision onnxruntime failed "
+                                 f"({first_line(exc)}); use --precision float32") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 class OnnxModel:
     """An exported ONNX graph run by onnxruntime, with what its metadata says (`cachedseg predict --model`).
 

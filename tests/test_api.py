@@ -136,3 +136,21 @@ def test_export_and_model_errors_are_one_line(run32, tmp_path):
     one_line_error(run_cli("predict", image, "--model", tmp_path / "junk.onnx", "--run-dir", run32, "--out",
                            tmp_path / "o", ok=False), "--model")
     one_line_error(run_cli("export", tmp_path / "nowhere", ok=False), "nowhere")
+
+
+def test_the_onnxruntime_precision_gives_the_float32_features_once_exported(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from cachedseg.backbone import BackboneConfig, build_backbone
+    from tests.conftest import assert_features_close
+    monkeypatch.setenv("CACHEDSEG_ONNX_CACHE", str(tmp_path))
+    torch_backbone = build_backbone(BackboneConfig("vit_small_patch14_dinov2", (112, 112)), "random")
+    ort_backbone = build_backbone(BackboneConfig("vit_small_patch14_dinov2", (112, 112), "onnxruntime"), "random")
+    (graph,) = tmp_path.glob("*.onnx")
+    x = torch.randn(3, 3, 112, 112)
+    assert_features_close(ort_backbone(x).numpy(), torch_backbone(x).numpy())
+    assert ort_backbone.fingerprint != torch_backbone.fingerprint  # stores of the two never mix
+    stamp = graph.stat().st_mtime_ns
+    build_backbone(BackboneConfig("vit_small_patch14_dinov2", (112, 112), "onnxruntime"), "random")
+    assert graph.stat().st_mtime_ns == stamp  # exported once, reused
