@@ -5,10 +5,10 @@ label agreement of heads trained on each path's features against float32 (issue 
     benchmarks/cpu_speed.py [--backbone vit_base_patch14_dinov2] [--size 518] [--images 24] [--epochs 6]
         [--batch-size 2] [--quick] [--json FILE] [--results [DIR]] [--workdir DIR]
 
-Generated scenes (`cachedseg synth`, SIZE x SIZE, a quarter val) are extracted by `cachedseg extract` at precision
-float32 and bfloat16 (autocast); the same preprocessed images go through the backbone exported to ONNX (float32) and
-its dynamically quantised copy (int8 weights, onnxruntime.quantization.quantize_dynamic) in onnxruntime, written
-into stores of the same layout. For each path:
+Generated scenes (`cachedseg synth`, SIZE x SIZE, a quarter val) are extracted by `cachedseg extract` at each
+precision it offers: float32, bfloat16 (autocast) and onnxruntime (the float32 graph in onnxruntime); the same
+preprocessed images also go through that graph dynamically quantised (int8 weights,
+onnxruntime.quantization.quantize_dynamic), written into a store of the same layout. For each path:
   img_s          backbone images/s on the same in-memory inputs, batch --batch-size, after a warm-up batch
   gflop_s        img_s x the float32 forward's FLOPs per image (torch.utils.flop_counter; 2 per multiply-add)
   feature_rel    max |f - f32| / max |f32| over all features
@@ -85,15 +85,6 @@ def flops_per_image(backbone, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def onnx_backbone(backbone, size: int, path: Path) -> Path:
-    """The backbone alone as an ONNX graph with a dynamic batch: images [N, 3, S, S] -> tokens [N, L, C, h, w]."""
-    example = torch.zeros(2, 3, size, size)
-    program = torch.onnx.export(backbone, (example,), dynamo=True, input_names=["image"], output_names=["tokens"],
-                                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}})
-    program.save(str(path))
-    return path
-
-
 def ort_session(path: Path):
     """An onnxruntime CPU session."""
     import onnxruntime as ort
@@ -124,8 +115,9 @@ def main() -> None:
     samples = dataset.samples()
     size = (args.size, args.size)
     stores, speeds, rows = {}, {}, []
-    backbones = {p: build_backbone(BackboneConfig(args.backbone, size, p), args.weights) for p in ("float32",
-                                                                                                   "bfloat16")}
+    os.environ["CACHEDSEG_ONNX_CACHE"] = str(work / "onnx")
+    backbones = {p: build_backbone(BackboneConfig(args.backbone, size, p), args.weights)
+                 for p in ("float32", "bfloat16", "onnxruntime")}
     pp = backbones["float32"].preprocess
     x = torch.stack([preprocess_image(load_image(s.image), pp) for s in samples])  # the same inputs for every path
     batches = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
@@ -136,16 +128,15 @@ def main() -> None:
                 batch_size=args.batch_size, workers=0, overwrite=True)
         with torch.no_grad():
             speeds[precision] = timed(backbone, batches)
-    onnx32 = onnx_backbone(backbones["float32"], args.size, work / "backbone.onnx")
+    (onnx32,) = (work / "onnx").glob("*.onnx")  # the graph --precision onnxruntime exported
     from onnxruntime.quantization import QuantType, quantize_dynamic
     int8 = work / "backbone-int8.onnx"
     quantize_dynamic(str(onnx32), str(int8), weight_type=QuantType.QInt8)
-    for name, path in (("onnxruntime-float32", onnx32), ("onnxruntime-int8", int8)):
-        session = ort_session(path)
-        run = lambda b, s=session: s.run(None, {"image": b.numpy()})[0]  # noqa: E731
-        speeds[name] = timed(run, batches)
-        features = np.concatenate([run(b) for b in batches])[:, None]  # [N, 1, L, C, h, w]
-        stores[name] = copy_store(stores["float32"], work / f"{name}.zarr", features, name)
+    session = ort_session(int8)
+    run = lambda b: session.run(None, {"image": b.numpy()})[0]  # noqa: E731
+    speeds["onnxruntime-int8"] = timed(run, batches)
+    features = np.concatenate([run(b) for b in batches])[:, None]  # [N, 1, L, C, h, w]
+    stores["onnxruntime-int8"] = copy_store(stores["float32"], work / "int8.zarr", features, "onnxruntime-int8")
     reference = FeatureStore.open(stores["float32"]).read_all()[0]
     labels = {}
     for name, store in stores.items():
@@ -172,9 +163,9 @@ def main() -> None:
     if args.results:
         append(args.results / "cpu-speed.md",
                "# CPU speed of the backbone\n\nAppended by `benchmarks/cpu_speed.py`: the backbone on the same "
-               "preprocessed generated scenes through each path (PyTorch eager float32 and bfloat16 autocast; "
-               "onnxruntime 1.x on the CPU with the backbone exported to ONNX, float32 and dynamically quantised "
-               "int8 weights), random weights; GFLOP/s from the float32 forward's FLOPs; agreement: the share of "
+               "preprocessed generated scenes through each path (`--precision float32`, `bfloat16` (autocast) and "
+               "`onnxruntime` (the float32 graph in onnxruntime), and that graph dynamically quantised to int8 "
+               "weights), random weights; GFLOP/s from the float32 forward's FLOPs; agreement: the share of "
                "val pixels where a conv head trained on that path's features predicts the float32 head's label.\n\n"
                "| date | code | device | CPU flags | backbone | input | path | img/s | GFLOP/s | x float32 | "
                "max feature diff (rel.) | label agreement |\n|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -97,3 +97,20 @@ def test_ortho_benchmark_reports_every_figure(tmp_path):
     for key in ("windows", "extract_s", "extract_peak_mb", "live_s", "store_s", "speedup", "store_peak_mb"):
         assert store[key] > 0, key
     assert store["agreement"] >= 0.9999 and (tmp_path / "results" / "ortho-store.md").read_text().count("| 300² |") == 1
+
+
+@pytest.mark.subprocess
+def test_cpu_speed_benchmark_quick_measures_every_path(tmp_path):
+    pytest.importorskip("onnxruntime")
+    script = Path(__file__).parents[1] / "benchmarks" / "cpu_speed.py"
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out), "--results", str(tmp_path)],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "CACHEDSEG_ONNX_CACHE": str(tmp_path / "onnx")},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["path"] for r in result["rows"]] == ["float32", "bfloat16", "onnxruntime", "onnxruntime-int8"]
+    for row in result["rows"]:
+        assert row["img_s"] > 0 and row["gflop_s"] > 0 and 0 <= row["agreement"] <= 1
+    assert result["rows"][2]["feature_rel"] < 1e-4  # the same float32 computation, other kernels
+    assert (tmp_path / "cpu-speed.md").read_text().count("| onnxruntime |") == 1
