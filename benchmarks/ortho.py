@@ -83,7 +83,7 @@ import torch
 from cachedseg import checkpoint
 from cachedseg.backbone import backbone_for
 from cachedseg.maps import predict_map
-from cachedseg.predict import _cached_models, window_model
+from cachedseg.predict import cached_models, window_model
 from cachedseg.store import FeatureStore
 run, ortho, out, device, batch, store, result = sys.argv[1:]
 ckpt = checkpoint.load_run(run)
@@ -93,7 +93,7 @@ if store == "-":
     backbone = backbone_for(ckpt.spec, ckpt.weights, device, ckpt.decoder_config.layers)
     model = window_model(backbone, ckpt.spec, decoder, ("identity",))
 else:
-    model = _cached_models(store, [Path(ortho)], ckpt, run, overlap, ("identity",), decoder, torch.device(device))[Path(ortho)]
+    model = cached_models(store, [Path(ortho)], ckpt, run, overlap, ("identity",), decoder, torch.device(device))[Path(ortho)]
 loaded = time.perf_counter() - start
 start = time.perf_counter()
 written = predict_map(ortho, out, model, ckpt.spec.classes, overlap, int(batch))

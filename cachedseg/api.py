@@ -27,8 +27,8 @@ from cachedseg import checkpoint
 from cachedseg.classes import ClassSet
 from cachedseg.dataset import load_image
 from cachedseg.errors import CachedsegError
-from cachedseg.maps import MapPrediction, PolygonOptions, predict_map, tiled_labels
-from cachedseg.predict import (mean_over_views, segment, tta_views, view_logits, window_model,
+from cachedseg.maps import MapPrediction, PolygonOptions, padded, predict_map, tiled_labels
+from cachedseg.predict import (cached_models, mean_over_views, segment, tta_views, view_logits, window_model,
                                window_probabilities)
 from cachedseg.spec import StoreSpec
 from cachedseg.tiles import Grid, default_overlap
@@ -113,7 +113,6 @@ class Model:
         pixels = np.asarray(img)
         total = np.zeros((len(self.classes), img.height, img.width), dtype=np.float32)
         weights = np.zeros((img.height, img.width), dtype=np.float32)
-        from cachedseg.maps import padded
         for r, y in enumerate(grid.rows):
             for c, x in enumerate(grid.cols):
                 h, w = min(model.size[0], img.height - y), min(model.size[1], img.width - x)
@@ -134,11 +133,10 @@ class Model:
         Returns:
             The files written.
         """
-        from cachedseg.predict import _cached_models
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         path = Path(path)
-        model = (_cached_models(store, [path], self.checkpoint, str(store), self.overlap, self.views, self.decoder,
+        model = (cached_models(store, [path], self.checkpoint, str(store), self.overlap, self.views, self.decoder,
                                 self.device)[path] if store is not None
                  else window_model(self.backbone, self.spec, self.decoder, self.views))
         provenance = {"BACKBONE": self.spec.backbone, "FINGERPRINT": self.spec.fingerprint}

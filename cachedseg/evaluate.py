@@ -8,6 +8,7 @@ outside the map (nodata) not at all.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -189,9 +190,10 @@ def score_maps(run: str | Path, store: str | Path | None = None, data: str | Pat
             windows_done[0] += total
     for name in images:
         sample = Sample(name, split, dataset.image_path(name), dataset.mask_path(name))
-        native = open_image(sample.image)
-        try:
-            truth = _label_rows(dataset, sample, native)
+        with contextlib.ExitStack() as opened:
+            native = open_image(sample.image)
+            opened.callback(native.close)
+            truth = _label_rows(dataset, sample, native, opened)
             models = ([cached_window_model(cache, names.index(name), spec, decoder, views, torch_device)]
                       if cache is not None else []) + ([live] if live is not None else [])
             with tempfile.TemporaryDirectory(prefix="cachedseg-") as scratch:
@@ -215,17 +217,16 @@ def score_maps(run: str | Path, store: str | Path | None = None, data: str | Pat
                         differ, pixels = differ + int((pred[inside] != rows[inside]).sum()), pixels + int(inside.sum())
                 map_labels(native, models[-1], spec.tile_overlap, nodata, batch_size, tally, count, spec.gsd,
                            Path(scratch))
-        finally:
-            native.close()
     s = scores(conf)
     return EvalResult(confusion=conf.numpy(), miou=s["miou"], pixel_acc=s["pixel_acc"], iou=s["iou"],
                       classes=classes, images=len(images), differ=differ if compare_live else None,
                       pixels=pixels if compare_live else None)
 
 
-def _label_rows(dataset: Dataset, sample: Sample, image) -> Callable[[int, int], np.ndarray]:
+def _label_rows(dataset: Dataset, sample: Sample, image,
+                opened: contextlib.ExitStack) -> Callable[[int, int], np.ndarray]:
     """What gives rows y0:y0+n of an image's labels [n, W] at its native resolution: its label raster read by
-    rows, its vector labels rasterised by rows, or its mask file decoded whole (frames)."""
+    rows (closed with `opened`), its vector labels rasterised by rows, or its mask file decoded whole (frames)."""
     from affine import Affine
 
     from cachedseg.maps import LabelReader, MapReader
@@ -241,6 +242,7 @@ def _label_rows(dataset: Dataset, sample: Sample, image) -> Callable[[int, int],
     if isinstance(image, MapReader) and is_raster(sample.mask):
         reader = LabelReader(sample.mask, image, lambda raw, known: dataset.decode_labels(raw, sample.mask, known),
                              3 if dataset.mask_encoding == "rgb" else 1)
+        opened.callback(reader.close)
         every = np.ones((0, 0), dtype=bool)
 
         def rows(y0: int, n: int) -> np.ndarray:

@@ -484,7 +484,7 @@ def predict(images: list[str | Path], run: str | Path | None, out: str | Path = 
     torch_device = resolve_device(distributed.device_for(ctx, device))
     frames = ctx.share(frames)
     decoder = ckpt.decoder() if ckpt is not None else None
-    cached = _cached_models(store, paths, ckpt, run, overlap, views, decoder, torch_device) if store else {}
+    cached = cached_models(store, paths, ckpt, run, overlap, views, decoder, torch_device) if store else {}
     grids = {p: Grid(*hw, size, overlap) for p, hw in tiled.items() if p in maps or p in frames}
     total_windows, windows_before = sum(map(len, grids.values())), [0]
 
@@ -536,7 +536,7 @@ def predict(images: list[str | Path], run: str | Path | None, out: str | Path = 
     return Predictions([written[p] for p in paths if p in written], left_out)  # a rank: its frames and the maps
 
 
-def _cached_models(store: str | Path, paths: list[Path], ckpt, run, overlap: int, views: tuple[str, ...],
+def cached_models(store: str | Path, paths: list[Path], ckpt, run, overlap: int, views: tuple[str, ...],
                    decoder: torch.nn.Module, device: torch.device) -> dict[Path, WindowModel]:
     """For `predict --store`: the window model of each input from the store's cached windows, refusing a store of
     other features, of whole frames or another overlap, an input the store does not hold, or one changed since."""

@@ -79,6 +79,17 @@ def written_chunks(store, array: str) -> list:
     return [p for p in folder.iterdir() if re.fullmatch(r"c(\.\d+)+", p.name)] if folder.is_dir() else []
 
 
+def damage_tile(tif) -> None:
+    """Zero the compressed bytes of one inner tile of a tiled GeoTIFF: deflate cannot decode it any more."""
+    import rasterio
+    with rasterio.open(tif) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+        size = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+    data = bytearray(Path(tif).read_bytes())
+    data[offset:offset + size] = bytes(size)
+    Path(tif).write_bytes(bytes(data))
+
+
 def run_cli(*args: str, ok: bool = True):
     """Run `cachedseg ARGS` in-process; check the exit code unless ok=None."""
     result = CliRunner().invoke(app, [str(a) for a in args])

@@ -21,7 +21,7 @@ from cachedseg.maps import PolygonOptions, Polygons, cog_problems, predict_map
 from cachedseg.synth_maps import synth_map
 from cachedseg.predict import segment_batch, window_model
 from cachedseg.tiles import Grid
-from tests.conftest import MIN_AGREEMENT, PEAK_GROWTH, one_line_error, run_cli
+from tests.conftest import MIN_AGREEMENT, PEAK_GROWTH, damage_tile, one_line_error, run_cli
 
 rasterio = pytest.importorskip("rasterio")  # the maps extra (in dev)
 pyogrio = pytest.importorskip("pyogrio")
@@ -300,12 +300,7 @@ def test_an_unreadable_file_and_a_damaged_tile_are_one_line(run32, tmp_path):
     one_line_error(run_cli("predict", garbage, "--run-dir", run32, "--out", tmp_path / "out", "--tile", *CPU,
                            ok=False), garbage.name)
     damaged = synth_map(tmp_path / "damaged.tif", 600, 400, seed=7)
-    with rasterio.open(damaged) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
-        size = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
-    data = bytearray(damaged.read_bytes())
-    data[offset:offset + size] = bytes(size)  # a tile's compressed bytes zeroed: deflate cannot decode it
-    damaged.write_bytes(bytes(data))
+    damage_tile(damaged)
     out = tmp_path / "out"
     one_line_error(run_cli("predict", damaged, "--run-dir", run32, "--out", out, *CPU, ok=False), damaged.name)
     assert not list(out.glob("*damaged*")) and not list(out.glob(".*"))  # nothing half-written left behind

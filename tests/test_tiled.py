@@ -20,7 +20,8 @@ from cachedseg.maps import MapReader, cog_problems, padded
 from cachedseg.store import FeatureStore
 from cachedseg.synth_maps import synth_map, synth_map_dataset
 from cachedseg.tiles import Grid
-from tests.conftest import MIN_AGREEMENT, assert_features_close, one_line_error, run_cli, torchrun
+from tests.conftest import (MIN_AGREEMENT, assert_features_close, damage_tile, one_line_error, run_cli,
+                            torchrun)
 
 rasterio = pytest.importorskip("rasterio")  # the maps extra (in dev)
 pyogrio = pytest.importorskip("pyogrio")
@@ -182,13 +183,7 @@ def test_bad_rasters_are_one_line_each(maps_data, tmp_path):
                    "map_11.tif", "grid")
     damaged = tmp_path / "damaged"
     synth_map_dataset(damaged, count=2, width=600, height=400, seed=6)
-    tif = damaged / "maps" / "map_00.tif"
-    with rasterio.open(tif) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
-        size = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
-    raw = bytearray(tif.read_bytes())
-    raw[offset:offset + size] = bytes(size)  # a tile's compressed bytes zeroed: deflate cannot decode it
-    tif.write_bytes(bytes(raw))
+    damage_tile(damaged / "maps" / "map_00.tif")
     one_line_error(run_cli("extract", damaged, "--store", tmp_path / "c.zarr", *TILE, ok=False), "map_00.tif")
     one_line_error(run_cli("extract", maps_data, "--store", tmp_path / "d.zarr", *TILE, "--image-size", "224",
                            ok=False), "--tile")
