@@ -6,7 +6,7 @@
 
 A run is trained for one epoch on generated 160x120 frames (vit_small_patch14_dinov2 at --image-size, random
 weights: speed and memory do not depend on them). For each size N, a georeferenced N x N mosaic of
-`cachedseg.synth` scenes with a nodata border (`cachedseg.maps.synth_map`, RGBA, EPSG:32633 at 5 cm) is predicted
+`cachedseg.synth` scenes with a nodata border (`cachedseg.synth_maps.synth_map`, RGBA, EPSG:32633 at 5 cm) is predicted
 by `cachedseg.maps.predict_map` in a fresh process (windows of the run's input size, the default overlap):
   windows, map_s, map_win_s      windows predicted (all-nodata ones skipped), seconds of predict_map (read,
                                  forward, blend, write, COG), windows/s
@@ -59,7 +59,8 @@ from pathlib import Path
 import torch
 from cachedseg import checkpoint
 from cachedseg.backbone import backbone_for
-from cachedseg.maps import PolygonOptions, predict_map
+from cachedseg.map_outputs import PolygonOptions
+from cachedseg.maps import predict_map
 from cachedseg.predict import window_model
 from cachedseg.tiles import default_overlap
 run, ortho, out, device, batch, polygons, result = sys.argv[1:]

@@ -27,7 +27,8 @@ from cachedseg import checkpoint
 from cachedseg.classes import ClassSet
 from cachedseg.dataset import load_image
 from cachedseg.errors import CachedsegError
-from cachedseg.maps import MapPrediction, PolygonOptions, padded, predict_map, tiled_labels
+from cachedseg.map_outputs import PolygonOptions
+from cachedseg.maps import MapPrediction, padded, predict_map, tiled_labels
 from cachedseg.predict import (cached_models, mean_over_views, segment, tta_views, view_logits, window_model,
                                window_probabilities)
 from cachedseg.spec import StoreSpec

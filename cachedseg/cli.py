@@ -630,7 +630,7 @@ def predict(
                   lambda: store is not None and paths.check_store(store),
                   _at_least(1, batch_size=batch_size), _at_least(0, workers=workers, tile_overlap=tile_overlap),
                   lambda: paths.check_writable(out, "--out", folder=True))
-    from cachedseg.maps import PolygonOptions
+    from cachedseg.map_outputs import PolygonOptions
 
     with user_errors(lambda: f"the images written so far are kept; rerun {rerun()} to redo them all"):
         options = PolygonOptions(min_area, simplify) if polygons else None

@@ -229,7 +229,7 @@ def _label_rows(dataset: Dataset, sample: Sample, image,
     rows (closed with `opened`), its vector labels rasterised by rows, or its mask file decoded whole (frames)."""
     from affine import Affine
 
-    from cachedseg.maps import LabelReader, MapReader
+    from cachedseg.rasters import LabelReader, MapReader
     from cachedseg.windows import is_raster
 
     if dataset.vector_labels is not None:

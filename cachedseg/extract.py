@@ -185,7 +185,7 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
         samples = window_samples(samples, rasters, tiling)
     model = build_backbone(backbone, weights, distributed.device_for(ctx, device))
     spec = spec_for(model, dtype, dataset.classes, views, tiling)
-    ids, splits = [s.id for s in samples], [s.split for s in samples]
+    ids = [s.id for s in samples]
 
     opened: dict[str, FeatureStore] = {}  # rank 0's store from setup, used on after it (each open is a round trip)
     with contextlib.ExitStack() as held:

@@ -25,10 +25,11 @@ from cachedseg.backbone import Backbone, backbone_for, resolve_device
 from cachedseg.data import preprocess_image
 from cachedseg.dataset import MAX_PIXELS, load_image, own_pixel_limit, upright_size
 from cachedseg.errors import CachedsegError
-from cachedseg.maps import (TIFF_SUFFIXES, PolygonOptions, WindowModel, is_map, map_size, predict_map,
-                            tiled_labels)
+from cachedseg.map_outputs import PolygonOptions
+from cachedseg.maps import WindowModel, predict_map, tiled_labels
 from cachedseg.paths import check_images
 from cachedseg.pictures import legend_strip, picture_rows, present_classes
+from cachedseg.rasters import TIFF_SUFFIXES, is_map, map_size
 from cachedseg.spec import StoreSpec
 from cachedseg.store import DONE, FLAG_NAMES, FeatureStore
 from cachedseg.tiles import Grid, check_overlap, default_overlap

@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 
 from cachedseg.dataset import AEROSCAPES
-from cachedseg.maps import BLOCK, _env, _quiet, _rasterio
+from cachedseg.map_outputs import BLOCK
+from cachedseg.rasters import _env, _quiet, _rasterio
 from cachedseg.synth import render_scene
 
 MAPS_FILE = """# Generated orthomosaics (cachedseg synth --maps): extract them with --tile

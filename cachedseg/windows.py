@@ -23,7 +23,8 @@ from PIL import Image
 from cachedseg.data import Preprocess, preprocess_image, preprocess_mask
 from cachedseg.dataset import Dataset, Sample, load_image, upright_size
 from cachedseg.errors import CachedsegError
-from cachedseg.maps import TIFF_SUFFIXES, FrameReader, LabelReader, MapReader, padded
+from cachedseg.maps import padded
+from cachedseg.rasters import TIFF_SUFFIXES, FrameReader, LabelReader, MapReader
 from cachedseg.tiles import RasterGrid, Tiling, window_id
 
 OPEN_IMAGES = 2  # images (and their label readers) a process keeps open: windows come image by image

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cachedseg import checkpoint, maps
+from cachedseg import checkpoint, maps, rasters
 from cachedseg.backbone import backbone_for
 from cachedseg.data import preprocess_image
-from cachedseg.maps import PolygonOptions, Polygons, cog_problems, predict_map
+from cachedseg.map_outputs import PolygonOptions, Polygons, cog_problems
+from cachedseg.maps import predict_map
 from cachedseg.synth_maps import synth_map
 from cachedseg.predict import segment_batch, window_model
 from cachedseg.tiles import Grid
@@ -256,7 +257,7 @@ def test_tile_on_a_frame_writes_its_pngs_at_its_size(dataset, run32, tmp_path):
 def test_tile_lifts_the_pixel_limit_for_frames(dataset, run32, tmp_path, monkeypatch):
     import cachedseg.dataset
     import cachedseg.predict
-    for module in (cachedseg.dataset, cachedseg.predict, maps):
+    for module in (cachedseg.dataset, cachedseg.predict, rasters):
         monkeypatch.setattr(module, "MAX_PIXELS", 10_000)  # 160x120 frames are then "too large"
     frame = sorted((dataset / "JPEGImages").glob("*.jpg"))[0]
     one_line_error(run_cli("predict", frame, "--run-dir", run32, "--out", tmp_path, *CPU, ok=False), "--tile",
@@ -307,13 +308,13 @@ def test_an_unreadable_file_and_a_damaged_tile_are_one_line(run32, tmp_path):
 
 
 def test_the_maps_extra_is_named_when_missing(monkeypatch, orthos, run32, tmp_path):
-    real = maps.importlib.import_module
+    real = rasters.importlib.import_module
 
     def missing(name, *args):
         if name.split(".")[0] in ("rasterio", "pyogrio", "shapely"):
             raise ImportError(name)
         return real(name, *args)
-    monkeypatch.setattr(maps.importlib, "import_module", missing)
+    monkeypatch.setattr(rasters.importlib, "import_module", missing)
     one_line_error(run_cli("predict", orthos[0], "--run-dir", run32, "--out", tmp_path, *CPU, ok=False),
                    "cachedseg[maps]")
 

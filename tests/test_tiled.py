@@ -16,7 +16,9 @@ from PIL import Image
 from cachedseg.backbone import BackboneConfig, build_backbone
 from cachedseg.data import preprocess_image
 from cachedseg.features import cached_source
-from cachedseg.maps import MapReader, cog_problems, padded
+from cachedseg.map_outputs import cog_problems
+from cachedseg.maps import padded
+from cachedseg.rasters import MapReader
 from cachedseg.store import FeatureStore
 from cachedseg.synth_maps import synth_map, synth_map_dataset
 from cachedseg.tiles import Grid
