@@ -312,7 +312,8 @@ def _extract(data, store, backbone, **options):
     # the store path on a line of its own, never wrapped: it is the string users copy into the next command
     console.print(f"feature store [bold]{escape(result.store)}[/]", soft_wrap=True)
     table = Table(show_header=False)
-    speed = f"{result.images_per_s:.2f} img/s" if result.extracted else "nothing to extract"
+    unit = "windows" if result.rasters else "img"
+    speed = f"{result.images_per_s:.2f} {unit}/s" if result.extracted else "nothing to extract"
     changed = [f"{n} {what}" for n, what in [(result.changed, "images recomputed"),
                                              (result.masks_changed, "masks rewritten (image unchanged)"),
                                              (result.touched, "touched but unchanged")] if n]
@@ -324,7 +325,8 @@ def _extract(data, store, backbone, **options):
                        ("newly listed", f"{result.added} images added to the store" if result.added else ""),
                        ("moved split", f"{result.moved} images" if result.moved else ""),
                        ("time", f"{result.seconds:.1f} s ({speed})"),
-                       ("size on disk", f"{result.bytes_on_disk / 1e6:.1f} MB ({result.mb_per_image:.2f} MB/img)")]:
+                       ("size on disk", f"{result.bytes_on_disk / 1e6:.1f} MB ({result.mb_per_image:.2f} MB per "
+                                        f"{'window' if result.rasters else 'image'})")]:
         if value:
             table.add_row(key, value)
     console.print(table)
