@@ -133,12 +133,16 @@ def view_logits(x: torch.Tensor, backbone: Backbone, spec: StoreSpec, decoder: t
     """Decoder logits [B, K, Mh, Mw] in each of `views` for a batch of preprocessed images [B, 3, H', W'], each
     computed as extraction computes it (features cast to the cache dtype)."""
     device = next(backbone.parameters()).device
-    x = x.to(device, non_blocking=True)
-    logits = []
-    for view in views:
-        feats = backbone(apply_view(x, view)).to(getattr(torch, spec.dtype)).float()  # [B, L, C, h, w], as cached
-        logits.append(decoder.to(device)(feats))  # [B, K, Mh, Mw], in the view
-    return logits
+    return [decoder.to(device)(feats) for feats in view_features(x, backbone, spec, views)]  # [B, K, Mh, Mw] each
+
+
+@torch.no_grad()
+def view_features(x: torch.Tensor, backbone: Backbone, spec: StoreSpec,
+                  views: tuple[str, ...] = ("identity",)) -> list[torch.Tensor]:
+    """Features [B, L, C, h, w] in each of `views` for a batch of preprocessed images, as extraction computes and
+    caches them (cast to the cache dtype), in float32."""
+    x = x.to(next(backbone.parameters()).device, non_blocking=True)
+    return [backbone(apply_view(x, view)).to(getattr(torch, spec.dtype)).float() for view in views]
 
 
 def segment_batch(x: torch.Tensor, sizes: list[tuple[int, int]], backbone: Backbone, spec: StoreSpec,
@@ -158,11 +162,20 @@ def window_model(backbone: Backbone, spec: StoreSpec, decoder: torch.nn.Module,
     def prepare(pixels: np.ndarray) -> torch.Tensor:
         return preprocess_image(Image.fromarray(pixels), pp)  # [3, h, w]
 
-    @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
-        return window_probabilities(view_logits(x, backbone, spec, decoder, views), views, spec.input_size)
+        return decoded_windows(view_features(x, backbone, spec, views), decoder.to(device), views, spec.input_size)
 
     return WindowModel(tuple(pp.image_size), len(spec.class_names), prepare, run, device)
+
+
+@torch.no_grad()
+def decoded_windows(features: list[torch.Tensor], decoder: torch.nn.Module, views: tuple[str, ...],
+                    size: tuple[int, int]) -> torch.Tensor:
+    """Windows' features [B, L, C, h, w] in each view -> class probabilities [B, K, H, W] (`window_probabilities`),
+    the decoder run one window at a time: its activations at the output resolution (the largest buffers of a map's
+    prediction) then do not grow with the batch, and a window's result does not depend on its batch."""
+    return torch.cat([window_probabilities([decoder(f[i:i + 1]) for f in features], views, size)
+                      for i in range(len(features[0]))])
 
 
 def window_probabilities(logits: list[torch.Tensor], views: tuple[str, ...], size: tuple[int, int]) -> torch.Tensor:
@@ -195,10 +208,9 @@ def cached_window_model(cache: FeatureStore, raster: int, spec: StoreSpec, decod
                                  "`cachedseg extract` that built it")
         return torch.stack([torch.from_numpy(cache.read(i, v)[0]) for v in view_index])  # [V, L, C, h, w]
 
-    @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device).float()  # [B, V, L, C, h, w], as training reads the cache
-        return window_probabilities([decoder(x[:, v]) for v in range(len(views))], views, spec.input_size)
+        return decoded_windows([x[:, v] for v in range(len(views))], decoder, views, spec.input_size)
 
     return WindowModel(tuple(spec.input_size), len(spec.class_names), None, run, device, load)
 

@@ -25,7 +25,9 @@ from cachedseg.tiles import RasterGrid
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 EXTRA = "pip install 'cachedseg[maps]'"
-GDAL_CACHE_MB = 256  # GDAL's block cache (default 5% of RAM, which a large map would fill)
+# GDAL's block cache (default 5% of RAM, which a large map would fill): a strip of windows touches about three rows
+# of a map's blocks, 60 MB at 20,000 px wide in 256-px RGBA blocks
+GDAL_CACHE_MB = 128
 _GEOTIFF_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory
 
 

@@ -328,3 +328,26 @@ def test_windows_are_batched(run32, tmp_path):
     written = predict_map(ortho, tmp_path, counted, ckpt.spec.classes, 14, batch_size=3)
     assert max(sizes) == 3 and sum(sizes) == written.windows
     assert torch.is_tensor(model.run(torch.zeros(1, 3, *model.size)))
+
+
+@pytest.mark.parametrize("height, width, size, overlap", [(300, 1000, (112, 112), 14), (90, 70, (112, 112), 14),
+                                                          (500, 777, (98, 140), 28)])
+def test_the_strip_holds_only_a_band_yet_sums_as_the_whole_raster(height, width, size, overlap):
+    """The strip keeps a band of columns and a carry, not the whole strip: its labels are the argmax of the weighted
+    sums over the whole raster, with windows skipped here and there (outside the map)."""
+    grid, k = Grid(height, width, size, overlap), 5
+    strip = maps._Strip(grid, maps.WindowModel(size, k, None, None, torch.device("cpu")))
+    rng = np.random.default_rng(0)
+    whole, labels = torch.zeros(k, height, width), np.zeros((height, width), np.uint8)
+    for r, y in enumerate(grid.rows):
+        n = min(y + size[0], height) - y
+        for c, x in enumerate(grid.cols):
+            if rng.random() < 0.3:
+                continue  # a window wholly outside the map: never added
+            probs, m = torch.rand(k, *size), min(x + size[1], width) - x
+            strip.add(r, c, probs)
+            whole[:, y:y + n, x:x + m] += probs[:, :n, :m] * torch.from_numpy(grid.weight(r, c)[:n, :m])
+        final = grid.final_after(r) - y
+        labels[y:y + final] = strip.finish(r, np.ones((n, width), bool), 255)
+    assert np.array_equal(labels, whole.argmax(0).numpy())
+    assert strip.band.shape[2] <= 2 * size[1]  # a band of two windows' width, whatever the raster's
