@@ -153,6 +153,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=518, help="the run's input (the window) [default: 518]")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--height", type=int, default=None, help="mosaics of this height, SIZES wide (memory follows the "
+                   "width: a strip of windows is held) [default: square]")
     p.add_argument("--polygons-size", type=int, default=None, help="also time --polygons on this mosaic size")
     p.add_argument("--store-backbone", default="vit_small_patch14_dinov2",
                    help="the backbone of the --store-sizes runs [default: vit_small_patch14_dinov2]")
@@ -193,15 +195,16 @@ def main() -> None:
                        capture_output=True)
     rows = []
     for side in (int(s) for s in args.sizes.split(",") if s):
-        ortho = work / f"ortho-{side}.tif"
+        height = args.height or side
+        ortho = work / f"ortho-{side}x{height}.tif"
         if not ortho.exists():
-            synth_map(ortho, side, side, seed=side)
+            synth_map(ortho, side, height, seed=side)
         out = work / f"out-{side}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         pred = measured(MAP, run, ortho, out, args.device, args.batch_size, 0, work / "map.json")
         floor = measured(FLOOR, run, pred["windows"], args.device, args.batch_size, work / "floor.json")
-        row = {"side": side, "mp": side * side / 1e6, "windows": pred["windows"], "overlap": pred["overlap"],
+        row = {"side": side, "height": height, "mp": side * height / 1e6, "windows": pred["windows"], "overlap": pred["overlap"],
                "map_s": pred["seconds"], "map_win_s": pred["windows"] / pred["seconds"], "peak_mb": pred["peak_mb"],
                "floor_win_s": floor["floor_win_s"], "model_win_s": floor["model_win_s"],
                "floor_peak_mb": floor["peak_mb"], "cog_mb": pred["cog_mb"]}
@@ -229,7 +232,7 @@ def main() -> None:
                "model win/s | ratio | peak MB | floor peak MB | COG MB | polygons s (features) |\n"
                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                [f"| {result['date']} | {result['label']} | {result['device']} | {args.image_size} "
-                f"(overlap {r['overlap']}) | {r['side']}² | {r['windows']} | {r['map_s']:.1f} | {r['s_per_mp']:.1f} | "
+                f"(overlap {r['overlap']}) | {r['side']}x{r['height']} | {r['windows']} | {r['map_s']:.1f} | {r['s_per_mp']:.1f} | "
                 f"{r['map_win_s']:.2f} | {r['floor_win_s']:.2f} | {r['model_win_s']:.2f} | {r['ratio']:.2f} | "
                 f"{r['peak_mb']:.0f} | {r['floor_peak_mb']:.0f} | {r['cog_mb']:.1f} | "
                 + (f"{r['polygons_s']:.1f} ({r['features']}) |" if "polygons_s" in r else "- |") for r in rows])
