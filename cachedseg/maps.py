@@ -25,7 +25,7 @@ import torch
 from cachedseg.classes import ClassSet
 from cachedseg.errors import CachedsegError
 from cachedseg.map_outputs import BLOCK, LabelRaster, PolygonOptions, Polygons, _Blocks, _GridRaster, _temp
-from cachedseg.rasters import FrameReader, MapReader, _env, _quiet, _rasterio
+from cachedseg.rasters import FrameReader, MapReader, gdal_env, _quiet, _rasterio
 from cachedseg.tiles import Grid
 
 PREFETCH = 2  # batches of windows read and preprocessed ahead of the forward pass
@@ -417,7 +417,7 @@ def predict_map(path: str | Path, out: str | Path, model: WindowModel, classes: 
     label_path, gpkg_path = out / f"{path.stem}_label.tif", out / f"{path.stem}.gpkg"
     replaced = label_path.exists() or (polygons is not None and gpkg_path.exists())
     nodata, main = classes.ignore_index, ctx is None or ctx.main
-    with _env():
+    with gdal_env():
         reader = MapReader(path)
         outputs: list = []
         try:

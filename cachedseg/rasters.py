@@ -90,7 +90,7 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _env():
+def gdal_env():
     """The GDAL settings of map I/O: a bounded block cache."""
     return _rasterio().Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
 
@@ -282,7 +282,7 @@ class LabelReader:
 def map_size(path: str | Path, gsd: float | None = None) -> tuple[int, int]:
     """(height, width) of a map (resampled to `gsd`), checked as `MapReader` checks it (bands, alpha, 8-bit, a CRS
     for `gsd`), from its header."""
-    with _env():
+    with gdal_env():
         reader = MapReader(path, gsd)
         size = reader.height, reader.width
         reader.close()

@@ -2,7 +2,9 @@
 each class's share of the labelled pixels (the imbalance), and every problem found.
 
 Images are not decoded: their sizes come from the file headers. Masks are decoded (they hold the class counts),
-several at a time on threads (PIL's decoders release the GIL), so a few thousand masks take seconds.
+several at a time on threads (PIL's decoders release the GIL), so a few thousand masks take seconds. The labels of a
+GeoTIFF map (a label raster or vector labels) are counted a band of rows at a time, so a map of any size is surveyed
+in bounded memory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from PIL import Image
 
 from cachedseg.dataset import SPLITS, Dataset, Sample, upright_size
 from cachedseg.errors import CachedsegError
+
+BAND_PIXELS = 1 << 24  # labels of a map counted this many pixels at a time (16 MP: ~100 MB with four threads)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,9 @@ def survey(dataset: Dataset, threads: int = 4, progress: Callable[[int, int], No
 
 def _one(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.ndarray | None, str]:
     """(image size from its header, label counts [256] of its mask, a problem or '') of one sample."""
+    from cachedseg.windows import is_raster
+    if is_raster(sample.image):
+        return _one_map(dataset, sample)
     try:
         size = upright_size(sample.image)  # upright, as training sees it
     except CachedsegError as exc:
@@ -115,3 +122,42 @@ def _one(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.n
         return size, None, (f"{sample.mask} is {labels.shape[1]}x{labels.shape[0]} but its image is "
                             f"{size[0]}x{size[1]}")
     return size, np.array(Image.fromarray(labels).histogram(), dtype=np.int64), ""  # PIL's C loop: 20x np.bincount
+
+
+def _one_map(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.ndarray | None, str]:
+    """`_one` for a GeoTIFF: its labels read on its grid a band of rows at a time (a label raster checked as
+    extraction checks it, or vector labels rasterised), never the whole raster at once."""
+    from cachedseg.rasters import gdal_env
+    with gdal_env():
+        return _count_map(dataset, sample)
+
+
+def _count_map(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.ndarray | None, str]:
+    """`_one_map` inside GDAL's settings."""
+    from cachedseg.rasters import LabelReader, MapReader
+    try:
+        image = MapReader(sample.image)
+    except CachedsegError as exc:
+        return None, None, str(exc)
+    size, counts = (image.width, image.height), np.zeros(256, dtype=np.int64)
+    try:
+        labels = None
+        if dataset.vector_labels is None:
+            bands = 3 if dataset.mask_encoding == "rgb" else 1
+            labels = LabelReader(sample.mask, image, lambda raw, known: dataset.decode_labels(raw, sample.mask, known),
+                                 bands)
+        rows = max(1, BAND_PIXELS // image.width)
+        for y0 in range(0, image.height, rows):
+            n = min(rows, image.height - y0)
+            if labels is None:
+                band = dataset.vector_labels.labels_of(sample.image, (y0, 0, n, image.width))
+            else:
+                band = labels.window(y0, 0, n, image.width, np.ones((n, image.width), dtype=bool))
+            counts += Image.fromarray(band).histogram()
+        return size, counts, ""
+    except CachedsegError as exc:
+        return size, None, str(exc)
+    finally:
+        if labels is not None:
+            labels.close()
+        image.close()

@@ -14,7 +14,7 @@ import numpy as np
 
 from cachedseg.dataset import AEROSCAPES
 from cachedseg.map_outputs import BLOCK
-from cachedseg.rasters import _env, _quiet, _rasterio
+from cachedseg.rasters import gdal_env, _quiet, _rasterio
 from cachedseg.synth import render_scene
 
 MAPS_FILE = """# Generated orthomosaics (cachedseg synth --maps): extract them with --tile
@@ -54,7 +54,7 @@ def synth_map(path: str | Path, width: int, height: int, seed: int = 0, gsd: flo
     label_profile = {**{k: v for k, v in profile.items() if k != "photometric"}, "count": 1, "nodata": 255}
     border = max(2, min(width, height) // 20)
     with contextlib.ExitStack() as files:
-        files.enter_context(_env())
+        files.enter_context(gdal_env())
         files.enter_context(_quiet())
         dst = files.enter_context(rasterio.open(path, "w", **profile))
         lab = files.enter_context(rasterio.open(labels, "w", **label_profile)) if labels is not None else None

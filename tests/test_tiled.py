@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import cachedseg.survey as survey_module
 from cachedseg.backbone import BackboneConfig, build_backbone
+from cachedseg.dataset import Dataset, open_dataset
 from cachedseg.data import preprocess_image
 from cachedseg.features import cached_source
 from cachedseg.map_outputs import cog_problems
@@ -193,6 +195,29 @@ def test_bad_rasters_are_one_line_each(maps_data, tmp_path):
                            ok=False), "--tile 113")
     one_line_error(run_cli("extract", maps_data, "--store", tmp_path / "f.zarr", "--gsd", "0.1", ok=False),
                    "--tile")
+
+
+def test_info_counts_the_labels_of_maps_a_band_of_rows_at_a_time(maps_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(survey_module, "BAND_PIXELS", 600 * 37)  # bands of 37 rows: 11 per map, the last short
+    vectors = tmp_path / "vectors"
+    synth_map_dataset(vectors, count=2, width=600, height=400, seed=3, vector_labels=True)
+    rasters = tmp_path / "rasters"
+    synth_map_dataset(rasters, count=2, width=600, height=400, seed=3)
+    rows, decode = [], Dataset.decode_labels
+    monkeypatch.setattr(Dataset, "decode_labels", lambda self, raw, *a: rows.append(len(raw)) or decode(self, raw, *a))
+    for data in (rasters, vectors):
+        result = survey_module.survey(open_dataset(data))
+        assert result.sizes == {(600, 400): 2} and not result.problems
+        for split, name in (("trn", "map_00.tif"), ("val", "map_11.tif")):
+            with rasterio.open(rasters / "labels" / name) as src:
+                whole = np.bincount(src.read(1).ravel(), minlength=256)
+            assert result.class_pixels[split] == whole[:len(result.classes)].tolist()
+            assert result.ignored_pixels[split] == whole[255]
+    assert max(rows) == 37 and sum(rows) == 2 * 400  # never a whole map decoded at once
+    synth_map(tmp_path / "small.tif", 180, 150, seed=1, labels=rasters / "labels" / "map_11.tif")
+    run_cli("info", rasters, "--json", tmp_path / "s.json")
+    problems = json.loads((tmp_path / "s.json").read_text())["problems"]
+    assert len(problems) == 1 and "map_11.tif" in problems[0] and "\n" not in problems[0]
 
 
 def test_large_frames_tile_too_and_keep_their_pngs(dataset, tmp_path):
