@@ -68,6 +68,10 @@ class Layout:
         val_fraction: Without split files: the share of ids put in val, by a hash of the id (and `seed`), so adding
             images never moves existing ones.
         seed: Seeds that hash.
+        block: With `val_fraction`, a split of every image's area instead of whole images (for one or a few
+            orthomosaics; `extract --tile` only): square blocks of this many pixels of the image file, each put in
+            val by a hash of (image, block row, block column); a window goes to the split of the block at its
+            centre and keeps only the labels of its own split's blocks, so no val label is ever trained on.
     """
 
     images: str = "JPEGImages/{id}.jpg"
@@ -75,6 +79,7 @@ class Layout:
     split_files: tuple[tuple[str, str], ...] | None = (("trn", "ImageSets/trn.txt"), ("val", "ImageSets/val.txt"))
     val_fraction: float | None = None
     seed: int = 0
+    block: int | None = None
 
     @property
     def globbed(self) -> bool:
@@ -195,6 +200,34 @@ class Dataset:
         digest = hashlib.blake2b(f"{self.layout.seed}\0{id_}".encode(), digest_size=8).digest()
         return "val" if int.from_bytes(digest, "little") / 2 ** 64 < self.layout.val_fraction else "trn"
 
+    @property
+    def by_blocks(self) -> bool:
+        """Whether the split is of blocks of each image's area (`Layout.block`) rather than of whole images."""
+        return self.layout.block is not None
+
+    def block_rule(self) -> dict | None:
+        """The split by blocks as a store records it (None for a split of whole images)."""
+        lay = self.layout
+        return None if lay.block is None else {"block": lay.block, "val_fraction": lay.val_fraction, "seed": lay.seed}
+
+    def in_val(self, image_id: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """In a split by blocks: whether each pixel lies in a val block, [len(rows), len(cols)] bool, for pixel
+        centres at `rows` x `cols` in the image file's pixel coordinates (fractional where a grid is resampled)."""
+        by, bx = (np.asarray(rows) // self.layout.block).astype(np.int64), (np.asarray(cols) // self.layout.block
+                                                                            ).astype(np.int64)
+        (ub, ib), (ux, ix) = np.unique(by, return_inverse=True), np.unique(bx, return_inverse=True)
+        table = np.array([[self.split_of(f"{image_id}\0{a}\0{b}") == "val" for b in ux] for a in ub], dtype=bool)
+        return table.reshape(len(ub), len(ux))[ib.reshape(-1)][:, ix.reshape(-1)]
+
+    def region(self, split: str, image_id: str, y0: int, x0: int, height: int, width: int,
+               scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+        """In a split by blocks: which pixels of a window [height, width] of an image's grid lie in `split`'s blocks;
+        `scale` is the image file's pixels per grid pixel (rows, columns), above 1 for a grid resampled coarser."""
+        rows = (np.arange(y0, y0 + height) + 0.5) * scale[0]
+        cols = (np.arange(x0, x0 + width) + 0.5) * scale[1]
+        val = self.in_val(image_id, rows, cols)
+        return val if split == "val" else ~val
+
     def ids(self, split: str) -> list[str]:
         """The ids of a split, in file order (or, for a split by hash, in path order).
 
@@ -202,6 +235,8 @@ class Dataset:
             CachedsegError: If the split file is missing or lists no id, or a split by hash is empty.
         """
         listing, pattern = self.split_file(split), self._split_pattern(split)
+        if self.by_blocks:  # every image is split by its blocks: each listed once (as trn), its windows take theirs
+            return list(self._images) if split == "trn" else []
         if pattern is not None:
             ids = [i for i in self._images if fnmatch.fnmatchcase(i, pattern)]
             if not ids:

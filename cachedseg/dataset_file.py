@@ -9,7 +9,8 @@
     ignore_index = 255                    the label of unlabelled pixels (index masks: its value in the file)
     ignore_colors = [[r, g, b], ...]      rgb masks: colours that mean unlabelled
     remap = { "4" = 0, "5" = 255 }        index masks: values merged into a class or dropped, first
-    [splits]                              trn/val files or id patterns, or val_fraction (+ seed): default 0.2
+    [splits]                              trn/val files or id patterns, or val_fraction (+ seed): default 0.2;
+                                          + block = PX: split each map's area in blocks (extract --tile)
     [[classes]]                           in index order: name, color = [r, g, b] (spread hues if omitted)
 
 Every value is checked here, each error naming the file and the key; `cachedseg.dataset.Dataset` is what it reads
@@ -149,12 +150,12 @@ def _layout(splits, images: str, masks: str, bad) -> Layout:
     if not isinstance(splits, dict):
         raise bad("splits", "must be a [splits] table: trn and val files, or val_fraction (and seed)")
     files = {k: v for k, v in splits.items() if k in SPLITS}
-    rest = sorted(set(splits) - set(SPLITS) - {"val_fraction", "seed"})
+    rest = sorted(set(splits) - set(SPLITS) - {"val_fraction", "seed", "block"})
     if rest:
         raise bad(f"[splits] {rest[0]!r}", "is not a split key; give trn and val files, or val_fraction and seed")
     if files:
-        if set(files) != set(SPLITS) or "val_fraction" in splits:
-            raise bad("[splits]", "needs both trn and val files, or val_fraction instead (not both)")
+        if set(files) != set(SPLITS) or "val_fraction" in splits or "block" in splits:
+            raise bad("[splits]", "needs both trn and val files, or val_fraction (and block) instead, not both")
         if not all(isinstance(v, str) for v in files.values()):
             raise bad("[splits]", "trn and val must be file paths relative to the dataset file's folder, or id "
                       "patterns such as \"train/*\"")
@@ -167,4 +168,8 @@ def _layout(splits, images: str, masks: str, bad) -> Layout:
                   "whole-number seed")
     if "{id}" in images:
         raise bad("images", "must be a glob (the images are listed by it) when the split is by val_fraction")
-    return Layout(images, masks, None, float(fraction), seed)
+    block = splits.get("block")
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
+        raise bad("[splits] block", f"= {block!r}: give the side of a split block in pixels of the images, e.g. 2048 "
+                  "(a few windows; larger blocks leak less across their edges)")
+    return Layout(images, masks, None, float(fraction), seed, block)

@@ -169,9 +169,13 @@ def score_maps(run: str | Path, store: str | Path | None = None, data: str | Pat
         images = list(dict.fromkeys(names[int(k)] for (k, _, _), s, id_ in zip(tiles, cache.splits, cache.ids)
                                     if s == split and id_ not in gone))
         dataset = open_dataset(data or cache.dataset)
+        if cache.attrs.split_blocks != dataset.block_rule():
+            raise CachedsegError(f"the store {store} was split by blocks as {cache.attrs.split_blocks}, but "
+                                 f"{dataset.reference} now says {dataset.block_rule()}; rerun `cachedseg extract` "
+                                 "to follow it (only the masks are rewritten) and train again")
     else:
         dataset = open_dataset(data)
-        images = [s.id for s in dataset.samples() if s.split == split]
+        images = [s.id for s in dataset.samples() if s.split == split or dataset.by_blocks]
     dataset.check_classes(classes, f"the run {run}")
     if not images:
         raise CachedsegError(f"the {split} split is empty")
@@ -209,6 +213,8 @@ def score_maps(run: str | Path, store: str | Path | None = None, data: str | Pat
                     nonlocal conf, differ, pixels
                     labels = truth(y0, len(rows))
                     labels[rows == nodata] = nodata  # outside the map: not scored
+                    if dataset.by_blocks:  # only the split's own blocks
+                        labels[~dataset.region(split, name, y0, 0, len(rows), native.width)] = nodata
                     pred = rows if first is None else first[y0:y0 + len(rows)]
                     conf += confusion(torch.from_numpy(np.where(pred == nodata, 0, pred)),
                                       torch.from_numpy(labels), k, nodata)

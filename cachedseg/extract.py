@@ -182,7 +182,10 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             dataset.vector_labels.check()
         rasters = [image_grid(s, tiling.gsd) for s in samples]  # headers only
         missing = {}  # a gone image's windows are told by their ids no longer being listed
-        samples = window_samples(samples, rasters, tiling)
+        samples = window_samples(samples, rasters, tiling, dataset)
+    elif dataset.by_blocks:
+        raise CachedsegError(f"{dataset.reference} splits each image by blocks ([splits] block), which needs windows: "
+                             "extract with --tile SIZE, or split whole images (drop block)")
     model = build_backbone(backbone, weights, distributed.device_for(ctx, device))
     spec = spec_for(model, dtype, dataset.classes, views, tiling)
     ids = [s.id for s in samples]
@@ -193,13 +196,13 @@ def extract(data: str | Path, store: str | Path | None = None, backbone: Backbon
             try:
                 held.enter_context(writer_lock(store, ctx.job))
             except LockUnwritable:  # a read-only folder: fine for a finished store, which needs no writing
-                if overwrite or redo or not _finished(store, spec, samples, missing):
+                if overwrite or redo or not _finished(store, spec, samples, missing, dataset.block_rule()):
                     raise
                 return [], uuid.uuid4().hex, {}
             if overwrite:
                 remove_store(store)
             cache, created = _open_or_create(store, spec, samples, dataset.reference, weights, images_per_shard,
-                                             rasters)
+                                             rasters, dataset.block_rule())
             # the flags are read once (one request per image on a bucket) and kept up to date here
             cache, changes, flags = ((cache, {}, np.full(len(cache), PENDING, dtype=np.uint8)) if created
                                      else _follow_data(cache, dataset, samples, missing, lambda ordered: _items(
@@ -340,7 +343,28 @@ def _follow_data(cache: FeatureStore, dataset: Dataset, samples: list[Sample], m
             cache.mark(i, PENDING)
             flags[i] = PENDING
             counts["changed"] += 1
+    if cache.tiled and cache.attrs.split_blocks != dataset.block_rule():
+        counts["masks_changed"] += _resplit(cache, masks, flags, [listed.get(id_) for id_ in cache.ids])
+        cache.set_split_blocks(dataset.block_rule())
     return cache, counts, flags
+
+
+def _resplit(cache: FeatureStore, masks: torch.utils.data.Dataset, flags: np.ndarray, samples: list) -> int:
+    """Rewrite the masks of a tiled store's done windows for a changed split by blocks (each keeps only its own
+    split's labels), without the backbone; a window unreadable now goes back to pending. Returns how many."""
+    stats, hashes = cache.records()
+    rewritten = 0
+    for i in np.flatnonzero(flags == DONE):
+        if samples[i] is None:
+            continue
+        item = masks[i]
+        if "error" in item or "empty" in item:
+            cache.mark(i, PENDING)
+            flags[i] = PENDING
+            continue
+        cache.write_mask(i, item["mask"].numpy(), stats[i], hashes[i])
+        rewritten += 1
+    return rewritten
 
 
 def _grown_tiles(cache: FeatureStore, new: list, rasters: list[RasterGrid]) -> tuple[np.ndarray, list[RasterGrid]]:
@@ -524,9 +548,10 @@ class _Block:
 
 
 def _open_or_create(store: str, spec: StoreSpec, samples: list[Sample], data: str, weights: str,
-                    images_per_shard: int, rasters: list[RasterGrid] | None = None) -> tuple[FeatureStore, bool]:
+                    images_per_shard: int, rasters: list[RasterGrid] | None = None,
+                    split_blocks: dict | None = None) -> tuple[FeatureStore, bool]:
     """Open a store to finish or update it (refusing other settings), or create it (of `samples`, windows of
-    `rasters` for a tiled spec); says whether it was created."""
+    `rasters` for a tiled spec, split by `split_blocks`); says whether it was created."""
     group = open_group(store, mode="r+")  # opened once and handed on: on a bucket each open is a round trip
     if is_store(store, group):
         cache = FeatureStore.open(store, mode="r+", group=group)
@@ -542,10 +567,11 @@ def _open_or_create(store: str, spec: StoreSpec, samples: list[Sample], data: st
              if rasters is not None else None)
     return FeatureStore.create(store, spec, [s.id for s in samples], [s.split for s in samples], dataset=data,
                                weights=weights_source(weights), images_per_shard=images_per_shard, tiles=tiles,
-                               rasters=rasters), True
+                               rasters=rasters, split_blocks=split_blocks), True
 
 
-def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[str, str]) -> bool:
+def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[str, str],
+              split_blocks: dict | None = None) -> bool:
     """Whether a store holds every image of the dataset with these settings, done, from files unchanged since (by
     size and mtime): then nothing needs writing, so no lock either (read only)."""
     group = None if missing else open_group(store)
@@ -553,7 +579,8 @@ def _finished(store: str, spec: StoreSpec, samples: list[Sample], missing: dict[
         return False
     cache = FeatureStore.open(store, group=group)
     if (cache.spec != spec or (cache.ids, cache.splits) != ([s.id for s in samples], [s.split for s in samples])
-            or cache.gone or not np.isin(cache.flags(), SETTLED).all()):
+            or cache.gone or not np.isin(cache.flags(), SETTLED).all()
+            or (cache.tiled and cache.attrs.split_blocks != split_blocks)):
         return False
     stats, _ = cache.records()
     return all(np.array_equal(file_stats(_sources(s)), stats[i]) for i, s in enumerate(samples))

@@ -192,6 +192,9 @@ def live_source(data: str | Path, backbone: Backbone, dtype: str, weights: str,
     """A source running `backbone` (built from `weights`) on the images of a dataset folder, in the same `views` a
     store would cache."""
     dataset = open_dataset(data)
+    if dataset.by_blocks:
+        raise CachedsegError(f"{dataset.reference} splits each image by blocks ([splits] block): train from a store "
+                             "extracted with --tile, not --live")
     samples = dataset.samples()
     spec = spec_for(backbone, dtype, dataset.classes, views)
     return FeatureSource(spec=spec, ids=[s.id for s in samples], splits=[s.split for s in samples],

@@ -69,7 +69,10 @@ def _tiling_rows(d: dict) -> list[tuple[str, object]]:
     return [("windows", f"{w}x{h} px overlapping by {d['tile_overlap']} px, "
                         f"{'at ' + format(gsd, 'g') + ' m a pixel' if gsd else 'pixels as they are'}; "
                         f"{len(d.get('rasters') or ())} images, {d['empty']} windows outside the map (not stored), "
-                        f"{d['unlabelled']} without labels (kept out of training)")]
+                        f"{d['unlabelled']} without labels (kept out of training)")] + (
+        [("split", f"by blocks of {b['block']} px, val_fraction {b['val_fraction']}, seed {b['seed']}: each window "
+                   "in its centre's block's split, with only that split's labels")]
+        if (b := d.get("split_blocks")) else [])
 
 
 def run_rows(ckpt: Checkpoint) -> list[tuple[str, object]]:

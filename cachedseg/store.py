@@ -63,6 +63,7 @@ HASH_BYTES = 16
 NO_STAT = -1  # fill value of `sources`: no record
 # Tiled stores (`extract --tile`): where each window lies, and whether it holds labels.
 TILES, LABELLED = "tiles", "labelled"
+SPLIT_BLOCKS = "split_blocks"  # attribute: the split by blocks a tiled store's windows follow (`Layout.block`)
 RASTERS = "rasters"  # attribute: the grid of each image windows are cut from (`cachedseg.tiles.RasterGrid`)
 FEATURE_DIMS = ("image", "view", "layer", "channel", "token_y", "token_x")
 REINDEX = "reindex"  # attribute journalling a growing image list until every array has caught up
@@ -88,6 +89,8 @@ class StoreAttrs:
         reindex: The journal of a growing image list (`ids`, `splits`, and for a tiled store `tiles` and
             `rasters`) until every array has caught up.
         rasters: For a tiled store: the grid of each image its windows are cut from (`RasterGrid.to_dict`).
+        split_blocks: For a tiled store of a dataset split by blocks: the rule its windows' splits and masks follow
+            (`Dataset.block_rule`); a changed rule rewrites the masks.
         format: Always `FORMAT`.
         format_version: The store format version.
     """
@@ -102,6 +105,7 @@ class StoreAttrs:
     gone: dict[str, str] | None = None
     reindex: dict[str, list] | None = None
     rasters: list[dict] | None = None
+    split_blocks: dict | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -112,7 +116,7 @@ class StoreAttrs:
                    weights=attrs.get("weights", "auto"), package_version=attrs.get("package_version", ""),
                    bad=dict(attrs.get("bad", {})), images_per_shard=int(attrs.get("images_per_shard", 1)),
                    gone=None if attrs.get(GONE) is None else dict(attrs[GONE]), reindex=attrs.get(REINDEX),
-                   rasters=attrs.get(RASTERS), format=attrs["format"],
+                   rasters=attrs.get(RASTERS), split_blocks=attrs.get(SPLIT_BLOCKS), format=attrs["format"],
                    format_version=attrs["format_version"])
 
     def to_dict(self) -> dict:
@@ -123,6 +127,7 @@ class StoreAttrs:
                 "images_per_shard": self.images_per_shard,
                 **({} if self.gone is None else {GONE: dict(self.gone)}),
                 **({} if self.rasters is None else {RASTERS: list(self.rasters)}),
+                **({} if self.split_blocks is None else {SPLIT_BLOCKS: dict(self.split_blocks)}),
                 **({} if self.reindex is None else {REINDEX: self.reindex})}
 
 
@@ -167,10 +172,10 @@ class FeatureStore:
     @classmethod
     def create(cls, path: str | Path, spec: StoreSpec, ids: list[str], splits: list[str], dataset: str,
                weights: str, images_per_shard: int = 1, tiles: np.ndarray | None = None,
-               rasters: list[RasterGrid] | None = None) -> FeatureStore:
+               rasters: list[RasterGrid] | None = None, split_blocks: dict | None = None) -> FeatureStore:
         """Create an empty store for `ids` (every flag pending); `weights` records where the weights came from;
         `images_per_shard` > 1 packs that many images into each file. A tiled store (`spec.tiled`) also takes each
-        window's (raster, row, column) `tiles` [N, 3] and the `rasters` they index."""
+        window's (raster, row, column) `tiles` [N, 3], the `rasters` they index and the `split_blocks` rule."""
         n, (h, w), (mh, mw), per = len(ids), spec.grid, spec.mask_size, images_per_shard
         if per < 1:
             raise CachedsegError("--images-per-shard must be at least 1")
@@ -178,7 +183,8 @@ class FeatureStore:
             raise ValueError("a tiled spec needs tiles and rasters, and only a tiled spec takes them")
         feature_shape = (len(spec.views), spec.layers, spec.channels, h, w)
         attrs = StoreAttrs(spec=spec, num_images=n, dataset=dataset, weights=weights, images_per_shard=per,
-                           rasters=None if rasters is None else [r.to_dict() for r in rasters])
+                           rasters=None if rasters is None else [r.to_dict() for r in rasters],
+                           split_blocks=split_blocks)
         group = zarr.open_group(str(path), mode="w", attributes=attrs.to_dict())
         # One image (and view) per chunk keeps shuffled training reads fast; float features barely compress, so
         # only a checksum: a corrupted chunk fails loudly instead of decoding to wrong numbers.
@@ -391,6 +397,12 @@ class FeatureStore:
         if self.gone != gone:
             self.group.attrs[GONE] = gone
             self.attrs = replace(self.attrs, gone=dict(gone))
+
+    def set_split_blocks(self, rule: dict | None) -> None:
+        """Record the split by blocks the windows' splits and masks now follow (written only when it changed)."""
+        if self.attrs.split_blocks != rule:
+            self.group.attrs[SPLIT_BLOCKS] = None if rule is None else dict(rule)
+            self.attrs = replace(self.attrs, split_blocks=None if rule is None else dict(rule))
 
     def set_index(self, ids: list[str], splits: list[str], tiles: np.ndarray | None = None,
                   rasters: list[RasterGrid] | None = None) -> FeatureStore:

@@ -84,6 +84,7 @@ def survey(dataset: Dataset, threads: int = 4, progress: Callable[[int, int], No
     k = len(dataset.classes)
     pixels = {s: np.zeros(k, dtype=np.int64) for s in SPLITS}
     ignored = dict.fromkeys(SPLITS, 0)
+    blocks = dict.fromkeys(SPLITS, 0)  # images with pixels in each split, for a split by blocks
     sizes: Counter = Counter()
     problems: list[str] = []
     done = 0
@@ -91,22 +92,23 @@ def survey(dataset: Dataset, threads: int = 4, progress: Callable[[int, int], No
         for sample, (size, counts, problem) in zip(samples, pool.map(lambda s: _one(dataset, s), samples)):
             if size is not None:
                 sizes[size] += 1
-            if counts is not None:
-                pixels[sample.split] += counts[:k]
-                ignored[sample.split] += int(counts[dataset.classes.ignore_index])
+            for split, c in (counts or {}).items():  # a map split by blocks has both
+                pixels[split] += c[:k]
+                ignored[split] += int(c[dataset.classes.ignore_index])
+                blocks[split] += bool(c.any())
             if problem:
                 problems.append(problem)
             done += 1
             if progress:
                 progress(done, len(samples))
     return Survey(dataset=dataset.reference, layout=dataset.describe(),
-                  images={s: sum(x.split == s for x in samples) for s in SPLITS}, sizes=dict(sizes.most_common()),
+                  images=blocks if dataset.by_blocks else {s: sum(x.split == s for x in samples) for s in SPLITS}, sizes=dict(sizes.most_common()),
                   masks_missing=missing, class_pixels={s: v.tolist() for s, v in pixels.items()},
                   ignored_pixels=ignored, problems=problems, classes=dataset.classes.names)
 
 
-def _one(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.ndarray | None, str]:
-    """(image size from its header, label counts [256] of its mask, a problem or '') of one sample."""
+def _one(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, dict[str, np.ndarray] | None, str]:
+    """(image size from its header, label counts [256] of its mask by split, a problem or '') of one sample."""
     from cachedseg.windows import is_raster
     if is_raster(sample.image):
         return _one_map(dataset, sample)
@@ -121,10 +123,11 @@ def _one(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.n
     if (labels.shape[1], labels.shape[0]) != size:
         return size, None, (f"{sample.mask} is {labels.shape[1]}x{labels.shape[0]} but its image is "
                             f"{size[0]}x{size[1]}")
-    return size, np.array(Image.fromarray(labels).histogram(), dtype=np.int64), ""  # PIL's C loop: 20x np.bincount
+    # PIL's C loop: 20x np.bincount
+    return size, {sample.split: np.array(Image.fromarray(labels).histogram(), dtype=np.int64)}, ""
 
 
-def _one_map(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.ndarray | None, str]:
+def _one_map(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, dict[str, np.ndarray] | None, str]:
     """`_one` for a GeoTIFF: its labels read on its grid a band of rows at a time (a label raster checked as
     extraction checks it, or vector labels rasterised), never the whole raster at once."""
     from cachedseg.rasters import gdal_env
@@ -132,14 +135,15 @@ def _one_map(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, 
         return _count_map(dataset, sample)
 
 
-def _count_map(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, np.ndarray | None, str]:
+def _count_map(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, dict[str, np.ndarray] | None, str]:
     """`_one_map` inside GDAL's settings."""
     from cachedseg.rasters import LabelReader, MapReader
     try:
         image = MapReader(sample.image)
     except CachedsegError as exc:
         return None, None, str(exc)
-    size, counts = (image.width, image.height), np.zeros(256, dtype=np.int64)
+    size = (image.width, image.height)
+    counts = {split: np.zeros(256, dtype=np.int64) for split in (SPLITS if dataset.by_blocks else (sample.split,))}
     try:
         labels = None
         if dataset.vector_labels is None:
@@ -153,7 +157,13 @@ def _count_map(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None
                 band = dataset.vector_labels.labels_of(sample.image, (y0, 0, n, image.width))
             else:
                 band = labels.window(y0, 0, n, image.width, np.ones((n, image.width), dtype=bool))
-            counts += Image.fromarray(band).histogram()
+            if dataset.by_blocks:  # each block's pixels to its split
+                val = dataset.region("val", sample.id, y0, 0, n, image.width)
+                img = Image.fromarray(band)
+                counts["val"] += img.histogram(Image.fromarray(val.view(np.uint8) * np.uint8(255)))
+                counts["trn"] += img.histogram(Image.fromarray((~val).view(np.uint8) * np.uint8(255)))
+            else:
+                counts[sample.split] += Image.fromarray(band).histogram()
         return size, counts, ""
     except CachedsegError as exc:
         return size, None, str(exc)

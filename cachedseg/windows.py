@@ -79,14 +79,29 @@ def image_grid(sample: Sample, gsd: float | None = None) -> RasterGrid:
         reader.close()
 
 
-def window_samples(samples: list[Sample], rasters: list[RasterGrid], tiling: Tiling) -> list[WindowSample]:
-    """Every window of every image (`rasters[k]` the grid of `samples[k]`), image by image, row by row."""
+def window_samples(samples: list[Sample], rasters: list[RasterGrid], tiling: Tiling,
+                   dataset: Dataset | None = None) -> list[WindowSample]:
+    """Every window of every image (`rasters[k]` the grid of `samples[k]`), image by image, row by row; in a split
+    by blocks (`dataset.by_blocks`) each in the split of the block at its centre."""
     windows = []
+    (h, w) = tiling.size
     for k, (sample, raster) in enumerate(zip(samples, rasters)):
         grid = raster.grid(tiling)
-        windows += [WindowSample(window_id(sample.id, y, x), sample.split, sample.image, sample.mask, sample.id, k,
-                                 y, x) for y in grid.rows for x in grid.cols]
+        splits = {}
+        if dataset is not None and dataset.by_blocks:
+            sy, sx = grid_scale(raster)
+            val = dataset.in_val(sample.id, (np.array(grid.rows) + h / 2) * sy, (np.array(grid.cols) + w / 2) * sx)
+            splits = {(y, x): "val" if val[i, j] else "trn" for i, y in enumerate(grid.rows)
+                      for j, x in enumerate(grid.cols)}
+        windows += [WindowSample(window_id(sample.id, y, x), splits.get((y, x), sample.split), sample.image,
+                                 sample.mask, sample.id, k, y, x) for y in grid.rows for x in grid.cols]
     return windows
+
+
+def grid_scale(raster: RasterGrid) -> tuple[float, float]:
+    """The image file's pixels per pixel of its grid (rows, columns): 1 without a GSD."""
+    native = raster.native or (raster.height, raster.width)
+    return native[0] / raster.height, native[1] / raster.width
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -158,6 +173,10 @@ class WindowDataset(torch.utils.data.Dataset):
         else:
             labels = labels_source.window(sample.y0, sample.x0, h, w, valid)
         labels[~valid] = ignore  # outside the map: never a class
+        if self.dataset.by_blocks:  # the other split's blocks: never seen by this window's split
+            scale = (image.src.height / image.height, image.src.width / image.width) if isinstance(
+                image, MapReader) else (1.0, 1.0)
+            labels[~self.dataset.region(sample.split, sample.image_id, sample.y0, sample.x0, n, m, scale)] = ignore
         full = np.full((h, w), ignore, dtype=np.uint8)  # a raster smaller than a window: unlabelled beyond it
         full[:n, :m] = labels
         mask = preprocess_mask(full, self.pp.mask_size)

@@ -16,7 +16,7 @@ from PIL import Image
 import cachedseg.survey as survey_module
 from cachedseg.backbone import BackboneConfig, build_backbone
 from cachedseg.dataset import Dataset, open_dataset
-from cachedseg.data import preprocess_image
+from cachedseg.data import preprocess_image, preprocess_mask
 from cachedseg.features import cached_source
 from cachedseg.map_outputs import cog_problems
 from cachedseg.maps import padded
@@ -25,7 +25,7 @@ from cachedseg.store import FeatureStore
 from cachedseg.synth_maps import synth_map, synth_map_dataset
 from cachedseg.tiles import Grid
 from tests.conftest import (MIN_AGREEMENT, assert_features_close, damage_tile, one_line_error, run_cli,
-                            torchrun)
+                            torchrun, written_chunks)
 
 rasterio = pytest.importorskip("rasterio")  # the maps extra (in dev)
 pyogrio = pytest.importorskip("pyogrio")
@@ -218,6 +218,61 @@ def test_info_counts_the_labels_of_maps_a_band_of_rows_at_a_time(maps_data, tmp_
     run_cli("info", rasters, "--json", tmp_path / "s.json")
     problems = json.loads((tmp_path / "s.json").read_text())["problems"]
     assert len(problems) == 1 and "map_11.tif" in problems[0] and "\n" not in problems[0]
+
+
+def test_one_map_split_by_blocks_never_trains_on_a_val_label(tmp_path):
+    data, store, fresh, run = tmp_path / "one", tmp_path / "s.zarr", tmp_path / "fresh.zarr", tmp_path / "run"
+    synth_map_dataset(data, count=1, width=600, height=400, seed=4)
+    toml = data / "dataset.toml"
+    toml.write_text(toml.read_text().replace('trn = "map_0*"\nval = "map_1*"', "val_fraction = 0.3\nblock = 150"))
+    overlap = ("--tile-overlap", "28")
+    run_cli("extract", data, "--store", store, *TILE, *overlap)
+    with rasterio.open(data / "labels" / "map_00.tif") as src, rasterio.open(data / "maps" / "map_00.tif") as img:
+        truth = np.where(img.dataset_mask() > 0, src.read(1), 255)  # outside the map: never a label
+    dataset = open_dataset(data)
+    val = dataset.region("val", "map_00", 0, 0, 400, 600)
+    assert 0 < val.mean() < 0.5  # both splits in the one map
+
+    def check(path):
+        cache = FeatureStore.open(path)
+        masks, tiles, flags = cache.group["masks"][:], cache.tiles(), cache.flags()
+        assert {"trn", "val"} <= set(cache.splits)
+        for mask, (_, y, x), split, flag in zip(masks, tiles, cache.splits, flags):
+            if flag != 1:
+                continue
+            own = (val if split == "val" else ~val)[y:y + 112, x:x + 112]
+            window = np.full((112, 112), 255, dtype=np.uint8)  # the other split's blocks: no labels at all
+            window[:own.shape[0], :own.shape[1]] = np.where(own, truth[y:y + 112, x:x + 112], 255)
+            assert np.array_equal(mask, preprocess_mask(window, cache.spec.mask_size))
+        return cache
+    check(store)
+    survey = survey_module.survey(dataset)
+    for split, region in (("val", val), ("trn", ~val)):
+        whole = np.bincount(truth[region], minlength=256)
+        assert survey.class_pixels[split] == whole[:len(survey.classes)].tolist()
+    run_cli("train", store, "--run", run, "--epochs", "1", *CPU)
+    run_cli("evaluate", run, "--json", tmp_path / "e.json", *CPU)
+    scored = np.array(json.loads((tmp_path / "e.json").read_text())["confusion"]).sum()
+    assert scored == int((val & (truth != 255)).sum())  # the val blocks' labelled pixels, once each
+    run_cli("evaluate", run, "--data", data, "--json", tmp_path / "live.json", *CPU)
+    assert np.array(json.loads((tmp_path / "live.json").read_text())["confusion"]).sum() == scored
+    assert "block" in run_cli("info", store).output
+    # another block size: the windows' splits and masks follow it, without the backbone
+    features = {p.name: p.stat().st_mtime_ns for p in written_chunks(store, "features")}
+    toml.write_text(toml.read_text().replace("block = 150", "block = 200"))
+    one_line_error(run_cli("evaluate", run, "--json", tmp_path / "e.json", *CPU, ok=False), "extract")
+    run_cli("extract", data, "--store", store, *TILE, *overlap)
+    assert {p.name: p.stat().st_mtime_ns for p in written_chunks(store, "features")} == features
+    run_cli("extract", data, "--store", fresh, *TILE, *overlap)
+    a, b = FeatureStore.open(store), FeatureStore.open(fresh)
+    val = open_dataset(data).region("val", "map_00", 0, 0, 400, 600)
+    assert a.splits == b.splits and np.array_equal(a.group["masks"][:], b.group["masks"][:])
+    assert np.array_equal(a.labelled(), b.labelled())
+    check(store)
+    one_line_error(run_cli("extract", data, "--store", tmp_path / "whole.zarr", "--backbone",
+                           "vit_small_patch14_dinov2", "--weights", "random", ok=False), "--tile")
+    one_line_error(run_cli("train", "--live", data, "--backbone", "vit_small_patch14_dinov2", "--weights", "random",
+                           "--run", tmp_path / "live", *CPU, ok=False), "--tile")
 
 
 def test_large_frames_tile_too_and_keep_their_pngs(dataset, tmp_path):
