@@ -171,6 +171,10 @@ def test_a_store_and_a_dataset_of_other_classes_are_refused_with_the_difference_
     ('images = "i/*.png"\nmasks = "m/{stem}.png"\nfolders = 1\n[[classes]]\nname = "a"\n', "folders"),
     ('images = "i/*.png"\nmasks = "m/{stem}.png"\n[splits]\nval_fraction = 2\n[[classes]]\nname = "a"\n', "val_fraction"),
     ('images = "i/*.png"\nmasks = "m/{stem}.png"\nremap = { "1" = 7 }\n[[classes]]\nname = "a"\n', "remap"),
+    ('images = "i/*.png"\nmasks = "m/{stem}.png"\n[splits]\nval_fraction = 0.2\nblock = 0\n[[classes]]\nname = "a"\n',
+     "block"),
+    ('images = "i/*.png"\nmasks = "m/{stem}.png"\n[splits]\ntrn = "a/*"\nval = "b/*"\nblock = 512\n[[classes]]\n'
+     'name = "a"\n', "val_fraction"),
     ('images = "i/*.png"\nmasks = [\n', "TOML"),
 ])
 def test_a_dataset_file_with_a_mistake_is_refused_naming_the_key(tmp_path, text, key):
