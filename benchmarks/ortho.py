@@ -2,7 +2,7 @@
 """Maps: peak memory, windows/s and time against area of `predict` on generated orthomosaics (issue 17).
 
     benchmarks/ortho.py [--sizes 2000,5000] [--image-size 518] [--device cpu] [--batch-size 4]
-        [--polygons-size N] [--store-sizes N,...] [--label TEXT] [--json FILE] [--results [DIR]] [--workdir DIR]
+        [--polygons-size N] [--store-sizes N,...] [--height H] [--floor-windows N] [--label TEXT] [--json FILE] [--results [DIR]] [--workdir DIR]
 
 A run is trained for one epoch on generated 160x120 frames (vit_small_patch14_dinov2 at --image-size, random
 weights: speed and memory do not depend on them). For each size N, a georeferenced N x N mosaic of
@@ -11,7 +11,8 @@ by `cachedseg.maps.predict_map` in a fresh process (windows of the run's input s
   windows, map_s, map_win_s      windows predicted (all-nodata ones skipped), seconds of predict_map (read,
                                  forward, blend, write, COG), windows/s
   peak_mb                        peak RSS of that process (interpreter, torch and model included)
-  floor_win_s, floor_peak_mb     the backbone alone on as many in-memory tiles, same batches, fresh process
+  floor_win_s, floor_peak_mb     the backbone alone on as many in-memory tiles (--floor-windows: at most that
+                                 many), same batches, fresh process
   model_win_s                    backbone + decoder + resize + softmax on those tiles (the window model)
   ratio                          map_win_s / floor_win_s (goal >= 0.9: I/O and blending hidden)
   s_per_mp                       map_s per megapixel (time linear in area: flat across sizes)
@@ -160,6 +161,8 @@ def parse() -> argparse.Namespace:
                    help="the backbone of the --store-sizes runs [default: vit_small_patch14_dinov2]")
     p.add_argument("--store-sizes", default="", help="mosaic sides to extract into a tiled store and predict live "
                    "and from the store (comma-separated; may differ from --sizes)")
+    p.add_argument("--floor-windows", type=int, default=None, help="time the floor on at most this many windows (a "
+                   "rate: saves the floor's two passes over every window of a huge map) [default: as many as the map]")
     p.add_argument("--label", default=None, help="names the code measured [default: its git commit]")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data, run and outputs here [default: a temp folder]")
@@ -203,7 +206,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         pred = measured(MAP, run, ortho, out, args.device, args.batch_size, 0, work / "map.json")
-        floor = measured(FLOOR, run, pred["windows"], args.device, args.batch_size, work / "floor.json")
+        floor = measured(FLOOR, run, min(pred["windows"], args.floor_windows or pred["windows"]), args.device,
+                         args.batch_size, work / "floor.json")
         row = {"side": side, "height": height, "mp": side * height / 1e6, "windows": pred["windows"], "overlap": pred["overlap"],
                "map_s": pred["seconds"], "map_win_s": pred["windows"] / pred["seconds"], "peak_mb": pred["peak_mb"],
                "floor_win_s": floor["floor_win_s"], "model_win_s": floor["model_win_s"],
