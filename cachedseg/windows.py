@@ -95,6 +95,13 @@ def window_samples(samples: list[Sample], rasters: list[RasterGrid], tiling: Til
                       for j, x in enumerate(grid.cols)}
         windows += [WindowSample(window_id(sample.id, y, x), splits.get((y, x), sample.split), sample.image,
                                  sample.mask, sample.id, k, y, x) for y in grid.rows for x in grid.cols]
+    if dataset is not None and dataset.by_blocks and windows:
+        lay = dataset.layout
+        for split in ("trn", "val"):
+            if not any(w.split == split for w in windows):
+                raise CachedsegError(f"[splits] val_fraction = {lay.val_fraction} with block = {lay.block} puts no "
+                                     f"window of the {len(samples)} image(s) of {dataset.reference} in {split}; take "
+                                     "smaller blocks, another seed or another val_fraction")
     return windows
 
 

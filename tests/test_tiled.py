@@ -273,6 +273,8 @@ def test_one_map_split_by_blocks_never_trains_on_a_val_label(tmp_path):
                            "vit_small_patch14_dinov2", "--weights", "random", ok=False), "--tile")
     one_line_error(run_cli("train", "--live", data, "--backbone", "vit_small_patch14_dinov2", "--weights", "random",
                            "--run", tmp_path / "live", *CPU, ok=False), "--tile")
+    toml.write_text(toml.read_text().replace("block = 200", "block = 10000"))  # one block, in trn: no val at all
+    one_line_error(run_cli("extract", data, "--store", tmp_path / "one-block.zarr", *TILE, ok=False), "block = 10000")
 
 
 def test_large_frames_tile_too_and_keep_their_pngs(dataset, tmp_path):
