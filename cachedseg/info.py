@@ -100,9 +100,11 @@ def survey_rows(result: Survey) -> list[tuple[str, str]]:
     """The rows of a dataset's survey (`cachedseg.survey.survey`): what a user checks before extracting it."""
     sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in list(result.sizes.items())[:4])
     rows = [("layout", result.layout),
-            ("images", f"{sum(result.images.values())} ({result.images['trn']} trn, {result.images['val']} val)"),
+            ("images", f"{result.total} split by blocks ({result.images['trn']} with trn blocks, "
+                       f"{result.images['val']} with val blocks)" if result.by_blocks else
+                       f"{result.total} ({result.images['trn']} trn, {result.images['val']} val)"),
             ("sizes", sizes + (f", and {len(result.sizes) - 4} more sizes" if len(result.sizes) > 4 else "")),
-            ("masks", f"{sum(result.images.values()) - len(result.problems)} readable, "
+            ("masks", f"{result.total - len(result.problems)} readable, "
                       f"{len(result.masks_missing)} images or masks missing, {len(result.problems)} with problems"),
             ("classes", f"{len(result.classes)}, share of labelled trn pixels:")]
     rows += [(f"  {name}", f"{share:7.2%}") for name, share in zip(result.classes, result.shares("trn"))]

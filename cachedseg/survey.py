@@ -38,6 +38,9 @@ class Survey:
         problems: Each problem found (an unreadable file, a size mismatch, a value or colour that is no class),
             one line each, naming the file.
         classes: The class names, by index.
+        by_blocks: Whether the split is of each image's blocks: `images` then counts the images with pixels in
+            each split, so an image may count in both.
+        total: Images listed whose files exist.
     """
 
     dataset: str
@@ -49,6 +52,8 @@ class Survey:
     ignored_pixels: dict[str, int]
     problems: list[str] = field(default_factory=list)
     classes: tuple[str, ...] = ()
+    by_blocks: bool = False
+    total: int = 0
 
     def shares(self, split: str = "trn") -> list[float]:
         """Each class's share of a split's labelled pixels (0 for an empty split)."""
@@ -62,7 +67,8 @@ class Survey:
                 "sizes": {f"{w}x{h}": n for (w, h), n in self.sizes.items()},
                 "masks_missing": self.masks_missing, "classes": list(self.classes),
                 "class_pixels": self.class_pixels, "ignored_pixels": self.ignored_pixels,
-                "trn_shares": dict(zip(self.classes, self.shares("trn"))), "problems": self.problems}
+                "trn_shares": dict(zip(self.classes, self.shares("trn"))), "problems": self.problems,
+                "by_blocks": self.by_blocks, "total": self.total}
 
 
 def survey(dataset: Dataset, threads: int = 4, progress: Callable[[int, int], None] | None = None) -> Survey:
@@ -104,7 +110,8 @@ def survey(dataset: Dataset, threads: int = 4, progress: Callable[[int, int], No
     return Survey(dataset=dataset.reference, layout=dataset.describe(),
                   images=blocks if dataset.by_blocks else {s: sum(x.split == s for x in samples) for s in SPLITS}, sizes=dict(sizes.most_common()),
                   masks_missing=missing, class_pixels={s: v.tolist() for s, v in pixels.items()},
-                  ignored_pixels=ignored, problems=problems, classes=dataset.classes.names)
+                  ignored_pixels=ignored, problems=problems, classes=dataset.classes.names,
+                  by_blocks=dataset.by_blocks, total=len(samples))
 
 
 def _one(dataset: Dataset, sample: Sample) -> tuple[tuple[int, int] | None, dict[str, np.ndarray] | None, str]:

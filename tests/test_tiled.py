@@ -247,6 +247,7 @@ def test_one_map_split_by_blocks_never_trains_on_a_val_label(tmp_path):
         return cache
     check(store)
     survey = survey_module.survey(dataset)
+    assert survey.by_blocks and survey.total == 1 and survey.images == {"trn": 1, "val": 1}
     for split, region in (("val", val), ("trn", ~val)):
         whole = np.bincount(truth[region], minlength=256)
         assert survey.class_pixels[split] == whole[:len(survey.classes)].tolist()
